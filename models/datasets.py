@@ -1,0 +1,230 @@
+"""Labelled image datasets without torch: folder per class, CSV/JSONL manifests, zips of either.
+
+Shared by training, the evaluate and fine-tune routes, and batch scoring, so every consumer
+agrees on layout rules, split assignment and the dataset fingerprint.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import stat
+import zipfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from models.errors import DatasetError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl", "labels.csv", "labels.jsonl")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str | None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    max_archive_bytes: int = 500 * 1024**2
+    max_entries: int = 50_000
+    max_unpacked_bytes: int = 2 * 1024**3
+
+
+def safe_extract_zip(archive: str | Path, destination: str | Path, limits: ZipLimits = ZipLimits()) -> Path:
+    """Extract after checking every entry: size, count, unpacked total, zip-slip and links."""
+    archive, destination = Path(archive), Path(destination)
+    if archive.stat().st_size > limits.max_archive_bytes:
+        raise DatasetError(f"archive is {archive.stat().st_size} bytes; limit is {limits.max_archive_bytes}")
+    try:
+        bundle = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise DatasetError("dataset is not a valid zip archive") from None
+    with bundle:
+        entries = bundle.infolist()
+        if len(entries) > limits.max_entries:
+            raise DatasetError(f"archive has {len(entries)} entries; limit is {limits.max_entries}")
+        total = sum(e.file_size for e in entries)
+        if total > limits.max_unpacked_bytes:
+            raise DatasetError(f"archive unpacks to {total} bytes; limit is {limits.max_unpacked_bytes}")
+        for entry in entries:
+            name = PurePosixPath(entry.filename.replace("\\", "/"))
+            if name.is_absolute() or ".." in name.parts or (name.parts and name.parts[0].endswith(":")):
+                raise DatasetError(f"unsafe path in archive: {entry.filename!r}")
+            mode = entry.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise DatasetError(f"links are not allowed in archives: {entry.filename!r}")
+        destination.mkdir(parents=True, exist_ok=True)
+        root = destination.resolve()
+        for entry in entries:
+            target = (destination / entry.filename).resolve()
+            if not target.is_relative_to(root):
+                raise DatasetError(f"unsafe path in archive: {entry.filename!r}")
+            bundle.extract(entry, destination)
+    return _single_top_folder(destination)
+
+
+def _single_top_folder(directory: Path) -> Path:
+    """Zips made with `zip -r data.zip data/` wrap everything in one folder; look inside it."""
+    children = [c for c in directory.iterdir() if not c.name.startswith((".", "__MACOSX"))]
+    if len(children) == 1 and children[0].is_dir() and not _looks_like_class_root(directory):
+        inner = children[0]
+        if any(c.is_dir() for c in inner.iterdir()) or _find_manifest(inner):
+            return inner
+    return directory
+
+
+def _looks_like_class_root(directory: Path) -> bool:
+    return _find_manifest(directory) is not None
+
+
+def _find_manifest(directory: Path) -> Path | None:
+    for name in MANIFEST_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _read_manifest_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DatasetError(f"{path.name} line {number}: invalid JSON ({error.msg})") from None
+        return rows
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _resolve_inside(root: Path, relative: str, where: str) -> Path:
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise DatasetError(f"{where}: path {relative!r} leaves the dataset folder")
+    return candidate
+
+
+def samples_from_manifest(path: Path, require_labels: bool = True) -> list[Sample]:
+    samples = []
+    for number, row in enumerate(_read_manifest_rows(path), start=1):
+        where = f"{path.name} row {number}"
+        if not isinstance(row, dict) or not row.get("path"):
+            raise DatasetError(f"{where}: missing 'path'")
+        label = row.get("label")
+        label = str(label).strip() if label not in (None, "") else None
+        if require_labels and label is None:
+            raise DatasetError(f"{where}: missing 'label'")
+        split = (row.get("split") or "").strip().lower() or None
+        if split is not None and split not in SPLITS:
+            raise DatasetError(f"{where}: split {split!r} is not one of {SPLITS}")
+        image = _resolve_inside(path.parent, str(row["path"]), where)
+        if not image.is_file():
+            raise DatasetError(f"{where}: no such image {row['path']!r}")
+        samples.append(Sample(image, label, split))
+    return samples
+
+
+def samples_from_folders(root: Path) -> list[Sample]:
+    """`root/<class>/*.png`, or `root/<split>/<class>/*.png` when train/val/test folders exist."""
+    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+    layouts = [(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]
+    samples = []
+    for base, split in layouts:
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for image in sorted(class_dir.rglob("*")):
+                if image.is_file() and _is_image(image):
+                    samples.append(Sample(image, class_dir.name, split))
+    return samples
+
+
+def load_samples(path: str | Path, require_labels: bool = True) -> list[Sample]:
+    """A folder (per-class or with a manifest) or a manifest file → samples."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset path does not exist: {path}")
+    if path.is_file():
+        if path.suffix.lower() not in (".csv", ".jsonl"):
+            raise DatasetError(f"a dataset file must be a .csv or .jsonl manifest, got {path.name}")
+        samples = samples_from_manifest(path, require_labels)
+    elif manifest := _find_manifest(path):
+        samples = samples_from_manifest(manifest, require_labels)
+    else:
+        samples = samples_from_folders(path)
+    if not samples:
+        raise DatasetError(
+            f"no images found in {path}: expected class folders of images, or manifest.csv/manifest.jsonl with path,label"
+        )
+    return samples
+
+
+def check_trainable(samples: list[Sample], min_per_class: int = 2) -> dict[str, int]:
+    """Refuse data that cannot train a classifier; return images per class."""
+    counts = Counter(s.label for s in samples)
+    if len(counts) < 2:
+        raise DatasetError(f"need at least 2 classes, found {len(counts)}: {sorted(map(str, counts))}")
+    small = {label: n for label, n in counts.items() if n < min_per_class}
+    if small:
+        raise DatasetError(f"need at least {min_per_class} images per class; too few: {small}")
+    by_split: dict[str, set[str]] = defaultdict(set)
+    for sample in samples:
+        if sample.split:
+            by_split[sample.split].add(sample.label)
+    if "train" in by_split:
+        for split, labels in by_split.items():
+            unknown = labels - by_split["train"]
+            if unknown:
+                raise DatasetError(f"labels in {split} split but not in train: {sorted(unknown)}")
+    return dict(sorted(counts.items()))
+
+
+def split_samples(
+    samples: list[Sample], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+) -> dict[str, list[Sample]]:
+    """Keep given splits; otherwise a stratified split by seed (at least one train image per class)."""
+    if any(s.split for s in samples):
+        given = {name: [s for s in samples if s.split == name] for name in SPLITS}
+        unassigned = [s for s in samples if not s.split]
+        given["train"].extend(unassigned)
+        if not given["val"]:
+            rest = split_samples(given["train"], val_fraction, 0.0, seed)
+            given["train"], given["val"] = rest["train"], rest["val"]
+        return given
+    rng = random.Random(seed)
+    by_label: dict[str, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_label[sample.label].append(sample)
+    splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    for label in sorted(by_label):
+        group = by_label[label][:]
+        rng.shuffle(group)
+        n = len(group)
+        n_test = min(round(n * test_fraction), n - 1)
+        n_val = min(round(n * val_fraction), n - 1 - n_test)
+        if test_fraction > 0 and n >= 3:
+            n_test = max(n_test, 1)
+        if val_fraction > 0 and n - n_test >= 2:
+            n_val = max(n_val, 1)
+        splits["test"].extend(group[:n_test])
+        splits["val"].extend(group[n_test : n_test + n_val])
+        splits["train"].extend(group[n_test + n_val :])
+    return splits
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """Content hash of (label, split, image bytes): same data → same fingerprint, wherever it lives."""
+    digest = hashlib.sha256()
+    for sample in sorted(samples, key=lambda s: (str(s.label), str(s.split), s.path.name, str(s.path))):
+        digest.update(f"{sample.label}\0{sample.split}\0".encode())
+        digest.update(hashlib.sha256(sample.path.read_bytes()).digest())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,35 @@
+"""Errors the contract raises; the service maps each to an HTTP status."""
+
+
+class TuneserveError(Exception):
+    """Base class; `status` is the HTTP status a service should answer with."""
+
+    status = 400
+
+
+class ModelNotFound(TuneserveError, LookupError):
+    status = 404
+
+
+class ManifestError(TuneserveError, ValueError):
+    status = 422
+
+
+class ImageError(TuneserveError, ValueError):
+    status = 400
+
+
+class InvalidImage(ImageError):
+    status = 400
+
+
+class UnsupportedImageFormat(ImageError):
+    status = 415
+
+
+class ImageTooLarge(ImageError):
+    status = 413
+
+
+class DatasetError(TuneserveError, ValueError):
+    status = 422

@@ -1,0 +1,148 @@
+"""What an exported model version is: `manifest.json` and `eval.json`, as pydantic models."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+EVAL_FILE = "eval.json"
+ONNX_FILE = "model.onnx"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+
+
+class Preprocessing(BaseModel):
+    """How raw images become the graph's uint8 `[N, size, size, 3]` input.
+
+    `mean`/`std` are in 0–255 pixel units and are baked into the graph; they are recorded here
+    so a reader knows what the graph does, never re-applied outside it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(gt=0, le=4096, description="square crop fed to the graph")
+    resize: int = Field(gt=0, le=8192, description="shorter side before the center crop")
+    interpolation: Interpolation = "bilinear"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "Preprocessing":
+        if self.resize < self.size:
+            raise ValueError(f"resize ({self.resize}) must be >= size ({self.size})")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class DatasetInfo(BaseModel):
+    fingerprint: str
+    num_train: int = 0
+    num_val: int = 0
+    num_test: int = 0
+    source: str = ""
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: int = SCHEMA_VERSION
+    labels: list[str] = Field(min_length=1)
+    preprocessing: Preprocessing
+    input_name: str = "image"
+    output_names: tuple[str, str] = ("logits", "probabilities")
+    backbone: str
+    source: str = Field(description="what this model was fine-tuned from: weights id or name:version")
+    lineage: list[str] = Field(default_factory=list, description="ancestors, oldest first")
+    training: dict[str, Any] = Field(default_factory=dict)
+    dataset: DatasetInfo | None = None
+    opset: int | None = None
+    parity_max_abs_diff: float | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is newer than this tuneserve ({SCHEMA_VERSION})")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[str]) -> list[str]:
+        seen = set()
+        dupes = sorted({label for label in labels if label in seen or seen.add(label)})
+        if dupes:
+            raise ValueError(f"duplicate labels: {dupes}")
+        return labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "labels": len(self.labels),
+            "backbone": self.backbone,
+            "source": self.source,
+            "image_size": self.preprocessing.size,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+def _explain(error: ValidationError, where: str) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()
+    )
+    return f"invalid manifest {where}: {problems}"
+
+
+def parse_manifest(data: dict[str, Any] | str, where: str = "") -> Manifest:
+    try:
+        if isinstance(data, str):
+            return Manifest.model_validate_json(data)
+        return Manifest.model_validate(data)
+    except ValidationError as error:
+        raise ManifestError(_explain(error, where)) from None
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_FILE} in {directory}")
+    return parse_manifest(path.read_text(), where=str(path))
+
+
+def write_manifest(manifest: Manifest, directory: str | Path) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    path.write_text(manifest.model_dump_json(indent=2))
+    return path
+
+
+def read_eval(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / EVAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_eval(report: dict[str, Any], directory: str | Path) -> Path:
+    path = Path(directory) / EVAL_FILE
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def eval_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not report:
+        return None
+    keys = ("accuracy", "top_k_accuracy", "samples")
+    summary = {k: report[k] for k in keys if k in report}
+    if "macro_avg" in report:
+        summary["macro_f1"] = report["macro_avg"].get("f1")
+    return summary

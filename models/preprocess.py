@@ -1,0 +1,98 @@
+"""Decode and prepare images exactly once, from the manifest, for serving, evaluation and scoring.
+
+The graph takes uint8 `[N, size, size, 3]`; casting and normalisation happen inside it.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
+from models.manifest import Preprocessing
+
+DEFAULT_MAX_PIXELS = 40_000_000
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# We enforce our own pixel limit before decoding; Pillow's global limit would otherwise
+# raise a warning-or-error at a threshold we do not control.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_image(
+    data: bytes | str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Bytes or a path → RGB PIL image, upright per EXIF. Refuses non-images and pixel bombs.
+
+    `draft_size` lets JPEG decode at a reduced scale that still covers that shorter side,
+    which is several times faster for large photos.
+    """
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
+        image = Image.open(source)
+    except UnidentifiedImageError:
+        raise InvalidImage("not a recognised image file") from None
+    except OSError as error:
+        raise InvalidImage(f"cannot read image: {error}") from None
+    if image.format not in allowed_formats:
+        raise UnsupportedImageFormat(
+            f"image format {image.format} is not allowed; allowed: {sorted(allowed_formats)}"
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; limit is {max_pixels}")
+    if width == 0 or height == 0:
+        raise InvalidImage("image has zero width or height")
+    try:
+        if draft_size and image.format == "JPEG":
+            scale = draft_size / min(width, height)
+            image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        raise InvalidImage(f"corrupt or truncated image: {error}") from None
+
+
+def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """Shorter side to `spec.resize`, center crop `spec.size` → uint8 HWC."""
+    width, height = image.size
+    scale = spec.resize / min(width, height)
+    new_size = (max(spec.size, round(width * scale)), max(spec.size, round(height * scale)))
+    if new_size != (width, height):
+        image = image.resize(new_size, _RESAMPLING[spec.interpolation], reducing_gap=None)
+    left = (new_size[0] - spec.size) // 2
+    top = (new_size[1] - spec.size) // 2
+    image = image.crop((left, top, left + spec.size, top + spec.size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def prepare(
+    data: bytes | str | Path | Image.Image,
+    spec: Preprocessing,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Whatever an image arrives as → the graph's uint8 `[size, size, 3]` input for one image."""
+    image = data if isinstance(data, Image.Image) else decode_image(data, max_pixels, draft_size=spec.resize)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return resize_and_crop(image, spec)
+
+
+def stack(images: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.stack(images, axis=0))

@@ -1,0 +1,201 @@
+"""One loaded model version on ONNX Runtime: `load()`, `predict(uint8 batch)`, `ready`.
+
+Providers are chosen TensorRT (opt-in) → CUDA → CPU. onnxruntime-gpu lists CUDA and TensorRT
+as available even on a machine without a GPU and then silently runs on CPU, so we check for a
+device first and read back what the session really uses.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.manifest import ONNX_FILE, Manifest, read_manifest
+
+log = logging.getLogger("tuneserve.runtime")
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    device_id: int = 0
+    enable_tensorrt: bool = False
+    fp16: bool = False
+    intra_op_threads: int = 0  # 0 lets ONNX Runtime decide
+    inter_op_threads: int = 1
+    trt_cache_dir: str | None = None
+
+
+@dataclass
+class ProviderPlan:
+    providers: list[tuple[str, dict[str, Any]]]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.providers]
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver can see (0 without a driver); no torch needed."""
+    for library in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            driver = ctypes.CDLL(library)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def select_providers(available: list[str], gpu_count: int, options: RuntimeOptions) -> ProviderPlan:
+    """Ordered providers for a session, and why each one left out was skipped."""
+    plan = ProviderPlan(providers=[])
+    want_gpu = options.device in ("auto", "cuda")
+    gpu_reason = None
+    if not want_gpu:
+        gpu_reason = f"device={options.device} requested"
+    elif gpu_count == 0:
+        gpu_reason = "no CUDA device visible to the driver"
+    elif options.device_id >= gpu_count:
+        gpu_reason = f"device_id {options.device_id} but only {gpu_count} GPU(s) visible"
+
+    if not options.enable_tensorrt:
+        plan.skipped[TENSORRT] = "TensorRT not enabled (TUNESERVE_TENSORRT=1 enables it)"
+    elif TENSORRT not in available:
+        plan.skipped[TENSORRT] = "not in this onnxruntime build"
+    elif gpu_reason:
+        plan.skipped[TENSORRT] = gpu_reason
+    else:
+        trt = {"device_id": options.device_id, "trt_fp16_enable": options.fp16}
+        if options.trt_cache_dir:
+            trt.update(trt_engine_cache_enable=True, trt_engine_cache_path=options.trt_cache_dir)
+        plan.providers.append((TENSORRT, trt))
+
+    if CUDA not in available:
+        plan.skipped[CUDA] = "not in this onnxruntime build"
+    elif gpu_reason:
+        plan.skipped[CUDA] = gpu_reason
+    else:
+        plan.providers.append((CUDA, {"device_id": options.device_id}))
+
+    if options.device == "cuda" and not plan.providers:
+        raise RuntimeError(f"device=cuda requested but unavailable: {plan.skipped}")
+    plan.providers.append((CPU, {}))
+    return plan
+
+
+def _convert_fp16(path: Path) -> bytes:
+    import onnx  # only needed for this opt-in path
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    return model.SerializeToString()
+
+
+class OnnxClassifier:
+    """A model version from the store, ready to classify uint8 batches."""
+
+    def __init__(self, directory: str | Path, name: str, version: str, options: RuntimeOptions | None = None):
+        self.directory = Path(directory)
+        self.name = name
+        self.version = version
+        self.options = options or RuntimeOptions()
+        self.manifest: Manifest = read_manifest(self.directory)
+        self.active_providers: list[str] = []
+        self.skipped_providers: dict[str, str] = {}
+        self._session = None
+        self._lock = threading.Lock()
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def ready(self) -> bool:
+        return self._session is not None
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(p in (CUDA, TENSORRT) for p in self.active_providers)
+
+    def load(self) -> "OnnxClassifier":
+        import onnxruntime as ort
+
+        with self._lock:
+            if self._session is not None:
+                return self
+            plan = select_providers(ort.get_available_providers(), cuda_device_count(), self.options)
+            settings = ort.SessionOptions()
+            settings.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            settings.intra_op_num_threads = self.options.intra_op_threads
+            settings.inter_op_num_threads = self.options.inter_op_threads
+            settings.log_severity_level = 3
+            model = self.directory / ONNX_FILE
+            graph: bytes | str = _convert_fp16(model) if self.options.fp16 and plan.names[0] != CPU else str(model)
+            session = ort.InferenceSession(graph, sess_options=settings, providers=plan.providers)
+            self.active_providers = session.get_providers()
+            self.skipped_providers = dict(plan.skipped)
+            for name in plan.names:
+                if name not in self.active_providers:
+                    self.skipped_providers[name] = "requested but onnxruntime fell back (missing CUDA/cuDNN libraries?)"
+            for name, reason in self.skipped_providers.items():
+                log.info("%s: skipped %s: %s", self.tag, name, reason)
+            log.info("%s: loaded on %s", self.tag, self.active_providers)
+            self._session = session
+        return self
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 `[N, H, W, 3]` → probabilities `[N, C]` (float32)."""
+        if self._session is None:
+            raise RuntimeError(f"model {self.tag} is not loaded")
+        size = self.manifest.preprocessing.size
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {list(batch.shape)}")
+        if self.on_gpu:
+            return self._predict_io_binding(batch)
+        return self._session.run(["probabilities"], {self.manifest.input_name: batch})[0]
+
+    def _predict_io_binding(self, batch: np.ndarray) -> np.ndarray:
+        # uint8 crosses PCIe (a quarter of float32's bytes); casting happens on the GPU.
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self.manifest.input_name, np.ascontiguousarray(batch))
+        binding.bind_output("probabilities")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        k = min(k, self.manifest.num_classes)
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        labels = self.manifest.labels
+        return [
+            [{"label": labels[i], "probability": float(row[i])} for i in indices]
+            for row, indices in zip(probabilities, order)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "version": self.version,
+            "providers": self.active_providers,
+            "skipped_providers": self.skipped_providers,
+            "options": {k: v for k, v in vars(self.options).items()},
+        }
+
+
+def default_threads(workers: int) -> int:
+    """Intra-op threads per worker so that workers × threads matches the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers))

@@ -1,0 +1,81 @@
+"""Tiny ONNX classifiers built without torch, for fast tests of models/, service/ and scoring.
+
+The graph honours the contract: uint8 `image [N, S, S, 3]` → `logits`, `probabilities [N, C]`.
+Logits are a fixed linear map of the per-channel mean colour, so a red image is predictably
+"red" and tests can assert real answers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from models.manifest import Manifest, Preprocessing, write_eval, write_manifest
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+def tiny_graph(num_classes: int, weights: np.ndarray | None = None, opset: int = 18) -> onnx.ModelProto:
+    if weights is None:
+        weights = np.zeros((3, num_classes), np.float32)
+        for i in range(min(3, num_classes)):
+            weights[i, i] = 0.05
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", None, None, 3])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", num_classes]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+            numpy_helper.from_array(weights.astype(np.float32), "w"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_tiny_model(
+    directory: Path,
+    labels: list[str] = ("red", "green", "blue"),
+    size: int = 16,
+    weights: np.ndarray | None = None,
+    accuracy: float | None = None,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx.save(tiny_graph(len(labels), weights), str(directory / "model.onnx"))
+    manifest = Manifest(
+        labels=list(labels),
+        preprocessing=Preprocessing(size=size, resize=size, mean=(0, 0, 0), std=(1, 1, 1)),
+        backbone="tiny-mean-colour",
+        source="none",
+        opset=18,
+        parity_max_abs_diff=0.0,
+    )
+    write_manifest(manifest, directory)
+    if accuracy is not None:
+        write_eval({"accuracy": accuracy, "top_k_accuracy": 1.0, "samples": 3}, directory)
+    return directory
+
+
+def solid_png(colour: str | tuple[int, int, int], size: tuple[int, int] = (40, 30), fmt: str = "PNG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    rgb = COLOURS[colour] if isinstance(colour, str) else colour
+    buffer = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buffer, format=fmt)
+    return buffer.getvalue()
