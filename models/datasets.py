@@ -115,7 +115,8 @@ def _resolve_inside(root: Path, relative: str, where: str) -> Path:
     return candidate
 
 
-def samples_from_manifest(path: Path, require_labels: bool = True) -> list[Sample]:
+def samples_from_manifest(path: Path, require_labels: bool = True, require_files: bool = True) -> list[Sample]:
+    """`require_files=False` keeps rows whose image is missing (batch scoring reports them per row)."""
     samples = []
     for number, row in enumerate(_read_manifest_rows(path), start=1):
         where = f"{path.name} row {number}"
@@ -129,7 +130,7 @@ def samples_from_manifest(path: Path, require_labels: bool = True) -> list[Sampl
         if split is not None and split not in SPLITS:
             raise DatasetError(f"{where}: split {split!r} is not one of {SPLITS}")
         image = _resolve_inside(path.parent, str(row["path"]), where)
-        if not image.is_file():
+        if require_files and not image.is_file():
             raise DatasetError(f"{where}: no such image {row['path']!r}")
         samples.append(Sample(image, label, split))
     return samples
@@ -148,17 +149,28 @@ def samples_from_folders(root: Path) -> list[Sample]:
     return samples
 
 
-def load_samples(path: str | Path, require_labels: bool = True) -> list[Sample]:
-    """A folder (per-class or with a manifest) or a manifest file → samples."""
+def samples_from_images(root: Path) -> list[Sample]:
+    """Every image under `root`, recursively, without labels (for batch scoring)."""
+    return [Sample(p, None) for p in sorted(root.rglob("*")) if p.is_file() and _is_image(p)]
+
+
+def load_samples(path: str | Path, require_labels: bool = True, require_files: bool = True) -> list[Sample]:
+    """A folder (per-class or with a manifest) or a manifest file → samples.
+
+    With `require_labels=False`, a folder holding images at its top level is read as a plain,
+    unlabelled folder (recursively), and manifests may omit `label`.
+    """
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset path does not exist: {path}")
     if path.is_file():
         if path.suffix.lower() not in (".csv", ".jsonl"):
             raise DatasetError(f"a dataset file must be a .csv or .jsonl manifest, got {path.name}")
-        samples = samples_from_manifest(path, require_labels)
+        samples = samples_from_manifest(path, require_labels, require_files)
     elif manifest := _find_manifest(path):
-        samples = samples_from_manifest(manifest, require_labels)
+        samples = samples_from_manifest(manifest, require_labels, require_files)
+    elif not require_labels and any(c.is_file() and _is_image(c) for c in path.iterdir()):
+        samples = samples_from_images(path)
     else:
         samples = samples_from_folders(path)
     if not samples:

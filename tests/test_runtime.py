@@ -1,0 +1,87 @@
+"""Runtime: provider selection (the GPU logic, tested on CPU) and the loaded classifier."""
+import numpy as np
+import pytest
+
+from models import store
+from models.evaluate import evaluate, evaluate_compare
+from models.datasets import load_samples
+from models.errors import DatasetError
+from models.preprocess import prepare, stack
+from models.runtime import CPU, CUDA, TENSORRT, OnnxClassifier, RuntimeOptions, select_providers
+from tests.tiny import solid_png, write_tiny_model
+
+ALL = [TENSORRT, CUDA, CPU]
+
+
+def test_cpu_only_build():
+    plan = select_providers([CPU], gpu_count=0, options=RuntimeOptions())
+    assert plan.names == [CPU]
+    assert "not in this onnxruntime build" in plan.skipped[CUDA]
+
+
+def test_gpu_build_without_device_falls_back_with_reason():
+    plan = select_providers(ALL, gpu_count=0, options=RuntimeOptions(enable_tensorrt=True))
+    assert plan.names == [CPU]
+    assert plan.skipped[CUDA] == "no CUDA device visible to the driver"
+    assert plan.skipped[TENSORRT] == "no CUDA device visible to the driver"
+
+
+def test_cuda_preferred_and_tensorrt_opt_in():
+    plan = select_providers(ALL, gpu_count=2, options=RuntimeOptions(device_id=1))
+    assert plan.names == [CUDA, CPU]
+    assert plan.providers[0][1] == {"device_id": 1}
+    assert "not enabled" in plan.skipped[TENSORRT]
+    trt = select_providers(ALL, gpu_count=1, options=RuntimeOptions(enable_tensorrt=True, fp16=True, trt_cache_dir="/c"))
+    assert trt.names == [TENSORRT, CUDA, CPU]
+    assert trt.providers[0][1]["trt_fp16_enable"] is True
+    assert trt.providers[0][1]["trt_engine_cache_path"] == "/c"
+
+
+def test_device_selection_rules():
+    assert select_providers(ALL, 1, RuntimeOptions(device="cpu")).names == [CPU]
+    assert "only 1 GPU" in select_providers(ALL, 1, RuntimeOptions(device_id=3)).skipped[CUDA]
+    with pytest.raises(RuntimeError, match="device=cuda requested"):
+        select_providers(ALL, 0, RuntimeOptions(device="cuda"))
+
+
+def test_classifier_loads_on_cpu_and_reports_why(bento_home, tmp_path):
+    version = store.publish("colours", write_tiny_model(tmp_path / "m"))
+    model = OnnxClassifier(version.path, version.name, version.version)
+    assert not model.ready
+    model.load()
+    assert model.ready and model.active_providers == [CPU]
+    assert CUDA in model.skipped_providers
+    spec = model.manifest.preprocessing
+    batch = stack([prepare(solid_png(c), spec) for c in ("blue", "red")])
+    probabilities = model.predict(batch)
+    assert probabilities.shape == (2, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    top = model.top_k(probabilities, 2)
+    assert [row[0]["label"] for row in top] == ["blue", "red"]
+    assert len(top[0]) == 2
+    with pytest.raises(ValueError, match="expected uint8"):
+        model.predict(batch.astype(np.float32))
+
+
+def test_evaluate_and_compare(bento_home, tmp_path):
+    good = store.publish("colours", write_tiny_model(tmp_path / "good"))
+    swapped = np.zeros((3, 3), np.float32)
+    swapped[0, 1] = swapped[1, 0] = swapped[2, 2] = 0.05  # confuses red and green
+    bad = store.publish("colours", write_tiny_model(tmp_path / "bad", weights=swapped))
+    data = tmp_path / "data"
+    for label in ("red", "green", "blue"):
+        (data / label).mkdir(parents=True)
+        for i in range(2):
+            (data / label / f"{i}.png").write_bytes(solid_png(label))
+    (data / "red" / "broken.png").write_bytes(b"not a png")
+    samples = load_samples(data)
+    load = lambda v: OnnxClassifier(v.path, v.name, v.version).load()
+    report = evaluate_compare(load(good), load(bad), samples, top_k=2)
+    assert report["accuracy"] == 1.0 and report["samples"] == 6
+    assert report["compare_with"]["accuracy"] == pytest.approx(1 / 3)
+    assert report["difference"]["accuracy"] == pytest.approx(2 / 3)
+    assert list(report["unreadable"]) == [str(data / "red" / "broken.png")]
+    (data / "purple").mkdir()
+    (data / "purple" / "0.png").write_bytes(solid_png((128, 0, 128)))
+    with pytest.raises(DatasetError, match="purple"):
+        evaluate(load(good), load_samples(data))
