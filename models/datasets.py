@@ -71,16 +71,14 @@ def safe_extract_zip(archive: str | Path, destination: str | Path, limits: ZipLi
 
 def _single_top_folder(directory: Path) -> Path:
     """Zips made with `zip -r data.zip data/` wrap everything in one folder; look inside it."""
+    if _find_manifest(directory):
+        return directory
     children = [c for c in directory.iterdir() if not c.name.startswith((".", "__MACOSX"))]
-    if len(children) == 1 and children[0].is_dir() and not _looks_like_class_root(directory):
+    if len(children) == 1 and children[0].is_dir():
         inner = children[0]
-        if any(c.is_dir() for c in inner.iterdir()) or _find_manifest(inner):
+        if _find_manifest(inner) or any(c.is_dir() for c in inner.iterdir()):
             return inner
     return directory
-
-
-def _looks_like_class_root(directory: Path) -> bool:
-    return _find_manifest(directory) is not None
 
 
 def _find_manifest(directory: Path) -> Path | None:

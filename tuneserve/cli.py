@@ -9,6 +9,10 @@ import sys
 # Modules exposing `register(subparsers)`. They must be cheap to import (no torch at top level).
 COMMAND_MODULES = [
     "tuneserve.model_commands",
+    "tuneserve.finetune_client",
+    "training.cli",
+    "service.cli",
+    "tuneserve.score",
 ]
 
 

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# GPU path check on a CUDA machine, in under 8 minutes:
+#   1. venv (pip install -e .) unless one exists, 2. bootstrap the `imagenet` model,
+#   3. which providers ONNX Runtime really uses (and why others were skipped),
+#   4. parity of CUDA, CUDA fp16, TensorRT (fp32/fp16) against CPU on the same images,
+#   5. throughput with IO binding (uint8 input) at several batch sizes.
+# Usage: bash bench/gpu.sh            (VENV=.venv BENTOML_HOME=/tmp/tuneserve-gpu by default)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+export BENTOML_HOME=${BENTOML_HOME:-/tmp/tuneserve-gpu}
+export BENTOML_DO_NOT_TRACK=true
+mkdir -p "$BENTOML_HOME"
+start=$(date +%s)
+
+echo "== GPU"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "nvidia-smi not found"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV (pip install -e .)"
+  python3 -m venv "$VENV" && timeout 300 "$VENV/bin/pip" install -q -e '.[test]' || { echo "venv setup failed"; exit 1; }
+fi
+PY="$VENV/bin/python"
+
+echo "== bootstrap imagenet"
+timeout 180 "$PY" -m tuneserve bootstrap || { echo "bootstrap failed"; exit 1; }
+
+echo "== providers, parity, throughput"
+timeout 240 "$PY" - <<'EOF'
+import io, time, traceback
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from skimage import data as skdata
+
+from models import store
+from models.preprocess import prepare, stack
+from models.runtime import OnnxClassifier, RuntimeOptions, cuda_device_count
+
+ort.preload_dlls()  # CUDA/cuDNN from the pip CUDA 13 wheels
+print("onnxruntime", ort.__version__, "available:", ort.get_available_providers(), "GPUs:", cuda_device_count())
+version = store.resolve("imagenet")
+photos = [Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in ("chelsea", "astronaut", "coffee", "rocket")]
+def jpeg(p):
+    b = io.BytesIO(); p.save(b, format="JPEG", quality=90); return b.getvalue()
+payloads = [jpeg(p) for p in photos]
+
+configs = {
+    "cpu": RuntimeOptions(device="cpu"),
+    "cuda": RuntimeOptions(device="cuda"),
+    "cuda-fp16": RuntimeOptions(device="cuda", fp16=True),
+    "tensorrt": RuntimeOptions(device="cuda", enable_tensorrt=True, trt_cache_dir="/tmp/tuneserve-trt"),
+    "tensorrt-fp16": RuntimeOptions(device="cuda", enable_tensorrt=True, fp16=True, trt_cache_dir="/tmp/tuneserve-trt"),
+}
+reference = None
+rows = []
+for name, options in configs.items():
+    try:
+        started = time.perf_counter()
+        model = OnnxClassifier(version.path, version.name, version.version, options).load()
+        load_s = time.perf_counter() - started
+        spec = model.manifest.preprocessing
+        images = stack([prepare(payloads[i % 4], spec) for i in range(32)])
+        probs = model.predict(images)
+        if reference is None:
+            reference = probs
+        diff = float(np.abs(probs - reference).max())
+        agree = float((probs.argmax(1) == reference.argmax(1)).mean())
+        speeds = {}
+        for batch in (1, 32, 128):
+            x = np.ascontiguousarray(np.resize(images, (batch,) + images.shape[1:]))
+            model.predict(x)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < (1.0 if name == "cpu" else 2.0):
+                model.predict(x); n += batch
+            speeds[batch] = n / (time.perf_counter() - t0)
+        print(f"{name}: providers={model.active_providers} skipped={model.skipped_providers} load={load_s:.1f}s")
+        rows.append((name, model.active_providers[0], diff, agree, speeds))
+    except Exception as error:
+        print(f"{name}: FAILED {type(error).__name__}: {error}")
+        traceback.print_exc(limit=1)
+
+print("\n| config | provider | max abs diff vs CPU | top-1 agreement | img/s b=1 | b=32 | b=128 |")
+print("|---|---|---|---|---|---|---|")
+for name, provider, diff, agree, s in rows:
+    print(f"| {name} | {provider} | {diff:.2e} | {agree:.3f} | {s[1]:.0f} | {s[32]:.0f} | {s[128]:.0f} |")
+EOF
+echo "== done in $(( $(date +%s) - start )) s"

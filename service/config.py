@@ -1,0 +1,248 @@
+"""All service settings in one place, read from `TUNESERVE_*` environment variables.
+
+`load_settings()` reads the environment once; an invalid value raises `ConfigError` naming the
+variable, the value and what is expected. docs/service.md lists every variable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
+
+PREFIX = "TUNESERVE_"
+
+
+class ConfigError(ValueError):
+    """A TUNESERVE_* variable has a value the service cannot use."""
+
+
+def _bentoml_home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    # where things live
+    home: Path  # service state: the fine-tune jobs database, job work dirs and logs
+    data_root: Path  # `data_path` parameters must resolve inside this folder
+    # models
+    default_model: str = "imagenet"
+    preload: tuple[str, ...] = ()  # loaded at startup besides the default model
+    poll_seconds: float = 2.0  # how often each worker checks the store for a new `latest`
+    max_loaded_models: int = 8  # distinct model versions kept loaded per worker
+    # access
+    api_key: str | None = None  # when set, mutating routes need `Authorization: Bearer <key>`
+    protect_reads: bool = False  # when true, reading routes need the key too (health/metrics stay open)
+    # limits
+    max_body_mb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch: int = 64  # images in one /classify_batch request
+    max_top_k: int = 100
+    default_top_k: int = 5
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS
+    max_zip_entries: int = 50_000
+    max_unpacked_mb: float = 2048.0
+    # runtime
+    device: str = "auto"  # auto | cpu | cuda
+    tensorrt: bool = False
+    fp16: bool = False
+    threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers
+    workers: int = 1  # BentoML worker processes
+    decode_threads: int = 0  # image decode threads per worker; 0 = cores / workers
+    # micro-batching of /classify requests per model (inside each worker)
+    batch_max_size: int = 32
+    batch_max_latency_ms: float = 2.0
+    # fine-tune jobs (service/finetune)
+    max_concurrent_jobs: int = 1
+    job_grace_seconds: float = 10.0
+    training_python: str = field(default_factory=lambda: sys.executable)
+    training_command: str | None = None  # shlex string; default `<training_python> -m training.run`
+    finetune_max_upload_mb: float = 500.0  # body limit for /finetune uploads instead of max_body_mb
+    finetune_min_per_class: int = 5
+
+    @property
+    def finetune_max_upload_bytes(self) -> int:
+        return int(self.finetune_max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def models_to_load(self) -> list[str]:
+        names = [self.default_model, *self.preload]
+        return list(dict.fromkeys(n for n in names if n))
+
+    def public(self) -> dict[str, Any]:
+        """Settings as JSON-able values, with the API key hidden."""
+        data = asdict(self)
+        data["api_key"] = "set" if self.api_key else None
+        data["allowed_formats"] = sorted(self.allowed_formats)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+def _number(kind: Callable[[str], Any], minimum: float | None = None, positive: bool = False):
+    def parse(name: str, raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+        if positive and value <= 0:
+            raise ConfigError(f"{name}={raw!r}: must be greater than 0")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true/false (1/0, yes/no, on/off)")
+
+
+def _choice(*choices: str):
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _names(name: str, raw: str) -> tuple[str, ...]:
+    from models.store import split_ref
+
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in items:
+        try:
+            split_ref(item)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
+    return items
+
+
+def _model_ref(name: str, raw: str) -> str:
+    refs = _names(name, raw)
+    if len(refs) != 1:
+        raise ConfigError(f"{name}={raw!r}: expected one model name")
+    return refs[0]
+
+
+def _formats(name: str, raw: str) -> frozenset[str]:
+    items = frozenset(item.strip().upper() for item in raw.split(",") if item.strip())
+    if not items:
+        raise ConfigError(f"{name}={raw!r}: expected a comma-separated list such as JPEG,PNG")
+    unknown = items - ALLOWED_FORMATS
+    if unknown:
+        raise ConfigError(f"{name}: unsupported formats {sorted(unknown)}; choose from {sorted(ALLOWED_FORMATS)}")
+    return items
+
+
+def _path(name: str, raw: str) -> Path:
+    if not raw.strip():
+        raise ConfigError(f"{name} is empty")
+    return Path(raw).expanduser().resolve()
+
+
+def _text(name: str, raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _python(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} is empty")
+    return raw.strip()
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "home": _path,
+    "data_root": _path,
+    "default_model": _model_ref,
+    "preload": _names,
+    "poll_seconds": _number(float, positive=True),
+    "max_loaded_models": _number(int, minimum=1),
+    "api_key": _text,
+    "protect_reads": _bool,
+    "max_body_mb": _number(float, positive=True),
+    "max_pixels": _number(int, minimum=1),
+    "max_batch": _number(int, minimum=1),
+    "max_top_k": _number(int, minimum=1),
+    "default_top_k": _number(int, minimum=1),
+    "allowed_formats": _formats,
+    "max_zip_entries": _number(int, minimum=1),
+    "max_unpacked_mb": _number(float, positive=True),
+    "device": _choice("auto", "cpu", "cuda"),
+    "tensorrt": _bool,
+    "fp16": _bool,
+    "threads": _number(int, minimum=0),
+    "workers": _number(int, minimum=1),
+    "decode_threads": _number(int, minimum=0),
+    "batch_max_size": _number(int, minimum=1),
+    "batch_max_latency_ms": _number(float, minimum=0),
+    "max_concurrent_jobs": _number(int, minimum=1),
+    "job_grace_seconds": _number(float, minimum=0),
+    "training_python": _python,
+    "training_command": _text,
+    "finetune_max_upload_mb": _number(float, positive=True),
+    "finetune_min_per_class": _number(int, minimum=1),
+}
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Settings from `env` (default: os.environ); raises ConfigError on an invalid value."""
+    env = os.environ if env is None else env
+    known = {env_name(f.name) for f in fields(Settings)}
+    # A typo such as TUNESERVE_MAX_BODYMB would otherwise go unnoticed (other areas may add their own).
+    unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+    if unknown:
+        logging.getLogger("tuneserve.config").warning("ignoring unknown setting(s) %s", unknown)
+    values: dict[str, Any] = {}
+    for name, parse in _PARSERS.items():
+        raw = env.get(env_name(name))
+        if raw is not None:
+            values[name] = parse(env_name(name), raw)
+    if "home" not in values:
+        values["home"] = (_bentoml_home(env) / "tuneserve").resolve()
+    if "data_root" not in values:
+        values["data_root"] = values["home"] / "data"
+    settings = Settings(**values)
+    if settings.default_top_k > settings.max_top_k:
+        raise ConfigError(
+            f"TUNESERVE_DEFAULT_TOP_K ({settings.default_top_k}) exceeds TUNESERVE_MAX_TOP_K ({settings.max_top_k})"
+        )
+    return settings
+
+
+def describe_variables() -> list[tuple[str, str]]:
+    """(variable, default) for every setting, for docs and `--help`."""
+    defaults = {f.name: f.default for f in fields(Settings)}
+    rows = []
+    for name in _PARSERS:
+        default = defaults.get(name)
+        if name == "home":
+            default = "$BENTOML_HOME/tuneserve"
+        elif name == "data_root":
+            default = "$TUNESERVE_HOME/data"
+        elif name == "training_python":
+            default = "the serving Python (sys.executable)"
+        elif name == "training_command":
+            default = "<training_python> -m training.run"
+        elif isinstance(default, frozenset):
+            default = ",".join(sorted(default))
+        rows.append((env_name(name), str(default)))
+    return rows

@@ -1,0 +1,332 @@
+"""REST routes for fine-tune jobs (FastAPI), mounted on the service's ASGI app.
+
+POST /finetune                 multipart: `dataset` (zip) or `data_path` (inside the data root), `config` JSON → 202
+GET  /finetune?state=&limit=   jobs, newest first
+GET  /finetune/{job_id}        one job: state, phase, progress, timestamps, model + eval or error
+GET  /finetune/{job_id}/log    the tail of the job's training log (text)
+POST /finetune/{job_id}/cancel stop a queued or running job (no model is published)
+POST /finetune/{job_id}/resume requeue an interrupted/failed/cancelled job; continues from its last epoch checkpoint
+
+Every check that can fail runs at submit time and answers a 4xx naming the problem.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+from models.errors import DatasetError, ModelNotFound, TuneserveError
+from service.finetune.runner import JobManager, _tail
+from service.finetune.settings import FinetuneSettings
+from service.finetune.store import FINAL_STATES, RESUMABLE_STATES, STATES, new_job_id
+
+# Fields the server fills in itself; a client must not point training at arbitrary paths.
+SERVER_FIELDS = ("data", "output_dir")
+MAX_BAD_PATHS = 20
+
+
+class SubmitError(TuneserveError):
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+# -- config validation ------------------------------------------------------------------------
+def _training_config_module():
+    """training.config is torch-free by contract; None if it is not importable here."""
+    try:
+        return importlib.import_module("training.config")
+    except Exception:
+        return None
+
+
+_FALLBACK_BACKBONES = (
+    "efficientnet_lite0", "simple_cnn", "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
+)
+
+
+def validate_config(raw: Any) -> dict[str, Any]:
+    """The submitted `config` → a normalised dict of training config fields, or SubmitError(422/404)."""
+    from models import store
+
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw or "{}")
+        except json.JSONDecodeError as error:
+            raise SubmitError(f"config: not valid JSON ({error.msg} at position {error.pos})") from None
+    if not isinstance(raw, dict):
+        raise SubmitError("config: must be a JSON object such as {\"name\": \"digits\", \"source\": \"efficientnet_lite0\"}")
+    given = [key for key in SERVER_FIELDS if key in raw]
+    if given:
+        raise SubmitError(f"config: {given} are set by the server (send the data as `dataset` or `data_path`)")
+    if not raw.get("name"):
+        raise SubmitError("config: `name` (the target model name) is required")
+    module = _training_config_module()
+    if module is not None:
+        try:
+            config = module.TrainConfig.from_dict({**raw, "data": "<uploaded>"})
+            config.validate(check_paths=False)
+        except TypeError as error:
+            raise SubmitError(f"config: {error}") from None
+        except TuneserveError as error:
+            raise SubmitError(str(error), 422) from None
+        normalised = config.to_dict()
+        is_registry = config.is_registry_source()
+        base = config.source_parts()[0]
+    else:  # minimal checks when training is not installed next to the service
+        normalised = _fallback_validate(raw)
+        base = normalised["source"].partition(":")[0]
+        is_registry = base in _FALLBACK_BACKBONES
+    for key in SERVER_FIELDS:
+        normalised.pop(key, None)
+    if not is_registry:
+        try:
+            version = store.resolve(normalised["source"])
+        except ModelNotFound as error:
+            raise SubmitError(f"source: {normalised['source']!r} is neither a known backbone nor a stored model: {error}", 422) from None
+        except TuneserveError as error:
+            raise SubmitError(f"source: {error}", 422) from None
+        normalised["source"] = version.tag  # pin the version, so a later publish cannot change what this job starts from
+    return normalised
+
+
+def _fallback_validate(raw: dict[str, Any]) -> dict[str, Any]:
+    from models.store import validate_name
+
+    problems = []
+    defaults = {"source": "efficientnet_lite0", "strategy": "full", "epochs": 3, "batch_size": 32,
+                "learning_rate": 1e-3, "image_size": None, "seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}
+    config = {**defaults, **raw}
+    try:
+        validate_name(str(config["name"]))
+    except TuneserveError as error:
+        problems.append(f"name: {error}")
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if config["strategy"] not in ("linear", "partial", "full"):
+        problems.append(f"strategy: {config['strategy']!r} is not one of linear, partial, full")
+    if not (integer(config["epochs"]) and 1 <= config["epochs"] <= 1000):
+        problems.append(f"epochs: must be an integer 1..1000, got {config['epochs']!r}")
+    if not (integer(config["batch_size"]) and 1 <= config["batch_size"] <= 4096):
+        problems.append(f"batch_size: must be an integer 1..4096, got {config['batch_size']!r}")
+    if not (number(config["learning_rate"]) and 0 < config["learning_rate"] <= 10):
+        problems.append(f"learning_rate: must be in (0, 10], got {config['learning_rate']!r}")
+    if config["image_size"] is not None and not (integer(config["image_size"]) and 8 <= config["image_size"] <= 1024):
+        problems.append(f"image_size: must be null or an integer 8..1024, got {config['image_size']!r}")
+    if not (number(config["val_fraction"]) and 0 < config["val_fraction"] < 1):
+        problems.append(f"val_fraction: must be in (0, 1), got {config['val_fraction']!r}")
+    if not (number(config["test_fraction"]) and 0 <= config["test_fraction"] < 1):
+        problems.append(f"test_fraction: must be in [0, 1), got {config['test_fraction']!r}")
+    if not isinstance(config["source"], str) or not config["source"].strip():
+        problems.append("source: must be a backbone name or a stored model name[:version]")
+    if problems:
+        raise SubmitError("invalid training config: " + "; ".join(problems))
+    return config
+
+
+# -- dataset checks ---------------------------------------------------------------------------
+def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: int) -> dict[str, Any]:
+    """Layout, classes, per-class counts, split labels, and every image decodes; → a summary."""
+    from models.datasets import check_trainable, load_samples
+    from models.preprocess import decode_image
+
+    samples = load_samples(directory)
+    unlabelled = [s for s in samples if not s.label]
+    if unlabelled:
+        raise DatasetError(f"{len(unlabelled)} images have no label, e.g. {_rel(unlabelled[0].path, directory)}")
+    counts = check_trainable(samples, min_per_class=min_per_class)
+    bad = []
+    for sample in samples:
+        try:
+            decode_image(sample.path, max_pixels=settings.max_pixels)
+        except TuneserveError as error:
+            bad.append(f"{_rel(sample.path, directory)}: {error}")
+    if bad:
+        shown = "; ".join(bad[:MAX_BAD_PATHS])
+        more = f" (and {len(bad) - MAX_BAD_PATHS} more)" if len(bad) > MAX_BAD_PATHS else ""
+        raise DatasetError(f"{len(bad)} of {len(samples)} images cannot be used: {shown}{more}")
+    splits = sorted({s.split for s in samples if s.split})
+    return {"images": len(samples), "classes": len(counts), "per_class": counts, "splits": splits}
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return Path(path).name
+
+
+def resolve_data_path(value: str, settings: FinetuneSettings) -> Path:
+    if settings.data_root is None:
+        raise SubmitError("data_path is disabled: no data root is configured (TUNESERVE_DATA_ROOT)", 400)
+    root = settings.data_root.resolve()
+    candidate = Path(value)
+    candidate = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not candidate.is_relative_to(root):
+        raise SubmitError(f"data_path {value!r} is outside the data root", 400)
+    if not candidate.exists():
+        raise SubmitError(f"data_path {value!r} does not exist under the data root", 404)
+    return candidate
+
+
+# -- the router -------------------------------------------------------------------------------
+def _error(error: TuneserveError) -> JSONResponse:
+    return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400))
+
+
+def _auth_dependencies(settings: Any) -> tuple[Callable, Callable]:
+    try:
+        from service.auth import check_api_key
+    except Exception:  # pragma: no cover - the service package always has it
+        check_api_key = None
+
+    def check(request: Request) -> None:
+        header = request.headers.get("authorization")
+        if check_api_key is not None:
+            check_api_key(settings, header)
+        elif settings.api_key and header != f"Bearer {settings.api_key}":
+            raise HTTPException(401, "this route needs an API key: send 'Authorization: Bearer <key>'")
+
+    def write(request: Request) -> None:
+        check(request)
+
+    def read(request: Request) -> None:
+        if getattr(settings, "protect_reads", False):
+            check(request)
+
+    return write, read
+
+
+def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
+    ft = manager.settings
+    auth_source = settings if settings is not None and hasattr(settings, "api_key") else ft
+    require_write, require_read = _auth_dependencies(auth_source)
+    router = APIRouter(tags=["finetune"])
+    store = manager.store
+
+    def get_job(job_id: str):
+        job = store.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no fine-tune job {job_id!r}")
+        return job
+
+    @router.post("/finetune", status_code=202, dependencies=[Depends(require_write)])
+    async def submit(request: Request):
+        job_id = new_job_id()
+        job_dir = ft.jobs_dir / job_id
+        try:
+            return await _submit(request, job_id, job_dir)
+        except TuneserveError as error:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            return _error(error)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        finally:
+            (ft.uploads_dir / f"{job_id}.zip").unlink(missing_ok=True)
+
+    async def _submit(request: Request, job_id: str, job_dir: Path):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > ft.max_upload_bytes:
+            raise SubmitError(f"upload is {int(length)} bytes; limit is {ft.max_upload_bytes}", 413)
+        if "multipart/form-data" not in request.headers.get("content-type", ""):
+            raise SubmitError("send multipart/form-data with `config` and either `dataset` (zip) or `data_path`", 415)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await request.receive()
+            received += len(message.get("body", b""))
+            if received > ft.max_upload_bytes:
+                raise SubmitError(f"upload exceeds the limit of {ft.max_upload_bytes} bytes", 413)
+            return message
+
+        try:
+            form = await Request(request.scope, limited_receive).form(max_files=2, max_fields=20)
+        except TuneserveError:
+            raise
+        except Exception as error:
+            raise SubmitError(f"cannot parse the multipart body: {error}", 400) from None
+        try:
+            config = validate_config(form.get("config") or "{}")
+            dataset = form.get("dataset")
+            data_path = form.get("data_path")
+            if dataset is not None and isinstance(dataset, str):
+                raise SubmitError("`dataset` must be a file upload (a zip); use `data_path` for a folder on the server", 400)
+            if (dataset is None) == (not data_path):
+                raise SubmitError("send exactly one of `dataset` (zip upload) or `data_path` (inside the data root)", 400)
+            if dataset is not None:
+                dataset_dir = await run_in_threadpool(_save_and_extract, dataset.file, job_id, job_dir)
+            else:
+                dataset_dir = resolve_data_path(str(data_path), ft)
+            min_per_class = max(ft.min_per_class, int(config.get("min_images_per_class") or 2))
+            summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class)
+        finally:
+            await form.close()
+        job_dir.mkdir(parents=True, exist_ok=True)
+        job = store.create(config, dataset_dir, job_dir, job_id)
+        (job_dir / "dataset.json").write_text(json.dumps(summary, indent=2))
+        manager.wake()
+        body = {"job_id": job.id, "state": job.state, "dataset": summary, "config": config}
+        return JSONResponse(body, status_code=202, headers={"Location": f"/finetune/{job.id}"})
+
+    def _save_and_extract(upload, job_id: str, job_dir: Path) -> Path:
+        from models.datasets import ZipLimits, safe_extract_zip
+
+        archive = ft.uploads_dir / f"{job_id}.zip"
+        written = 0
+        with archive.open("wb") as out:
+            while chunk := upload.read(1024 * 1024):
+                written += len(chunk)
+                if written > ft.max_upload_bytes:
+                    raise SubmitError(f"dataset exceeds the upload limit of {ft.max_upload_bytes} bytes", 413)
+                out.write(chunk)
+        limits = ZipLimits(max_archive_bytes=ft.max_upload_bytes, max_entries=ft.max_entries, max_unpacked_bytes=ft.max_unpacked_bytes)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return safe_extract_zip(archive, job_dir / "dataset", limits)
+
+    @router.get("/finetune", dependencies=[Depends(require_read)])
+    def list_jobs(state: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)):
+        if state is not None and state not in STATES:
+            raise HTTPException(422, f"state must be one of {list(STATES)}, got {state!r}")
+        return {"jobs": [job.public() for job in store.list(state, limit)]}
+
+    @router.get("/finetune/{job_id}", dependencies=[Depends(require_read)])
+    def show(job_id: str):
+        return get_job(job_id).public()
+
+    @router.get("/finetune/{job_id}/log", dependencies=[Depends(require_read)], response_class=PlainTextResponse)
+    def show_log(job_id: str, lines: int = Query(50, ge=1, le=5000)):
+        job = get_job(job_id)
+        return _tail(Path(job.job_dir) / "train.log", lines)
+
+    @router.post("/finetune/{job_id}/cancel", dependencies=[Depends(require_write)])
+    def cancel(job_id: str):
+        job = get_job(job_id)
+        if job.state in FINAL_STATES or job.state == "interrupted":
+            return JSONResponse({"error": f"job {job_id} is already {job.state}", **job.public()}, status_code=409)
+        job = store.request_cancel(job_id)
+        return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
+
+    @router.post("/finetune/{job_id}/resume", status_code=202, dependencies=[Depends(require_write)])
+    def resume(job_id: str):
+        job = get_job(job_id)
+        if job.state not in RESUMABLE_STATES:
+            return JSONResponse(
+                {"error": f"job {job_id} is {job.state}; only {sorted(RESUMABLE_STATES)} jobs can be resumed"}, status_code=409
+            )
+        if not Path(job.dataset_dir).exists():
+            return JSONResponse({"error": f"job {job_id}: its dataset is gone ({job.dataset_dir})"}, status_code=409)
+        if not store.requeue_for_resume(job_id):
+            return JSONResponse({"error": f"job {job_id} changed state; try again"}, status_code=409)
+        manager.wake()
+        return store.get(job_id).public()
+
+    return router

@@ -1,0 +1,370 @@
+"""Durable fine-tune jobs in SQLite under the service home.
+
+Every worker process opens the same database (WAL mode, busy timeout). A job is claimed in one
+`BEGIN IMMEDIATE` transaction that also counts the running jobs, so each job runs at most once
+and at most `max_concurrent` jobs run at a time across all workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+RESUMABLE_STATES = frozenset({"interrupted", "failed", "cancelled"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    config TEXT NOT NULL,
+    dataset_dir TEXT NOT NULL,
+    job_dir TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    progress TEXT NOT NULL DEFAULT '{}',
+    phase TEXT,
+    model TEXT,
+    eval TEXT,
+    error TEXT,
+    pid INTEGER,
+    owner TEXT,
+    host TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    resume INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL
+);
+"""
+
+_JSON_COLUMNS = ("config", "progress", "eval")
+
+
+@dataclass
+class Job:
+    id: str
+    state: str
+    config: dict[str, Any]
+    dataset_dir: str
+    job_dir: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    phase: str | None = None
+    model: str | None = None
+    eval: dict[str, Any] | None = None
+    error: str | None = None
+    pid: int | None = None
+    owner: str | None = None
+    host: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    resume: bool = False
+    seq: int = 0
+    updated: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def public(self) -> dict[str, Any]:
+        """What the HTTP API answers: no host paths beyond the job's own, ISO-ish timestamps kept as epoch seconds."""
+        return {
+            "job_id": self.id,
+            "state": self.state,
+            "name": self.config.get("name"),
+            "source": self.config.get("source"),
+            "config": self.config,
+            "phase": self.phase,
+            "progress": self.progress,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "model": self.model,
+            "eval": self.eval,
+            "error": self.error,
+            "attempts": self.attempts,
+            "cancel_requested": self.cancel_requested,
+        }
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    for column in _JSON_COLUMNS:
+        if data.get(column) is not None:
+            data[column] = json.loads(data[column])
+    data["cancel_requested"] = bool(data["cancel_requested"])
+    data["resume"] = bool(data["resume"])
+    if data.get("progress") is None:
+        data["progress"] = {}
+    return Job(**data)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def process_start(pid: int | None) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), None if unknown."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class JobStore:
+    """Thread-safe (one connection per thread) and process-safe (SQLite locking) job table."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+
+    # -- connections -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the database lock up front (no upgrade deadlocks)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- jobs --------------------------------------------------------------------------------
+    def create(self, config: dict[str, Any], dataset_dir: str | Path, job_dir: str | Path, job_id: str | None = None) -> Job:
+        job_id = job_id or new_job_id()
+        now = time.time()
+        with self._tx() as conn:
+            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            conn.execute(
+                "INSERT INTO jobs (id, seq, state, config, dataset_dir, job_dir, created, updated)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                (job_id, seq, json.dumps(config), str(dataset_dir), str(job_dir), now, now),
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[Job]:
+        if state:
+            rows = self._conn().execute(
+                "SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit)
+            ).fetchall()
+        else:
+            rows = self._conn().execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def claim(self, owner: str, host: str, max_concurrent: int) -> Job | None:
+        """Atomically move the oldest queued job to running for `owner`, if a slot is free."""
+        now = time.time()
+        with self._tx() as conn:
+            running = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running'").fetchone()[0]
+            if running >= max_concurrent:
+                return None
+            row = conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            changed = conn.execute(
+                "UPDATE jobs SET state = 'running', owner = ?, host = ?, started = ?, finished = NULL,"
+                " pid = NULL, error = NULL, phase = 'starting', attempts = attempts + 1, updated = ?"
+                " WHERE id = ? AND state = 'queued'",
+                (owner, host, now, now, row["id"]),
+            ).rowcount
+            if changed != 1:
+                return None
+        return self.get(row["id"])
+
+    def set_pid(self, job_id: str, pid: int) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET pid = ?, updated = ? WHERE id = ?", (pid, time.time(), job_id))
+
+    def update_progress(self, job_id: str, progress: dict[str, Any] | None = None, phase: str | None = None) -> None:
+        sets, values = ["updated = ?"], [time.time()]
+        if progress is not None:
+            sets.append("progress = ?")
+            values.append(json.dumps(progress))
+        if phase is not None:
+            sets.append("phase = ?")
+            values.append(phase)
+        with self._tx() as conn:
+            conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state = 'running'", (*values, job_id))
+
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        owner: str | None = None,
+        model: str | None = None,
+        eval: dict[str, Any] | None = None,
+        error: str | None = None,
+        from_states: tuple[str, ...] = ("running",),
+    ) -> bool:
+        """Move a job to a final (or interrupted) state; only from `from_states` (and owner, if given)."""
+        assert state in STATES
+        now = time.time()
+        marks = ",".join("?" * len(from_states))
+        query = (
+            f"UPDATE jobs SET state = ?, finished = ?, model = COALESCE(?, model), eval = COALESCE(?, eval),"
+            f" error = ?, updated = ? WHERE id = ? AND state IN ({marks})"
+        )
+        values: list[Any] = [state, now, model, json.dumps(eval) if eval is not None else None, error, now, job_id, *from_states]
+        if owner is not None:
+            query += " AND owner = ?"
+            values.append(owner)
+        with self._tx() as conn:
+            return conn.execute(query, values).rowcount == 1
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Queued → cancelled at once; running → flag for the owning worker to act on."""
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished = ?,"
+                " error = 'cancelled before it started', updated = ? WHERE id = ? AND state = 'queued'",
+                (now, now, job_id),
+            )
+            conn.execute(
+                "UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ? AND state = 'running'",
+                (now, job_id),
+            )
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def requeue_for_resume(self, job_id: str) -> bool:
+        now = time.time()
+        marks = ",".join("?" * len(RESUMABLE_STATES))
+        with self._tx() as conn:
+            return (
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', resume = 1, cancel_requested = 0, pid = NULL, owner = NULL,"
+                    f" finished = NULL, error = NULL, phase = NULL, updated = ? WHERE id = ? AND state IN ({marks})",
+                    (now, job_id, *sorted(RESUMABLE_STATES)),
+                ).rowcount
+                == 1
+            )
+
+    # -- workers -----------------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, pid: int) -> None:
+        now = time.time()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO workers (id, host, pid, pid_start, started, heartbeat) VALUES (?, ?, ?, ?, ?, ?)",
+                (worker_id, host, pid, process_start(pid), now, now),
+            )
+            # Forget workers that have been silent for a day.
+            conn.execute("DELETE FROM workers WHERE heartbeat < ?", (now - 86400,))
+
+    def heartbeat(self, worker_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE workers SET heartbeat = ? WHERE id = ?", (time.time(), worker_id))
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def worker(self, worker_id: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT * FROM workers WHERE id = ?", (worker_id,)).fetchone()
+        return dict(row) if row else None
+
+    def orphaned_running(self, host: str, stale_after_s: float) -> list[Job]:
+        """Running jobs whose owning worker is gone (same host: pid dead; other host: no heartbeat)."""
+        orphans = []
+        now = time.time()
+        for job in self.list("running", limit=10_000):
+            owner = self.worker(job.owner) if job.owner else None
+            if owner is None:
+                dead = True
+            elif owner["host"] == host:
+                # pid numbers repeat after a container restart: the start time tells them apart
+                dead = not pid_alive(owner["pid"]) or process_start(owner["pid"]) != owner["pid_start"]
+            else:
+                dead = now - owner["heartbeat"] > stale_after_s
+            if dead:
+                orphans.append(job)
+        return orphans
+
+
+def new_job_id() -> str:
+    return "ft-" + time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,112 @@
+"""ASGI middleware that refuses request bodies over the limit with 413, before the app reads them.
+
+A declared `Content-Length` over the limit is answered at once, without reading the body. A body
+streamed without one (chunked) is counted as it is read; once it passes the limit, reading stops
+and whatever the app would have answered is replaced by the 413.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _message(limit: int, size: int | None, variable: str) -> bytes:
+    mb = limit / (1024 * 1024)
+    told = f"request body is {size} bytes; " if size is not None else "request body is larger than allowed; "
+    return json.dumps({"error": f"{told}limit is {limit} bytes ({mb:g} MB, {variable})"}).encode()
+
+
+async def _send_413(send: Send, limit: int, size: int | None, variable: str) -> None:
+    body = _message(limit, size, variable)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """`max_bytes` for every route; `overrides` maps a path prefix (e.g. "/finetune") to its own limit."""
+
+    default_variable = "TUNESERVE_MAX_BODY_MB"
+    override_variable = "TUNESERVE_FINETUNE_MAX_UPLOAD_MB"
+
+    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None):
+        self.app = app
+        self.default_max = int(max_bytes)
+        self.overrides = sorted((overrides or {}).items(), key=lambda kv: -len(kv[0]))
+
+    def limit_for(self, path: str) -> int:
+        for prefix, limit in self.overrides:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return int(limit)
+        return self.default_max
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        max_bytes = self.limit_for(scope.get("path", ""))
+        variable = self.default_variable if max_bytes == self.default_max else self.override_variable
+        declared = None
+        for key, value in scope.get("headers") or []:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+                break
+        if declared is not None and declared > max_bytes:
+            await _send_413(send, max_bytes, declared, variable)
+            return
+
+        state = {"received": 0, "exceeded": False, "started": False, "replaced": False}
+
+        async def limited_receive() -> Message:
+            if state["exceeded"]:
+                raise BodyTooLarge()
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > max_bytes:
+                    state["exceeded"] = True
+                    raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if state["replaced"]:
+                return
+            if state["exceeded"] and not state["started"]:
+                state["replaced"] = True
+                await _send_413(send, max_bytes, None, variable)
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            if not state["started"] and not state["replaced"]:
+                await _send_413(send, max_bytes, None, variable)
+        except Exception:
+            if state["exceeded"] and not state["started"] and not state["replaced"]:
+                await _send_413(send, max_bytes, None, variable)
+            else:
+                raise

@@ -1,0 +1,79 @@
+"""The BentoML 1.4 service: `bentoml serve service.service:TuneServe`.
+
+Every route lives in the FastAPI app from service/api.py, mounted with `@bentoml.asgi_app`, so
+uploads are decoded and validated by our code (BentoML's PIL/File parameters 500 on corrupt input
+and fetch URLs). BentoML supplies the server, workers, /healthz /livez /readyz /metrics.
+Batching happens inside each worker per model (service/models_pool.py): BentoML's batchable APIs
+take exactly one parameter and fail a whole batch if one item raises, which cannot carry `model`
+and `top_k` per request.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import bentoml
+
+from service.api import create_app, mount_jobs
+from service.config import load_settings
+from service.limits import BodyLimitMiddleware
+
+log = logging.getLogger("tuneserve.service")
+logging.getLogger("tuneserve").setLevel(logging.INFO)  # provider choices and hot reloads reach the server log
+
+SETTINGS = load_settings()
+
+
+async def _maybe_await(result) -> None:
+    if inspect.isawaitable(result):
+        await result
+
+app = create_app(SETTINGS)
+
+
+@bentoml.service(
+    name="tuneserve",
+    workers=SETTINGS.workers,
+    traffic={"timeout": 600},
+    # one logical GPU per worker is chosen in models_pool.runtime_options by worker index
+)
+@bentoml.asgi_app(app, path="/")
+class TuneServe:
+    """One instance per worker process."""
+
+    def __init__(self) -> None:
+        from service.models_pool import ModelPool
+
+        self.settings = SETTINGS
+        self.pool = ModelPool(SETTINGS)
+        app.state.pool = self.pool
+        # ---- fine-tune jobs (service/finetune, owned by the jobs helper) -------------------
+        # One JobManager per worker; its routes join the REST app. Absent package → no /finetune.
+        self.jobs = getattr(app.state, "jobs", None)
+        if self.jobs is None:
+            self.jobs = mount_jobs(app, SETTINGS)
+            app.state.jobs = self.jobs
+        # ---------------------------------------------------------------------------------
+
+    @bentoml.on_startup
+    async def _start(self) -> None:
+        await self.pool.start()
+        if self.jobs is not None:
+            await _maybe_await(self.jobs.start())
+
+    @bentoml.on_shutdown
+    async def _stop(self) -> None:
+        if self.jobs is not None:
+            await _maybe_await(self.jobs.stop())
+        await self.pool.stop()
+
+    def __is_ready__(self) -> bool:
+        return self.pool.ready()
+
+
+# Body limit on every route; /finetune (dataset uploads) has its own, larger one.
+TuneServe.add_asgi_middleware(
+    BodyLimitMiddleware,
+    max_bytes=SETTINGS.max_body_bytes,
+    overrides={"/finetune": SETTINGS.finetune_max_upload_bytes},
+)

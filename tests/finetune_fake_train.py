@@ -1,0 +1,89 @@
+"""A stand-in for `python -m training.run` with the same command line and progress contract.
+
+Used by tests/test_finetune*.py through TUNESERVE_TRAINING_COMMAND. Steps sleep
+FAKE_TRAIN_STEP_S seconds (default 0.1); 4 steps per epoch; a checkpoint file per epoch in
+output_dir; `--resume` continues after the last one; publishes a tests/tiny.py model named
+`config.name` whose labels are the dataset's class folders. A name starting with `fail` fails
+with exit code 2; SIGTERM exits 143 without publishing.
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--progress", required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    config = json.loads(Path(args.config).read_text())
+    out = Path(config["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    progress = open(args.progress, "a", buffering=1)
+
+    def emit(**event):
+        event.setdefault("time", time.time())
+        progress.write(json.dumps(event) + "\n")
+        progress.flush()
+
+    def on_term(signum, frame):
+        emit(event="failed", reason="cancelled (SIGTERM)")
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    print(f"fake training pid {os.getpid()} config {args.config} resume={args.resume}", flush=True)
+    emit(event="phase", phase="loading")
+    if config["name"].startswith("fail"):
+        emit(event="failed", reason="bad data: every image is unreadable (fake)")
+        return 2
+    step_s = float(os.environ.get("FAKE_TRAIN_STEP_S", "0.1"))
+    epochs, steps = int(config.get("epochs", 2)), 4
+    start = 1
+    if args.resume:
+        done = sorted(int(p.stem.split("-")[1]) for p in out.glob("epoch-*.ckpt"))
+        start = (done[-1] + 1) if done else 1
+        print(f"resuming after epoch {start - 1}", flush=True)
+    (out / "resumed_from.txt").write_text(str(start - 1)) if args.resume else None
+    emit(event="phase", phase="training")
+    for epoch in range(start, epochs + 1):
+        for step in range(1, steps + 1):
+            time.sleep(step_s)
+            remaining = ((epochs - epoch) * steps + (steps - step)) * step_s
+            emit(event="progress", epoch=epoch, epochs=epochs, step=step, steps=steps,
+                 train_loss=1.0 / (epoch * steps + step), eta_s=remaining)
+        (out / f"epoch-{epoch}.ckpt").write_text("x")
+        emit(event="epoch", epoch=epoch, epochs=epochs, train_loss=0.5 / epoch, val_accuracy=0.5 + 0.1 * epoch, val_loss=0.4)
+    emit(event="phase", phase="exporting")
+    from tests.tiny import write_tiny_model
+
+    data = Path(config["data"])
+    labels = sorted(p.name for p in data.iterdir() if p.is_dir() and p.name not in ("train", "val", "test"))
+    if not labels:
+        labels = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    staging = out / "staging"
+    write_tiny_model(staging, labels=labels, accuracy=0.9)
+    manifest_path = staging / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["source"] = config["source"]
+    manifest["lineage"] = [config["source"]]
+    manifest["training"] = {k: config.get(k) for k in ("strategy", "epochs")}
+    manifest_path.write_text(json.dumps(manifest))
+    emit(event="phase", phase="publishing")
+    time.sleep(float(os.environ.get("FAKE_TRAIN_PUBLISH_S", "0")))
+    from models import store
+
+    version = store.publish(config["name"], staging, {"job": os.environ.get("TUNESERVE_JOB_ID")})
+    emit(event="succeeded", model=version.tag, eval={"accuracy": 0.9, "top_k_accuracy": 1.0, "samples": 3, "macro_f1": 0.9})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""models/ and service/ must never pull in torch or training/ (DESIGN.md: three rooms, one direction)."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHECK = """
+import sys
+import {modules}
+allowed = {{'training', 'training.config'}}
+bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or (m.startswith('training') and m not in allowed))
+print(','.join(bad))
+"""
+
+
+def _imported(modules: list[str]) -> list[str]:
+    code = CHECK.format(modules=", ".join(modules))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [m for m in result.stdout.strip().split(",") if m]
+
+
+def test_models_does_not_import_torch():
+    modules = ["models", "models.manifest", "models.store", "models.preprocess", "models.runtime",
+               "models.datasets", "models.metrics", "models.evaluate", "models.errors"]
+    assert _imported(modules) == []
+
+
+def test_training_config_is_importable_without_torch():
+    # the service validates fine-tune configs at submit time without starting torch
+    assert _imported(["training.config"]) == []
+
+
+def test_service_does_not_import_torch():
+    if importlib.util.find_spec("service") is None or not any((ROOT / "service").glob("*.py")):
+        pytest.skip("service/ does not exist yet")
+    modules = ["service"] + [f"service.{p.stem}" for p in sorted((ROOT / "service").glob("*.py")) if p.stem != "__init__"]
+    if (ROOT / "service" / "finetune" / "__init__.py").is_file():
+        modules.append("service.finetune")
+    assert _imported(modules) == []

@@ -1,0 +1,158 @@
+"""Torch datasets over `models.datasets.Sample`s.
+
+Evaluation images go through `models.preprocess.prepare` (the one copy serving uses); training
+images get a random resized crop (+ optional flip) to the same uint8 HWC size. Normalisation is
+in the model (`ImageModel`), never here.
+"""
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from models.datasets import Sample, check_trainable, load_samples, safe_extract_zip, split_samples
+from models.errors import DatasetError, ImageError
+from models.manifest import Preprocessing
+from models.preprocess import _RESAMPLING, decode_image, prepare
+
+MAX_LISTED = 20
+
+
+def load_dataset(data: str | Path, scratch: str | Path | None = None) -> list[Sample]:
+    """A folder, manifest, or zip of either → samples (zips unpack under `scratch`)."""
+    path = Path(data)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        scratch = Path(scratch or tempfile.mkdtemp(prefix="tuneserve-data-"))
+        path = safe_extract_zip(path, scratch)
+    return load_samples(path)
+
+
+def check_readable(samples: list[Sample], workers: int = 2) -> None:
+    """Decode every image once; fail listing the unreadable ones (never drop them silently)."""
+
+    def probe(sample: Sample):
+        try:
+            with Image.open(sample.path) as image:
+                image.verify()
+            decode_image(sample.path, draft_size=64)
+            return None
+        except (ImageError, OSError, SyntaxError, ValueError) as error:
+            return f"{sample.path}: {error}"
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems = [p for p in pool.map(probe, samples) if p]
+    if problems:
+        shown = "; ".join(problems[:MAX_LISTED])
+        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+        raise DatasetError(f"{len(problems)} unreadable image(s): {shown}{more}")
+
+
+def prepare_splits(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int,
+                   min_per_class: int) -> tuple[dict[str, list[Sample]], list[str]]:
+    check_trainable(samples, min_per_class)
+    splits = split_samples(samples, val_fraction, test_fraction, seed)
+    if not splits["train"]:
+        raise DatasetError("no training images after the split")
+    if not splits["val"]:
+        raise DatasetError("no validation images after the split; add images or raise val_fraction")
+    labels = sorted({s.label for s in samples})
+    return splits, labels
+
+
+def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Random, hflip: bool,
+                        scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """Random crop of 50–100% of the area, resized to spec.size; uint8 HWC like `prepare`."""
+    width, height = image.size
+    area = width * height
+    box = (0, 0, width, height)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            box = (left, top, left + w, top + h)
+            break
+    else:  # central crop at the allowed ratio
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        box = (left, top, left + side, top + side)
+    crop = image.resize((spec.size, spec.size), _RESAMPLING[spec.interpolation], box=box, reducing_gap=None)
+    if hflip and rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(crop, dtype=np.uint8)
+
+
+class ImageDataset(Dataset):
+    """(uint8 HWC tensor, class index). `train=True` augments; else the serving preprocessing."""
+
+    def __init__(self, samples: list[Sample], labels: list[str], spec: Preprocessing, train: bool = False,
+                 hflip: bool = True, seed: int = 0, cache: bool = True):
+        self.samples = samples
+        self.index = {label: i for i, label in enumerate(labels)}
+        self.targets = [self.index[s.label] for s in samples]
+        self.spec = spec
+        self.train = train
+        self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0
+        # Eval arrays are deterministic: keep them when they fit in ~1 GB.
+        self._cache: dict[int, np.ndarray] | None = {} if cache and not train and len(samples) * spec.size**2 * 3 < 2**30 else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int):
+        sample = self.samples[i]
+        if self.train:
+            rng = random.Random(hash((self.seed, self.epoch, i)))
+            image = decode_image(sample.path)
+            array = random_resized_crop(image, self.spec, rng, self.hflip)
+        elif self._cache is not None and i in self._cache:
+            array = self._cache[i]
+        else:
+            array = prepare(sample.path, self.spec)
+            if self._cache is not None:
+                self._cache[i] = array
+        return torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)), self.targets[i]
+
+
+def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse frequency, normalised so a balanced dataset gets all ones."""
+    counts = Counter(targets)
+    total = len(targets)
+    return torch.tensor([total / (num_classes * counts.get(c, 1)) for c in range(num_classes)], dtype=torch.float32)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                balance: str = "none", num_classes: int = 0, pin_memory: bool = False) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if shuffle and balance == "sampler":
+        weights = class_weights(dataset.targets, num_classes)[torch.tensor(dataset.targets)]
+        sampler = WeightedRandomSampler(weights.double(), num_samples=len(dataset), replacement=True, generator=generator)
+        shuffle = False
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )

@@ -1,0 +1,142 @@
+"""ONNX export, checker, parity gate, evaluation of the exported graph, then publish.
+
+Nothing reaches the store unless every gate passes.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import store
+from models.datasets import Sample
+from models.errors import TuneserveError
+from models.evaluate import evaluate
+from models.manifest import CHECKPOINT_FILE, ONNX_FILE, DatasetInfo, Manifest, write_eval, write_manifest
+from models.preprocess import prepare, stack
+from models.runtime import OnnxClassifier, RuntimeOptions
+from training.backbones import Built, ImageModel, checkpoint_payload
+from training.progress import Progress
+
+log = logging.getLogger("tuneserve.export")
+for _noisy in ("onnx_ir", "onnxscript"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+
+PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 16
+
+
+class ExportError(TuneserveError):
+    status = 500
+
+
+def export_onnx(model: ImageModel, path: str | Path, size: int) -> int:
+    """uint8 NHWC `image` → `logits`, `probabilities`, dynamic batch, one self-contained file. Returns the opset."""
+    import onnx
+
+    model = model.cpu().eval()  # eval first: the dynamo exporter would otherwise run a training forward
+    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["logits", "probabilities"],
+        dynamic_shapes={"image": {0: batch}},
+        external_data=False,
+        dynamo=True,
+        verbose=False,
+    )
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph, full_check=True)
+    inputs = [i.name for i in graph.graph.input]
+    outputs = [o.name for o in graph.graph.output]
+    if inputs != ["image"] or outputs != ["logits", "probabilities"]:
+        raise ExportError(f"exported graph has inputs {inputs} and outputs {outputs}; expected ['image'] and ['logits', 'probabilities']")
+    return next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def parity_check(model: ImageModel, onnx_path: str | Path, images: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> float:
+    """Max |p_onnx - p_torch| over `images` (uint8 NHWC); raises ExportError above `tolerance`."""
+    import onnxruntime as ort
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images))[1].numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"image": images})[0]
+    # a batch of one as well: the dynamic axis must really be dynamic
+    single = session.run(["probabilities"], {"image": images[:1]})[0]
+    diff = float(max(np.abs(got - expected).max(), np.abs(single - expected[:1]).max()))
+    if not np.isfinite(diff) or diff > tolerance:
+        raise ExportError(f"parity check failed: ONNX Runtime vs torch max abs difference of probabilities {diff:.3g} > {tolerance}")
+    return diff
+
+
+def held_out_images(samples: list[Sample], spec, limit: int = PARITY_IMAGES) -> np.ndarray:
+    return stack([prepare(s.path, spec) for s in samples[:limit]])
+
+
+def build_manifest(built: Built, labels: list[str], config: dict[str, Any], dataset: DatasetInfo | None,
+                   opset: int | None, parity: float | None) -> Manifest:
+    return Manifest(
+        labels=labels,
+        preprocessing=built.preprocessing,
+        backbone=built.backbone,
+        source=built.source,
+        lineage=built.lineage,
+        training=config,
+        dataset=dataset,
+        opset=opset,
+        parity_max_abs_diff=parity,
+    )
+
+
+def export_model(built: Built, labels: list[str], staging: str | Path, parity_images: np.ndarray,
+                 training: dict[str, Any], dataset: DatasetInfo | None, progress: Progress | None = None) -> Manifest:
+    """Write model.onnx (checked, parity-gated), manifest.json and checkpoint.pt into `staging`."""
+    progress = progress or Progress()
+    staging = Path(staging)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    progress.phase("exporting")
+    onnx_path = staging / ONNX_FILE
+    opset = export_onnx(built.model, onnx_path, built.preprocessing.size)
+    progress.phase("parity")
+    diff = parity_check(built.model, onnx_path, parity_images)
+    log.info("parity: max abs difference of probabilities %.2e", diff)
+    manifest = build_manifest(built, labels, training, dataset, opset, diff)
+    write_manifest(manifest, staging)
+    torch.save(checkpoint_payload(built, labels), staging / CHECKPOINT_FILE)
+    return manifest
+
+
+def evaluate_export(staging: str | Path, name: str, test_samples: list[Sample], top_k: int, device: str = "auto",
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluate the exported graph (through `models/` preprocessing and runtime) → eval.json."""
+    progress = progress or Progress()
+    progress.phase("evaluating")
+    classifier = OnnxClassifier(staging, name, "staging", RuntimeOptions(device=device)).load()
+    report = evaluate(classifier, test_samples, top_k=min(top_k, classifier.manifest.num_classes))
+    if report.get("unreadable"):
+        raise ExportError(f"unreadable test images: {report['unreadable']}")
+    write_eval(report, staging)
+    return report
+
+
+def publish(name: str, staging: str | Path, metadata: dict[str, Any] | None = None,
+            progress: Progress | None = None, stop: threading.Event | None = None) -> store.ModelVersion:
+    progress = progress or Progress()
+    if stop is not None and stop.is_set():
+        from training.train import Cancelled
+
+        raise Cancelled("cancelled before publishing")
+    progress.phase("publishing")
+    return store.publish(name, staging, metadata)

@@ -1,0 +1,77 @@
+"""One fine-tune run end to end: load data → train → export → parity → evaluate → publish."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.datasets import fingerprint
+from models.manifest import DatasetInfo, eval_summary
+from models.store import ModelVersion
+from training.config import TrainConfig
+from training.progress import Progress
+
+log = logging.getLogger("tuneserve.training")
+
+
+@dataclass
+class RunResult:
+    version: ModelVersion
+    report: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+    train_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": self.version.tag,
+            "eval": eval_summary(self.report),
+            "epochs": self.history,
+            "seconds": round(self.seconds, 1),
+            "train_seconds": round(self.train_seconds, 1),
+        }
+
+
+def run(config: TrainConfig, progress: Progress | None = None, stop: threading.Event | None = None,
+        resume: bool = False) -> RunResult:
+    from training.data import check_readable, load_dataset, prepare_splits
+    from training.export import evaluate_export, export_model, held_out_images, publish
+    from training.train import train
+
+    started = time.monotonic()
+    progress = progress or Progress()
+    config.validate()
+    out = config.resolved_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        for stale in ("last.pt", "best.pt", "metrics.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+    config.save(out)
+
+    progress.phase("loading")
+    samples = load_dataset(config.data, out / "data")
+    splits, labels = prepare_splits(samples, config.val_fraction, config.test_fraction, config.seed,
+                                    config.min_images_per_class)
+    check_readable(samples, workers=max(1, config.num_workers) + 1)
+    dataset = DatasetInfo(fingerprint=fingerprint(samples), num_train=len(splits["train"]),
+                          num_val=len(splits["val"]), num_test=len(splits["test"]), source=str(config.data))
+    log.info("data: %d classes, train %d, val %d, test %d", len(labels), dataset.num_train, dataset.num_val, dataset.num_test)
+
+    progress.phase("training")
+    result = train(config, splits, labels, progress, stop, resume)
+    test = splits["test"] or splits["val"]
+    training = {**config.to_dict(), "best_epoch": result.best_epoch, "history": result.history,
+                "device": result.device, "train_seconds": round(result.seconds, 1),
+                "stopped_early": result.stopped_early, "evaluated_on": "test" if splits["test"] else "val"}
+    staging = out / "export"
+    export_model(result.built, labels, staging, held_out_images(test, result.built.preprocessing), training,
+                 dataset, progress)
+    report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": config.strategy},
+                      progress, stop)
+    return RunResult(version, report, result.history, time.monotonic() - started, result.seconds)

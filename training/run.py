@@ -1,0 +1,74 @@
+"""Job entry point: `python -m training.run --config CONFIG.json --progress PROGRESS.jsonl [--resume]`.
+
+Exit codes: 0 published; 2 bad config or bad data; 143 SIGTERM (nothing published); 1 anything else.
+Every outcome is also the last line of the progress file (`succeeded` or `failed`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import traceback
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TERMINATED = 0, 1, 2, 143
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
+    parser.add_argument("--progress", required=True, help="JSONL file to append progress events to")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from training.progress import JsonlWriter, Progress
+
+    writer = JsonlWriter(args.progress)
+    progress = Progress(writer)
+    stop = threading.Event()
+
+    def on_term(signum, frame):  # noqa: ARG001
+        logging.getLogger("tuneserve.training").warning("SIGTERM: stopping, nothing will be published")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        from models.errors import DatasetError, ImageError
+        from training.config import ConfigError, TrainConfig
+
+        try:
+            config = TrainConfig.load(args.config).validate()
+        except ConfigError as error:
+            progress.emit("failed", reason=str(error))
+            return EXIT_BAD_INPUT
+        from training.pipeline import run
+        from training.train import Cancelled
+
+        try:
+            result = run(config, progress, stop, resume=args.resume)
+        except Cancelled as error:
+            progress.emit("failed", reason=f"cancelled (SIGTERM): {error}", cancelled=True)
+            return EXIT_TERMINATED
+        except (DatasetError, ImageError, ConfigError) as error:
+            progress.emit("failed", reason=str(error))
+            return EXIT_BAD_INPUT
+        except Exception as error:  # noqa: BLE001 - the job must always end with a failed event
+            traceback.print_exc()
+            if stop.is_set():
+                progress.emit("failed", reason=f"cancelled (SIGTERM): {error}", cancelled=True)
+                return EXIT_TERMINATED
+            progress.emit("failed", reason=f"{type(error).__name__}: {error}")
+            return EXIT_FAILED
+        from models.manifest import eval_summary
+
+        progress.emit("succeeded", model=result.version.tag, eval=eval_summary(result.report))
+        return EXIT_OK
+    finally:
+        writer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""`tuneserve score --engine ray`: the same scoring pipeline on Ray Data.
+
+`read_binary_files` → `map_batches(_RayScorer)`: each actor holds one ONNX Runtime session
+(`models.runtime.OnnxClassifier`), decodes and preprocesses its batch with `models.preprocess`
+exactly as the local engine does, and returns the same columns. The model travels through the
+Ray object store (model.onnx + manifest.json), so cluster nodes need no copy of the model store;
+the images must be readable at the same paths on every node (shared storage).
+
+The driver streams result batches into the same journal as the local engine, so the output
+(one Parquet, CSV or JSONL file), resume and the evaluation report behave identically.
+Ray is optional (`pip install 'tuneserve[ray]'`) and imported only here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from tuneserve.score import (
+    Journal,
+    ScoreResult,
+    attach_report,
+    collect_input,
+    columns_for,
+    done_rows,
+    error_text,
+    make_row,
+    progress_bar,
+    relative_key,
+)
+
+log = logging.getLogger("tuneserve.ray_score")
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as error:
+        from models.errors import TuneserveError
+
+        raise TuneserveError(
+            f"--engine ray needs Ray Data, which is not installed ({error}); install it with: pip install 'tuneserve[ray]'"
+        ) from None
+    return ray
+
+
+class _RayScorer:
+    """One ONNX Runtime session per actor; bytes in, output columns out."""
+
+    def __init__(self, model_files, name: str, version: str, device: str, threads: int, top_k: int, root: str):
+        import ray
+
+        from models.runtime import OnnxClassifier, RuntimeOptions
+
+        if isinstance(model_files, ray.ObjectRef):  # a ref nested in kwargs is not resolved for us
+            model_files = ray.get(model_files)
+        self._dir = tempfile.TemporaryDirectory(prefix="tuneserve-model-")
+        for filename, content in model_files.items():
+            Path(self._dir.name, filename).write_bytes(content)
+        options = RuntimeOptions(device=device, intra_op_threads=max(1, threads))
+        self.model = OnnxClassifier(self._dir.name, name, version, options).load()
+        self.top_k = top_k
+        self.root = Path(root)
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from models.preprocess import prepare, stack
+        from tuneserve.score import _arrow_schema
+
+        spec = self.model.manifest.preprocessing
+        paths = batch.column("path").to_pylist()
+        blobs = batch.column("bytes").to_pylist()
+        arrays, errors = [], []
+        for blob in blobs:
+            try:
+                arrays.append(prepare(blob, spec))
+                errors.append(None)
+            except Exception as error:  # noqa: BLE001 - an unreadable image becomes an error row
+                arrays.append(None)
+                errors.append(error_text(error))
+        good = [a for a in arrays if a is not None]
+        tops = iter(self.model.top_k(self.model.predict(stack(good)), self.top_k) if good else [])
+        rows = [
+            make_row(
+                relative_key(path, self.root), self.model.name, self.model.version,
+                next(tops) if array is not None else None, self.top_k, error, None, False,
+            )
+            for path, array, error in zip(paths, arrays, errors)
+        ]
+        return pa.Table.from_pylist(rows, schema=_arrow_schema(columns_for(self.top_k, False)))
+
+
+def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
+    """Connect or start Ray; True when this call started it (and should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def score_ray(
+    model: str,
+    source: Path,
+    output: Path,
+    top_k: int = 5,
+    batch_size: int = 64,
+    concurrency: int = 1,
+    num_gpus: float = 0.0,
+    cpus_per_actor: float = 1.0,
+    address: str | None = None,
+    device: str = "auto",
+    use_labels: bool = True,
+    progress: bool = True,
+    num_cpus: int | None = None,
+) -> ScoreResult:
+    """Score `source` into `output` with Ray Data; same rows, resume and report as `score.score`."""
+    from models import store
+    from models.manifest import MANIFEST_FILE, ONNX_FILE, read_manifest
+
+    from models.errors import TuneserveError
+
+    ray = import_ray()
+    if device == "cuda" and not num_gpus:
+        raise TuneserveError("--engine ray --device cuda needs --num-gpus (GPUs per actor, e.g. 1 or 0.5)")
+    output = Path(output)
+    start = time.perf_counter()
+    version = store.resolve(model)
+    manifest = read_manifest(version.path)
+    labels = manifest.labels
+    k = min(top_k, len(labels))
+    data = collect_input(Path(source), labels, use_labels)
+    columns = columns_for(k, data.labelled)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = done_rows(output, columns)
+    todo = [s for s in data.samples if data.key(s) not in done]
+    by_key = {data.key(s): s for s in todo}
+    journal = Journal(output)
+    errors = 0
+    missing = [s for s in todo if not s.path.is_file()]
+    if missing:
+        rows = [
+            make_row(data.key(s), version.name, version.version, None, k, f"no such file: {s.path}", s.label, data.labelled)
+            for s in missing
+        ]
+        journal.append(rows)
+        errors += len(rows)
+    readable = [str(s.path) for s in todo if s.path.is_file()]
+    bar = progress_bar(len(todo), progress, initial=0)
+    bar.update(len(missing))
+    started = False
+    try:
+        if readable:
+            started = _connect(ray, address, num_cpus)
+            context = ray.data.DataContext.get_current()
+            context.execution_options.preserve_order = True
+            context.enable_progress_bars = False
+            files = {name: (version.path / name).read_bytes() for name in (ONNX_FILE, MANIFEST_FILE)}
+            device_for_actor = device if num_gpus > 0 or device == "cpu" else "cpu"
+            dataset = ray.data.read_binary_files(readable, include_paths=True)
+            scored = dataset.map_batches(
+                _RayScorer,
+                fn_constructor_kwargs=dict(
+                    model_files=ray.put(files), name=version.name, version=version.version, device=device_for_actor,
+                    threads=max(1, int(cpus_per_actor)), top_k=k, root=str(data.root),
+                ),
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=max(1, concurrency)),
+                num_gpus=num_gpus or None,
+                num_cpus=cpus_per_actor,
+            )
+            for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows = table.to_pylist()
+                for row in rows:
+                    errors += row["error"] is not None
+                    if data.labelled:
+                        row["true_label"] = by_key[row["path"]].label
+                journal.append(rows)
+                bar.update(len(rows))
+    finally:
+        bar.close()
+        if started:
+            ray.shutdown()
+    seconds = time.perf_counter() - start
+    total = journal.finish(columns)
+    result = ScoreResult(output, total, len(todo), len(data.samples) - len(todo), errors, seconds, extra={"engine": "ray"})
+    if data.labelled:
+        attach_report(result, labels, k, version.tag)
+    return result
+

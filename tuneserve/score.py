@@ -1,0 +1,560 @@
+"""`tuneserve score`: run a stored model over a folder or manifest of images, to CSV, JSONL or Parquet.
+
+One row per image: `path` (relative to the input folder, or to the manifest's folder), the top-k
+labels and probabilities as flat columns `label_1, probability_1, ... label_k, probability_k`,
+`model`, `version`, `error` (empty unless the image could not be read) and, for labelled input,
+`true_label`. The same columns in every format and on both engines.
+
+Resumable and never half-written: complete rows are appended, a batch at a time, to a journal
+(`OUTPUT.partial.jsonl`) and fsynced; the output file is written from the journal (and from an
+earlier finished output, when a rerun adds images) to a temporary file and renamed into place at
+the end. A rerun skips every path already in the output or the journal; a line torn by a kill is
+dropped and its image scored again.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+log = logging.getLogger("tuneserve.score")
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
+CHUNK_ROWS = 10_000  # rows per Parquet row group / per merge step
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "score",
+        help="score a folder or manifest of images with a stored model, to CSV, JSONL or Parquet",
+        description="Score images with a stored model. Resumable: rerun with the same --output to continue.",
+    )
+    p.add_argument("--model", required=True, help="name or name:version (default version: latest)")
+    p.add_argument("--input", required=True, type=Path, help="folder of images (plain, recursive; or one folder per class), or a .csv/.jsonl manifest with path[,label]")
+    p.add_argument("--output", required=True, type=Path, help="output file: .csv, .jsonl or .parquet")
+    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="local: decode workers (default: cores); ray: actors (default 1)")
+    p.add_argument("--pool", choices=["thread", "process"], default="thread", help="local decode pool (default thread)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="ray: CPUs per actor (also its ONNX Runtime threads)")
+    p.add_argument("--ray-address", help="ray: cluster address (ray://host:10001 or auto); default $RAY_ADDRESS, else a local Ray")
+    p.add_argument("--no-eval", action="store_true", help="ignore labels in the input; do not write the evaluation report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_score)
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from models.errors import DatasetError
+
+    if args.output.suffix.lower() not in FORMATS:
+        raise DatasetError(f"output must end in .csv, .jsonl or .parquet, got {args.output.name}")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise DatasetError("--top-k and --batch-size must be at least 1")
+    options = dict(
+        top_k=args.top_k, batch_size=args.batch_size, use_labels=not args.no_eval, progress=not args.no_progress
+    )
+    if args.engine == "ray":
+        from tuneserve.ray_score import score_ray
+
+        result = score_ray(
+            args.model, args.input, args.output, concurrency=args.workers or 1, num_gpus=args.num_gpus,
+            cpus_per_actor=args.cpus_per_actor, address=args.ray_address, device=args.device, **options,
+        )
+    else:
+        result = score(
+            args.model, args.input, args.output, workers=args.workers, pool=args.pool, device=args.device, **options
+        )
+    print(result.summary_line(), file=sys.stderr)
+    if result.report is not None:
+        from models.manifest import eval_summary
+
+        print(json.dumps({"eval": eval_summary(result.report), "report": str(result.report_path)}, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- inputs and rows
+
+
+@dataclass
+class ScoreInput:
+    root: Path
+    samples: list  # models.datasets.Sample
+    labelled: bool
+
+    def key(self, sample) -> str:
+        return relative_key(sample.path, self.root)
+
+
+def relative_key(path: str | Path, root: Path) -> str:
+    path = Path(path)
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def collect_input(source: Path, model_labels: Sequence[str], use_labels: bool = True) -> ScoreInput:
+    """Folder (plain or one per class) or manifest → samples; labels kept only when they can be evaluated."""
+    from models.datasets import MANIFEST_NAMES, load_samples
+    from models.errors import DatasetError
+
+    source = Path(source)
+    samples = load_samples(source, require_labels=False, require_files=False)
+    from_manifest = source.is_file() or any((source / n).is_file() for n in MANIFEST_NAMES)
+    if from_manifest:  # manifest paths arrive resolved
+        root = (source.parent if source.is_file() else source).resolve()
+    else:  # folder paths arrive as source/...: make them absolute (for Ray workers) without resolving links
+        root = source.absolute()
+        samples = [replace(s, path=s.path.absolute()) for s in samples]
+    labels = {s.label for s in samples}
+    labelled = use_labels and None not in labels
+    if use_labels and from_manifest and labels != {None} and None in labels:
+        raise DatasetError("the manifest labels some images but not others; label all of them, or pass --no-eval")
+    if labelled:
+        unknown = sorted(labels - set(model_labels))
+        if unknown and from_manifest:
+            raise DatasetError(f"manifest labels not known to the model: {unknown[:10]}; pass --no-eval to score without them")
+        if unknown:
+            log.warning("sub-folder names %s are not labels of the model; scoring without evaluation", unknown[:5])
+            labelled = False
+    if not labelled:
+        samples = [replace(s, label=None) for s in samples]
+    return ScoreInput(root, samples, labelled)
+
+
+def columns_for(top_k: int, labelled: bool) -> list[str]:
+    columns = ["path"]
+    for i in range(1, top_k + 1):
+        columns += [f"label_{i}", f"probability_{i}"]
+    columns += ["model", "version", "error"]
+    if labelled:
+        columns.append("true_label")
+    return columns
+
+
+def make_row(
+    path: str, model: str, version: str, top: list[dict] | None, k: int, error: str | None, true_label: str | None, labelled: bool
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"path": path}
+    for i in range(k):
+        entry = top[i] if top and i < len(top) else None
+        row[f"label_{i + 1}"] = entry["label"] if entry else None
+        row[f"probability_{i + 1}"] = entry["probability"] if entry else None
+    row.update(model=model, version=version, error=error)
+    if labelled:
+        row["true_label"] = true_label
+    return row
+
+
+def error_text(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# --------------------------------------------------------------------------- reading and writing outputs
+
+
+def output_format(path: Path) -> str:
+    return FORMATS[path.suffix.lower()]
+
+
+def journal_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial.jsonl")
+
+
+def report_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".eval.json")
+
+
+def read_rows(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a finished output file, with probabilities as floats and empty cells as None."""
+    fmt = fmt or output_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
+            yield from batch.to_pylist()
+    elif fmt == "jsonl":
+        with path.open() as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+    else:
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                yield {k: _from_csv(k, v) for k, v in row.items()}
+
+
+def _from_csv(column: str, value: str | None) -> Any:
+    if value in (None, ""):
+        return None
+    return float(value) if column.startswith("probability_") else value
+
+
+def _arrow_schema(columns: list[str]):
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.float64() if c.startswith("probability_") else pa.string()) for c in columns])
+
+
+def write_rows(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> int:
+    """Stream rows to `path` in its format (whole file; callers write to a temporary name)."""
+    fmt = output_format(path)
+    count = 0
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = _arrow_schema(columns)
+        with pq.ParquetWriter(path, schema) as writer:
+            chunk: list[dict] = []
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) >= CHUNK_ROWS:
+                    writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                    count += len(chunk)
+                    chunk = []
+            if chunk or count == 0:
+                writer.write_table(pa.Table.from_pylist(chunk, schema=schema))
+                count += len(chunk)
+        return count
+    with path.open("w", newline="") as handle:
+        if fmt == "csv":
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+        else:
+            for row in rows:
+                handle.write(json.dumps({c: row.get(c) for c in columns}) + "\n")
+                count += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    return count
+
+
+class Journal:
+    """Append-only JSONL of finished rows; whole batches per write, fsynced; torn tail dropped on open."""
+
+    def __init__(self, output: Path):
+        self.output = Path(output)
+        self.path = journal_path(self.output)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Complete rows already journaled; truncates a torn last line so appends start clean."""
+        if not self.path.exists():
+            return []
+        rows, good_end = [], 0
+        with self.path.open("rb") as handle:
+            data = handle.read()
+        position = 0
+        while position < len(data):
+            end = data.find(b"\n", position)
+            if end < 0:
+                break  # torn: no newline
+            line = data[position:end]
+            try:
+                if line.strip():
+                    rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            position = good_end = end + 1
+        if good_end < len(data):
+            log.warning("dropping a torn last line in %s (%d bytes)", self.path, len(data) - good_end)
+            with self.path.open("r+b") as handle:
+                handle.truncate(good_end)
+        return rows
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        payload = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            view = memoryview(payload)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def finish(self, columns: list[str]) -> int:
+        """Earlier output rows + journal rows → OUTPUT (temporary file, then rename); journal removed."""
+        previous = self.output if self.output.exists() else None
+        journal_rows = self.read()
+        if previous is not None and not journal_rows:  # nothing new: leave the output as it is
+            self.path.unlink(missing_ok=True)
+            return sum(1 for _ in read_rows(previous))
+        # (no output and no rows still writes an empty output with its header/schema)
+        temporary = self.output.with_name(f".{self.output.name}.tmp-{os.getpid()}{self.output.suffix}")
+
+        def all_rows():
+            if previous is not None:
+                yield from read_rows(previous)
+            yield from journal_rows
+
+        try:
+            count = write_rows(temporary, all_rows(), columns)
+            os.replace(temporary, self.output)
+        finally:
+            temporary.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+        return count
+
+
+def done_rows(output: Path, columns: list[str]) -> set[str]:
+    """Paths already scored: rows of a finished output plus complete rows in the journal."""
+    done: set[str] = set()
+    if output.exists():
+        for number, row in enumerate(read_rows(output)):
+            if number == 0:
+                _check_columns(row, columns, output)
+            done.add(row["path"])
+    journaled = Journal(output).read()
+    if journaled:
+        _check_columns(journaled[0], columns, journal_path(output))
+    done.update(row["path"] for row in journaled)
+    return done
+
+
+def _check_columns(row: dict, columns: list[str], where: Path) -> None:
+    from models.errors import DatasetError
+
+    if set(row) != set(columns):
+        raise DatasetError(
+            f"{where} has columns {list(row)}, this run writes {columns}: resume with the same --top-k and "
+            "input (labelled or not), or choose another --output"
+        )
+
+
+# --------------------------------------------------------------------------- evaluation from the output
+
+
+def evaluate_rows(rows: Iterable[dict[str, Any]], labels: list[str], top_k: int, model_tag: str) -> dict[str, Any] | None:
+    """The eval.json report from scored rows (the top-k columns are enough for accuracy, top-k, P/R/F1)."""
+    import numpy as np
+
+    from models.metrics import evaluation_report
+
+    index = {label: i for i, label in enumerate(labels)}
+    y_true, matrix, unreadable = [], [], {}
+    for row in rows:
+        if row.get("error"):
+            unreadable[row["path"]] = row["error"]
+            continue
+        if row.get("true_label") is None:
+            continue
+        probs = np.zeros(len(labels), np.float64)
+        for i in range(1, top_k + 1):
+            label = row.get(f"label_{i}")
+            if label is not None:
+                # Keep the ranking even if a probability underflowed to 0.
+                probs[index[label]] = max(float(row[f"probability_{i}"]), 1e-300 * (top_k + 1 - i))
+        y_true.append(index[row["true_label"]])
+        matrix.append(probs)
+    if not y_true:
+        return None
+    report = evaluation_report(y_true, np.stack(matrix), labels, top_k=top_k)
+    report["model"] = model_tag
+    report["labels_evaluated"] = sorted({labels[i] for i in y_true}, key=index.get)
+    report["unreadable"] = unreadable
+    if top_k < 5:
+        report["note"] = f"computed from the top-{top_k} columns of the output"
+    return report
+
+
+# --------------------------------------------------------------------------- local engine
+
+
+@dataclass
+class ScoreResult:
+    output: Path
+    total: int
+    scored: int  # scored by this run
+    skipped: int  # already in the output or journal
+    errors: int  # error rows written by this run
+    seconds: float
+    report: dict[str, Any] | None = None
+    report_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.scored / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (
+            f"scored {self.scored} images ({self.errors} unreadable) in {self.seconds:.1f}s "
+            f"({self.images_per_second:.1f} images/s); {self.skipped} already done; {self.total} rows in {self.output}"
+        )
+
+
+def _prepare_one(path: str, spec, max_pixels: int):
+    from models.preprocess import prepare
+
+    try:
+        return prepare(path, spec, max_pixels), None
+    except Exception as error:  # noqa: BLE001 - one bad image must not stop a million-image run
+        return None, error_text(error)
+
+
+def _prepare_many(paths: list[str], spec, max_pixels: int):
+    return [_prepare_one(p, spec, max_pixels) for p in paths]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _Decoder:
+    """Decode + preprocess batches ahead of the model on a thread or process pool."""
+
+    def __init__(self, pool: str, workers: int, spec, max_pixels: int):
+        self.kind = pool
+        self.workers = workers
+        self.spec = spec
+        self.max_pixels = max_pixels
+        self.executor: Executor = (
+            ProcessPoolExecutor(max_workers=workers) if pool == "process" else ThreadPoolExecutor(max_workers=workers)
+        )
+
+    def submit(self, paths: list[str]) -> list[Future]:
+        if self.kind == "thread":
+            return [self.executor.submit(_prepare_one, p, self.spec, self.max_pixels) for p in paths]
+        step = max(1, -(-len(paths) // self.workers))
+        return [
+            self.executor.submit(_prepare_many, paths[i : i + step], self.spec, self.max_pixels)
+            for i in range(0, len(paths), step)
+        ]
+
+    def gather(self, futures: list[Future]) -> list[tuple[Any, str | None]]:
+        if self.kind == "thread":
+            return [f.result() for f in futures]
+        return [item for f in futures for item in f.result()]
+
+    def close(self, cancel: bool = False) -> None:
+        self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+def load_model(ref: str, device: str = "auto", intra_op_threads: int = 0):
+    from models import store
+    from models.runtime import OnnxClassifier, RuntimeOptions
+
+    version = store.resolve(ref)
+    options = RuntimeOptions(device=device, intra_op_threads=intra_op_threads)
+    return OnnxClassifier(version.path, version.name, version.version, options).load()
+
+
+def progress_bar(total: int, enabled: bool, initial: int = 0):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, unit="img", desc="scoring", disable=not enabled, dynamic_ncols=True,
+        smoothing=0.1, file=sys.stderr,
+    )
+
+
+def score(
+    model: str,
+    source: Path,
+    output: Path,
+    top_k: int = 5,
+    batch_size: int = 64,
+    workers: int = 0,
+    pool: str = "thread",
+    device: str = "auto",
+    use_labels: bool = True,
+    progress: bool = True,
+    max_pixels: int | None = None,
+    prefetch: int = 2,
+    classifier=None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ScoreResult:
+    """Score `source` into `output` on this machine; resumes from what `output` already holds.
+
+    `on_batch(n_batches_done)` runs after each batch is safely journaled (tests use it to interrupt).
+    """
+    from models.preprocess import DEFAULT_MAX_PIXELS, stack
+
+    output = Path(output)
+    fmt = output_format(output)
+    classifier = classifier or load_model(model, device)
+    labels = classifier.manifest.labels
+    k = min(top_k, len(labels))
+    data = collect_input(Path(source), labels, use_labels)
+    columns = columns_for(k, data.labelled)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = done_rows(output, columns)
+    todo = [s for s in data.samples if data.key(s) not in done]
+    log.info(
+        "%s: %d images, %d already done, %d to score (%s, %s pool x%d)",
+        classifier.tag, len(data.samples), len(data.samples) - len(todo), len(todo), fmt, pool, workers or default_workers(),
+    )
+    journal = Journal(output)
+    spec = classifier.manifest.preprocessing
+    decoder = _Decoder(pool, workers or default_workers(), spec, max_pixels or DEFAULT_MAX_PIXELS)
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    pending: deque[tuple[list, list[Future]]] = deque()
+    errors = 0
+    bar = progress_bar(len(todo), progress)
+    finished_cleanly = False
+    start = time.perf_counter()  # the rate counts the scoring itself, not model loading
+    try:
+        next_batch = 0
+        for done_batches in range(1, len(batches) + 1):
+            while next_batch < len(batches) and len(pending) < prefetch + 1:
+                batch = batches[next_batch]
+                pending.append((batch, decoder.submit([str(s.path) for s in batch])))
+                next_batch += 1
+            batch, futures = pending.popleft()
+            results = decoder.gather(futures)
+            arrays = [array for array, _ in results if array is not None]
+            tops = iter(classifier.top_k(classifier.predict(stack(arrays)), k) if arrays else [])
+            rows = []
+            for sample, (array, error) in zip(batch, results):
+                top = next(tops) if array is not None else None
+                errors += error is not None
+                rows.append(make_row(data.key(sample), classifier.name, classifier.version, top, k, error, sample.label, data.labelled))
+            journal.append(rows)
+            bar.update(len(batch))
+            if on_batch:
+                on_batch(done_batches)
+        finished_cleanly = True
+    finally:
+        bar.close()
+        decoder.close(cancel=not finished_cleanly)
+        if not finished_cleanly:
+            log.warning("interrupted: finished batches are kept in %s; rerun the same command to resume", journal.path)
+    seconds = time.perf_counter() - start
+    total = journal.finish(columns)
+    result = ScoreResult(output, total, len(todo), len(data.samples) - len(todo), errors, seconds)
+    if data.labelled:
+        attach_report(result, labels, k, classifier.tag)
+    return result
+
+
+def attach_report(result: ScoreResult, labels: list[str], k: int, model_tag: str) -> None:
+    report = evaluate_rows(read_rows(result.output), labels, k, model_tag)
+    if report is None:
+        log.warning("no readable labelled images: no evaluation report")
+        return
+    path = report_path(result.output)
+    path.write_text(json.dumps(report, indent=2))
+    result.report, result.report_path = report, path
