@@ -78,7 +78,7 @@ def wait_state(client, job_id, states, timeout=30):
     return wait_for(lambda: (j := job(client, job_id)) and j["state"] in states and j, timeout, what=f"{job_id} in {states}")
 
 
-def test_submit_progress_success(make_client, dataset_zip, monkeypatch):
+def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_settings):
     from models import store
 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.15")
@@ -97,6 +97,8 @@ def test_submit_progress_success(make_client, dataset_zip, monkeypatch):
     assert final["started"] and final["finished"] >= final["started"]
     version = store.resolve(final["model"])
     assert version.manifest().labels == ["green", "red"]
+    work = ft_settings.jobs_dir / job_id  # the upload copy and checkpoints go after success; logs stay
+    assert not (work / "dataset").exists() and not list((work / "output").glob("*.ckpt.pt")) and (work / "train.log").exists()
     listing = client.get("/finetune", params={"state": "succeeded"}).json()["jobs"]
     assert [j["job_id"] for j in listing] == [job_id]
     assert "fake training pid" in client.get(f"/finetune/{job_id}/log").text
@@ -299,3 +301,20 @@ def test_data_path_inside_root_only(make_client, ft_settings, tmp_path, monkeypa
     ok = submit(client, None, {**GOOD_CONFIG, "name": "frompath"}, data_path="colours")
     assert ok.status_code == 202, ok.text
     assert wait_state(client, ok.json()["job_id"], {"succeeded", "failed"})["state"] == "succeeded"
+    assert (ft_settings.data_root / "colours" / "red").is_dir()  # a data_path dataset is never removed
+
+
+def test_cancel_during_publish_reports_what_happened(make_client, dataset_zip, monkeypatch):
+    """A cancel that races the publish: the worker lets the publish finish (within the grace
+    period) and the job says `succeeded` with a note, never `cancelled` for a served model."""
+    from models import store
+
+    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
+    monkeypatch.setenv("FAKE_TRAIN_PUBLISH_S", "1.0")
+    client, _ = make_client()
+    job_id = submit(client, dataset_zip, {"name": "racy", "source": "simple_cnn:none", "epochs": 1}).json()["job_id"]
+    wait_for(lambda: job(client, job_id)["phase"] == "publishing", 20, 0.02, "publishing phase")
+    assert client.post(f"/finetune/{job_id}/cancel").status_code == 202
+    final = wait_state(client, job_id, {"succeeded", "cancelled", "failed"})
+    assert final["state"] == "succeeded" and "after the model version was published" in final["error"]
+    assert final["model"] and store.resolve(final["model"])

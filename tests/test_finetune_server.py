@@ -156,22 +156,24 @@ def test_jobs_on_real_server(home, tmp_path):
         assert again.returncode == 2 and "409" in again.stderr
 
 
-def test_server_killed_during_job_then_resumed(home, tmp_path):
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_server_stopped_during_job_then_resumed(home, tmp_path, how):
     data = zip_dir(make_dataset(tmp_path / "colours"))
     env = {**home, "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "FAKE_TRAIN_STEP_S": "0.25"}
     with serve(env, tmp_path / "server1.log") as (client, process):
         job_id = _submit(client, data, {"name": "phoenix", "source": "simple_cnn:none", "epochs": 6})
         wait_for(lambda: (_job(client, job_id)["progress"].get("epochs_done") or 0) >= 2, 30, 0.1, "two epochs")
-        import psutil
+        if how == "sigterm":  # a graceful stop: each worker ends its jobs and marks them interrupted
+            process.terminate()
+        else:  # the whole server (arbiter and its workers, which run in their own sessions), no
+            # shutdown hooks; the training child is left to the kernel's parent-death signal
+            import psutil
 
-        # the whole server (arbiter and its workers, which run in their own sessions), no shutdown hooks;
-        # the training child is left to the kernel's parent-death signal
-        doomed = [psutil.Process(process.pid)] + [
-            p for p in psutil.Process(process.pid).children(recursive=True) if "_bentoml_impl" in " ".join(p.cmdline())
-        ]
-        for proc in doomed:
-            proc.kill()
-        process.wait(10)
+            arbiter = psutil.Process(process.pid)
+            workers = [p for p in arbiter.children(recursive=True) if "_bentoml_impl" in " ".join(p.cmdline())]
+            for proc in [arbiter, *workers]:
+                proc.kill()
+        process.wait(30)
     time.sleep(1.0)
     assert not subprocess.run(["pgrep", "-f", f"jobs/{job_id}/config.json"], capture_output=True).stdout  # child ended too
     with serve(env, tmp_path / "server2.log") as (client, _):

@@ -285,3 +285,18 @@ def test_safe_extract_refuses_links_and_non_zips(tmp_path):
     (tmp_path / "no.zip").write_bytes(b"nope")
     with pytest.raises(DatasetError, match="not a valid zip"):
         safe_extract_zip(tmp_path / "no.zip", tmp_path / "out2")
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("shape", [(451, 300), (500, 375), (300, 451), (64, 64)])
+def test_crop_window_resize_matches_full_resize_then_crop(shape, interpolation):
+    """resize_and_crop resamples only the kept window; it must equal resize-whole-then-crop."""
+    from skimage import data
+
+    image = Image.fromarray(data.astronaut()).resize(shape)
+    spec = Preprocessing(size=56, resize=64, interpolation=interpolation, mean=(0, 0, 0), std=(1, 1, 1))
+    scale = spec.resize / min(shape)
+    full = image.resize((round(shape[0] * scale), round(shape[1] * scale)), getattr(Image.Resampling, interpolation.upper()), reducing_gap=None)
+    left, top = (full.width - 56) // 2, (full.height - 56) // 2
+    expected = np.asarray(full.crop((left, top, left + 56, top + 56))).astype(int)
+    assert np.abs(resize_and_crop(image, spec).astype(int) - expected).max() <= 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,12 +288,31 @@ class JobManager:
             time.sleep(min(settings.poll_seconds, 0.5))
         consume()
         _killpg(process.pid, signal.SIGKILL)  # leftovers in the group (data loader workers)
+        if why_stopped is None and self._stop.is_set():
+            why_stopped = "shutdown"  # the server is stopping and its supervisor may have signalled the child first
 
         state, model, evaluation, error = self._outcome(returncode, final, failed_event, why_stopped, kill_sent, log_path)
         if self.store.finish(job.id, state, owner=self.worker_id, model=model, eval=evaluation, error=error):
             log.info("job %s: %s%s", job.id, state, f" ({error})" if error else f" → {model}")
+            if state == "succeeded":
+                self._cleanup(job)
         else:
             log.warning("job %s: finished as %s but the store no longer had it running", job.id, state)
+
+    @staticmethod
+    def _cleanup(job: Job) -> None:
+        """After success: drop the uploaded dataset copy and the trainer's checkpoints (the
+        published version has its own checkpoint.pt); keep config, logs, progress and metrics."""
+        job_dir = Path(job.job_dir)
+        dataset = Path(job.dataset_dir)
+        if dataset.resolve().is_relative_to((job_dir / "dataset").resolve()):
+            shutil.rmtree(job_dir / "dataset", ignore_errors=True)
+        output = job_dir / "output"
+        for item in list(output.glob("*.pt")) + [output / "export", output / "staging"]:
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
 
     @staticmethod
     def _outcome(returncode, final, failed_event, why_stopped, kill_sent, log_path):
@@ -308,6 +328,14 @@ class JobManager:
         if why_stopped == "cancel":
             how = " (killed after the grace period)" if kill_sent else ""
             return "cancelled", None, None, f"cancelled on request{how}; no model version was published"
+        if returncode in (143, -signal.SIGTERM, 130, -signal.SIGINT):
+            # SIGTERM/SIGINT that this worker did not send: a server shutdown (BentoML's process
+            # supervisor signals a worker's children) or the parent-death signal. Resumable.
+            name = "SIGINT" if returncode in (130, -signal.SIGINT) else "SIGTERM"
+            return "interrupted", None, None, (
+                f"training process was stopped by {name} from outside the job (server shutdown?); "
+                "resume with POST /finetune/<job_id>/resume"
+            )
         if returncode is not None and returncode < 0:
             number = -returncode
             reason = f"training process was killed by signal {number} ({_signal_name(number)})"
