@@ -205,3 +205,41 @@ def test_chained_real_training(home, tmp_path):
         assert one["model"] in manifest.lineage
         answer = client.post("/classify", data={"model": "stage2"}, files={"image": ("g.png", png((10, 220, 10)), "image/png")})
         assert answer.status_code == 200 and answer.json()["version"] == two["model"].split(":")[1]
+
+
+def test_real_training_interrupted_then_resumed(tmp_path, bento_home):
+    """The real trainer under the job manager: stopped after two of five epochs (a shutdown),
+    then resumed; training.run --resume continues from last.pt at epoch 3."""
+    import shlex
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.finetune import JobManager, build_router
+    from service.finetune.settings import FinetuneSettings
+
+    settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, grace_seconds=10, poll_seconds=0.2,
+                                training_command=tuple(shlex.split(f"nice -n 5 {sys.executable} -m training.run")), min_per_class=3)
+    data = zip_dir(make_dataset(tmp_path / "colours", per_class=8))
+    config = {"name": "resumed", "source": "simple_cnn:none", "strategy": "full", "epochs": 5, "batch_size": 8, "image_size": 16}
+    manager = JobManager(settings).start()
+    app = FastAPI()
+    app.include_router(build_router(manager, settings))
+    with TestClient(app) as client:
+        job_id = _submit(client, data, config)
+        wait_for(lambda: (_job(client, job_id)["progress"].get("epochs_done") or 0) >= 2, 120, 0.2, "two real epochs")
+        manager.stop(timeout=30)
+        assert _job(client, job_id)["state"] == "interrupted"
+    manager = JobManager(settings).start()
+    app = FastAPI()
+    app.include_router(build_router(manager, settings))
+    try:
+        with TestClient(app) as client:
+            assert client.post(f"/finetune/{job_id}/resume").status_code == 202
+            final = _wait_state(client, job_id, {"succeeded", "failed"}, 150)
+            log = client.get(f"/finetune/{job_id}/log", params={"lines": 500}).text
+            assert final["state"] == "succeeded", log
+            assert "resuming from" in log and "at epoch 1\n" not in log.split("=== attempt 2")[1]
+            assert [h["epoch"] for h in final["progress"]["history"]][-1] == 5
+    finally:
+        manager.stop(timeout=30)
