@@ -11,9 +11,7 @@ Every check that can fail runs at submit time and answers a 4xx naming the probl
 """
 from __future__ import annotations
 
-import importlib
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from models.errors import DatasetError, ModelNotFound, TuneserveError
+from models.train_config import TrainConfig
 from service.finetune.runner import JobManager, _tail
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import FINAL_STATES, RESUMABLE_STATES, STATES, new_job_id
@@ -39,19 +38,6 @@ class SubmitError(TuneserveError):
 
 
 # -- config validation ------------------------------------------------------------------------
-def _training_config_module():
-    """training.config is torch-free by contract; None if it is not importable here."""
-    try:
-        return importlib.import_module("training.config")
-    except Exception:
-        return None
-
-
-_FALLBACK_BACKBONES = (
-    "efficientnet_lite0", "simple_cnn", "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
-)
-
-
 def validate_config(raw: Any) -> dict[str, Any]:
     """The submitted `config` → a normalised dict of training config fields, or SubmitError(422/404)."""
     from models import store
@@ -68,22 +54,15 @@ def validate_config(raw: Any) -> dict[str, Any]:
         raise SubmitError(f"config: {given} are set by the server (send the data as `dataset` or `data_path`)")
     if not raw.get("name"):
         raise SubmitError("config: `name` (the target model name) is required")
-    module = _training_config_module()
-    if module is not None:
-        try:
-            config = module.TrainConfig.from_dict({**raw, "data": "<uploaded>"})
-            config.validate(check_paths=False)
-        except TypeError as error:
-            raise SubmitError(f"config: {error}") from None
-        except TuneserveError as error:
-            raise SubmitError(str(error), 422) from None
-        normalised = config.to_dict()
-        is_registry = config.is_registry_source()
-        base = config.source_parts()[0]
-    else:  # minimal checks when training is not installed next to the service
-        normalised = _fallback_validate(raw)
-        base = normalised["source"].partition(":")[0]
-        is_registry = base in _FALLBACK_BACKBONES
+    try:
+        config = TrainConfig.from_dict({**raw, "data": "<uploaded>"})
+        config.validate(check_paths=False)
+    except TypeError as error:
+        raise SubmitError(f"config: {error}") from None
+    except TuneserveError as error:
+        raise SubmitError(str(error), 422) from None
+    normalised = config.to_dict()
+    is_registry = config.is_registry_source()
     for key in SERVER_FIELDS:
         normalised.pop(key, None)
     if not is_registry:
@@ -95,40 +74,6 @@ def validate_config(raw: Any) -> dict[str, Any]:
             raise SubmitError(f"source: {error}", 422) from None
         normalised["source"] = version.tag  # pin the version, so a later publish cannot change what this job starts from
     return normalised
-
-
-def _fallback_validate(raw: dict[str, Any]) -> dict[str, Any]:
-    from models.store import validate_name
-
-    problems = []
-    defaults = {"source": "efficientnet_lite0", "strategy": "full", "epochs": 3, "batch_size": 32,
-                "learning_rate": 1e-3, "image_size": None, "seed": 0, "val_fraction": 0.15, "test_fraction": 0.15}
-    config = {**defaults, **raw}
-    try:
-        validate_name(str(config["name"]))
-    except TuneserveError as error:
-        problems.append(f"name: {error}")
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-    if config["strategy"] not in ("linear", "partial", "full"):
-        problems.append(f"strategy: {config['strategy']!r} is not one of linear, partial, full")
-    if not (integer(config["epochs"]) and 1 <= config["epochs"] <= 1000):
-        problems.append(f"epochs: must be an integer 1..1000, got {config['epochs']!r}")
-    if not (integer(config["batch_size"]) and 1 <= config["batch_size"] <= 4096):
-        problems.append(f"batch_size: must be an integer 1..4096, got {config['batch_size']!r}")
-    if not (number(config["learning_rate"]) and 0 < config["learning_rate"] <= 10):
-        problems.append(f"learning_rate: must be in (0, 10], got {config['learning_rate']!r}")
-    if config["image_size"] is not None and not (integer(config["image_size"]) and 8 <= config["image_size"] <= 1024):
-        problems.append(f"image_size: must be null or an integer 8..1024, got {config['image_size']!r}")
-    if not (number(config["val_fraction"]) and 0 < config["val_fraction"] < 1):
-        problems.append(f"val_fraction: must be in (0, 1), got {config['val_fraction']!r}")
-    if not (number(config["test_fraction"]) and 0 <= config["test_fraction"] < 1):
-        problems.append(f"test_fraction: must be in [0, 1), got {config['test_fraction']!r}")
-    if not isinstance(config["source"], str) or not config["source"].strip():
-        problems.append("source: must be a backbone name or a stored model name[:version]")
-    if problems:
-        raise SubmitError("invalid training config: " + "; ".join(problems))
-    return config
 
 
 # -- dataset checks ---------------------------------------------------------------------------
