@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve models over HTTP (bootstraps the default model if missing)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("BENTOML_PORT", 3000)))
     serve.add_argument("--host", default=os.environ.get("BENTOML_HOST", "0.0.0.0"))
-    serve.add_argument("--workers", type=int, help="worker processes (TUNESERVE_WORKERS; default 1)")
+    serve.add_argument("--workers", type=int, help="worker processes (TUNESERVE_WORKERS; default one per GPU, else one per core)")
     serve.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (TUNESERVE_THREADS)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="TUNESERVE_DEVICE")
     serve.add_argument("--default-model", help="TUNESERVE_DEFAULT_MODEL (default imagenet)")

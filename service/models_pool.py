@@ -155,7 +155,7 @@ class ModelPool:
     def __init__(self, settings, options: RuntimeOptions | None = None):
         self.settings = settings
         self.options = options or runtime_options(settings)
-        decode_threads = settings.decode_threads or default_threads(settings.workers)
+        decode_threads = settings.decode_threads or default_threads(settings.worker_count)
         self._decode = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="decode")
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._load = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
@@ -358,7 +358,7 @@ def runtime_options(settings, gpu_count: int | None = None, index: int | None = 
     on_gpu = gpus > 0 and settings.device != "cpu"
     if on_gpu:
         preload_cuda_libraries()
-    threads = settings.threads or (1 if on_gpu else default_threads(settings.workers))
+    threads = settings.threads or (1 if on_gpu else default_threads(settings.worker_count))
     options = RuntimeOptions(
         device=settings.device,
         device_id=device_id,

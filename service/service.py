@@ -33,8 +33,9 @@ app = create_app(SETTINGS)
 
 @bentoml.service(
     name="tuneserve",
-    workers=SETTINGS.workers,
+    workers=SETTINGS.worker_count,
     traffic={"timeout": 600},
+    logging={"access": {"enabled": SETTINGS.access_log}},
     # one logical GPU per worker is chosen in models_pool.runtime_options by worker index
 )
 @bentoml.asgi_app(app, path="/")

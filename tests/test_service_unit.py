@@ -55,7 +55,7 @@ def test_settings_from_environment(tmp_path):
         ("TUNESERVE_FP16", "maybe", "true/false"),
         ("TUNESERVE_DEFAULT_MODEL", "Bad Name!", "invalid model name"),
         ("TUNESERVE_ALLOWED_FORMATS", "JPEG,XCF", "unsupported formats"),
-        ("TUNESERVE_WORKERS", "0", "at least 1"),
+        ("TUNESERVE_WORKERS", "-1", "at least 0"),
     ],
 )
 def test_settings_refuse_invalid_values(name, value, words):
@@ -108,6 +108,26 @@ def test_worker_binds_to_gpu_by_index(monkeypatch):
     assert cpu.device_id == 0 and cpu.intra_op_threads >= 1
     pinned = models_pool.runtime_options(load_settings({"TUNESERVE_THREADS": "3"}), gpu_count=0, index=1)
     assert pinned.intra_op_threads == 3
+
+
+def test_worker_count_defaults_to_gpus_else_cores(monkeypatch):
+    import os
+
+    import models.runtime
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(models.runtime, "cuda_device_count", lambda: 0)
+    assert load_settings({}).worker_count == cores
+    assert models_pool_threads(load_settings({})) == 1  # one ONNX Runtime thread per worker on CPU
+    monkeypatch.setattr(models.runtime, "cuda_device_count", lambda: 3)
+    assert load_settings({}).worker_count == 3
+    assert load_settings({"TUNESERVE_WORKERS": "5"}).worker_count == 5
+
+
+def models_pool_threads(settings) -> int:
+    from service import models_pool
+
+    return models_pool.runtime_options(settings, gpu_count=0, index=1).intra_op_threads
 
 
 # ---- micro-batching ----------------------------------------------------------------------------
