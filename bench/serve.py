@@ -4,7 +4,7 @@
 
 Uses the `imagenet` EfficientNet-Lite0 model (224 px, 1000 classes) from `tuneserve bootstrap`
 in a private BentoML store (built there on first run), on JPEG photos from scikit-image.
-Prints a markdown table (paste it into docs/service.md) and writes bench/serve.json.
+Prints a markdown table (the README's Serving → Benchmark table) and writes bench/serve.json.
 This script may import torch and training/ (the service never does).
 """
 from __future__ import annotations

@@ -63,8 +63,9 @@ def decode_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation; skip the copy when upright
+            image = ImageOps.exif_transpose(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImage(f"corrupt or truncated image: {error}") from None
 

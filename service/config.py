@@ -1,7 +1,7 @@
 """All service settings in one place, read from `TUNESERVE_*` environment variables.
 
 `load_settings()` reads the environment once; an invalid value raises `ConfigError` naming the
-variable, the value and what is expected. docs/service.md lists every variable.
+variable, the value and what is expected. README.md (Serving → Configuration) lists every variable.
 """
 from __future__ import annotations
 
