@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from models.errors import ModelNotFound
-from training import backbones
 from training.backbones import WeightsError, build_backbone, get_backbone, list_backbones
 from training.config import BACKBONE_NAMES
 

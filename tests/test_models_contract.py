@@ -18,7 +18,7 @@ from models.datasets import (
     split_samples,
 )
 from models.errors import DatasetError, ImageTooLarge, InvalidImage, ManifestError, ModelNotFound, UnsupportedImageFormat
-from models.manifest import Manifest, Preprocessing, parse_manifest, read_manifest, write_manifest
+from models.manifest import Preprocessing, parse_manifest, read_manifest, write_manifest
 from models.metrics import compare_reports, evaluation_report
 from models.preprocess import decode_image, prepare, resize_and_crop
 from tests.tiny import solid_png, write_tiny_model

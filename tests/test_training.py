@@ -131,7 +131,6 @@ def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_dat
 
 @pytest.mark.slow
 def test_linear_strategy_freezes_backbone(tmp_path, tiny_data):
-    import torch
 
     from training.backbones import build_backbone
     from training.train import configure_strategy

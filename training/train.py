@@ -1,7 +1,6 @@
 """The training loop: strategies, AdamW + cosine, early stopping, per-epoch checkpoints and resume."""
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
