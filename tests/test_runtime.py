@@ -85,3 +85,22 @@ def test_evaluate_and_compare(bento_home, tmp_path):
     (data / "purple" / "0.png").write_bytes(solid_png((128, 0, 128)))
     with pytest.raises(DatasetError, match="purple"):
         evaluate(load(good), load_samples(data))
+
+
+def test_fp16_conversion_keeps_uint8_input_and_float_outputs(tmp_path):
+    """The GPU fp16 path converts the graph at load; check the converted graph on CPU."""
+    import onnxruntime as ort
+
+    from models.manifest import read_manifest
+    from models.runtime import _convert_fp16
+
+    directory = write_tiny_model(tmp_path / "m")
+    session = ort.InferenceSession(_convert_fp16(directory / "model.onnx"), providers=[CPU])
+    assert [i.type for i in session.get_inputs()] == ["tensor(uint8)"]
+    assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
+    spec = read_manifest(directory).preprocessing
+    batch = stack([prepare(solid_png(c), spec) for c in ("red", "green", "blue")])
+    reference = OnnxClassifier(directory, "m", "1").load().predict(batch)
+    converted = session.run(["probabilities"], {"image": batch})[0]
+    np.testing.assert_allclose(converted, reference, atol=2e-3)
+    assert (converted.argmax(1) == reference.argmax(1)).all()
