@@ -11,6 +11,7 @@ import json
 import random
 import stat
 import zipfile
+import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -65,7 +66,11 @@ def safe_extract_zip(archive: str | Path, destination: str | Path, limits: ZipLi
             target = (destination / entry.filename).resolve()
             if not target.is_relative_to(root):
                 raise DatasetError(f"unsafe path in archive: {entry.filename!r}")
-            bundle.extract(entry, destination)
+            try:
+                bundle.extract(entry, destination)
+            except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError) as error:
+                # bad CRC, corrupt deflate stream, encrypted entry, unsupported compression
+                raise DatasetError(f"cannot extract {entry.filename!r} from the archive: {error}") from None
     return _single_top_folder(destination)
 
 

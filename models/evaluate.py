@@ -9,7 +9,7 @@ import numpy as np
 from models.datasets import Sample
 from models.errors import DatasetError, ImageError
 from models.metrics import compare_reports, evaluation_report
-from models.preprocess import DEFAULT_MAX_PIXELS, prepare, stack
+from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, prepare, stack
 from models.runtime import OnnxClassifier
 
 
@@ -31,6 +31,7 @@ def predict_samples(
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_batch: Callable[[int], None] | None = None,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
 ) -> tuple[np.ndarray, list[int], dict[str, str]]:
     """Probabilities for the readable samples, their indices, and an error per unreadable path."""
     spec = model.manifest.preprocessing
@@ -40,7 +41,7 @@ def predict_samples(
 
     def load(index: int):
         try:
-            return index, prepare(samples[index].path, spec, max_pixels), None
+            return index, prepare(samples[index].path, spec, max_pixels, allowed_formats), None
         except (ImageError, OSError) as error:
             return index, None, str(error)
 
@@ -68,11 +69,14 @@ def evaluate(
     top_k: int = 5,
     batch_size: int = 64,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
 ) -> dict[str, Any]:
     """The `eval.json` report for `model` on labelled `samples`; unreadable images are listed."""
     labels = model.manifest.labels
     check_labels_known(samples, labels, model.tag)
-    probabilities, kept, errors = predict_samples(model, samples, batch_size, max_pixels=max_pixels)
+    probabilities, kept, errors = predict_samples(
+        model, samples, batch_size, max_pixels=max_pixels, allowed_formats=allowed_formats
+    )
     if not kept:
         raise DatasetError(f"none of the {len(samples)} images could be read; first errors: {dict(list(errors.items())[:3])}")
     index = {label: i for i, label in enumerate(labels)}
@@ -86,9 +90,35 @@ def evaluate(
 
 
 def evaluate_compare(
-    model: OnnxClassifier, other: OnnxClassifier, samples: list[Sample], top_k: int = 5
+    model: OnnxClassifier,
+    other: OnnxClassifier,
+    samples: list[Sample],
+    top_k: int = 5,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
 ) -> dict[str, Any]:
-    """Both models on the same samples; `difference` is model minus other."""
-    report = evaluate(model, samples, top_k)
-    baseline = evaluate(other, samples, top_k)
-    return {**report, "compare_with": baseline, "difference": compare_reports(baseline, report)}
+    """`model` on all samples, and both models on the samples whose labels `other` also knows.
+
+    A source model often has other labels than its fine-tuned target (ImageNet vs a defect
+    taxonomy); the comparison is then made on the shared labels only, and says so. `difference`
+    is model minus other, on those same images.
+    """
+    limits = {"max_pixels": max_pixels, "allowed_formats": allowed_formats}
+    report = evaluate(model, samples, top_k, **limits)
+    known = set(other.manifest.labels)
+    shared = [s for s in samples if s.label in known]
+    if not shared:
+        present = sorted({s.label for s in samples})
+        raise DatasetError(
+            f"cannot compare with {other.tag}: it knows none of the dataset's labels {present[:20]}; "
+            "compare models that share labels, e.g. two versions of one model"
+        )
+    same_images = report if len(shared) == len(samples) else evaluate(model, shared, top_k, **limits)
+    baseline = evaluate(other, shared, top_k, **limits)
+    compared_on = {"samples": len(shared), "labels": sorted({s.label for s in shared})}
+    return {
+        **report,
+        "compare_with": baseline,
+        "compared_on": compared_on,
+        "difference": compare_reports(baseline, same_images),
+    }

@@ -95,9 +95,13 @@ def prepare(
     data: bytes | str | Path | Image.Image,
     spec: Preprocessing,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS,
 ) -> np.ndarray:
     """Whatever an image arrives as → the graph's uint8 `[size, size, 3]` input for one image."""
-    image = data if isinstance(data, Image.Image) else decode_image(data, max_pixels, draft_size=spec.resize)
+    if isinstance(data, Image.Image):
+        image = data
+    else:
+        image = decode_image(data, max_pixels, allowed_formats, draft_size=spec.resize)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return resize_and_crop(image, spec)

@@ -50,7 +50,10 @@ def validate_name(name: str) -> str:
 def split_ref(ref: str) -> tuple[str, str]:
     """`name` or `name:version` → (name, version or 'latest')."""
     name, _, version = ref.partition(":")
-    return validate_name(name.strip().lower()), (version.strip() or "latest")
+    version = version.strip() or "latest"
+    if not _NAME.match(version):
+        raise ManifestError(f"invalid model version {version!r} in {ref!r}: versions are lowercase letters and digits")
+    return validate_name(name.strip().lower()), version
 
 
 def _bentoml():
@@ -95,7 +98,7 @@ def resolve(ref: str) -> ModelVersion:
     bentoml = _bentoml()
     try:
         model = bentoml.models.get(f"{name}:{version}")
-    except bentoml.exceptions.NotFound:
+    except (bentoml.exceptions.NotFound, bentoml.exceptions.BentoMLException):
         known = list_models()
         if name not in known:
             raise ModelNotFound(f"unknown model {name!r}; known models: {sorted(known) or 'none'}") from None

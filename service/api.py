@@ -45,7 +45,9 @@ async def read_form(request: Request, max_files: int):
         raise HTTPException(415, f"expected multipart/form-data, got {content_type or 'no content type'}")
     try:
         return await request.form(max_files=max_files, max_fields=100)
-    except StarletteHTTPException:
+    except StarletteHTTPException as error:
+        if "Too many files" in str(error.detail):  # Starlette says 400; the limit is ours to name
+            raise HTTPException(413, f"too many files in one request; limit is {max_files - 1 or 1}") from None
         raise
     except Exception as error:  # multipart parse errors
         raise HTTPException(400, f"cannot parse the multipart body: {error}") from None
@@ -232,6 +234,8 @@ def create_app(settings: Settings) -> FastAPI:
             else:
                 root = inside_root(settings.data_root, data_path)
 
+            decode_limits = {"max_pixels": settings.max_pixels, "allowed_formats": settings.allowed_formats}
+
             def run() -> dict[str, Any]:
                 samples = load_samples(root)
                 if split:
@@ -239,8 +243,8 @@ def create_app(settings: Settings) -> FastAPI:
                     if not samples:
                         raise DatasetError(f"no samples in split {split!r}")
                 if other is not None:
-                    return evaluate_compare(model, other, samples, top_k)
-                return evaluate(model, samples, top_k, max_pixels=settings.max_pixels)
+                    return evaluate_compare(model, other, samples, top_k, **decode_limits)
+                return evaluate(model, samples, top_k, **decode_limits)
 
             report = await asyncio.to_thread(run)
         report["unreadable"] = {

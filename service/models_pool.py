@@ -122,7 +122,6 @@ class Batcher:
                     groups.setdefault(id(item.classifier), []).append(item)
             for group in groups.values():
                 classifier = group[0].classifier
-                m = metrics()
                 started = time.perf_counter()
                 try:
                     batch = stack([item.array for item in group])
@@ -133,9 +132,13 @@ class Batcher:
                         if not item.future.done():
                             item.future.set_exception(RuntimeError(f"inference failed: {error}"))
                     continue
-                m["latency"].labels(self.name).observe(time.perf_counter() - started)
-                m["batch"].labels(self.name).observe(len(group))
-                m["images"].labels(self.name).inc(len(group))
+                try:
+                    m = metrics()
+                    m["latency"].labels(self.name).observe(time.perf_counter() - started)
+                    m["batch"].labels(self.name).observe(len(group))
+                    m["images"].labels(self.name).inc(len(group))
+                except Exception:  # metrics must never strand the requests of a batch
+                    log.exception("could not record metrics for %s", self.name)
                 for item, row in zip(group, probabilities):
                     if not item.future.done():
                         item.future.set_result(row)
@@ -216,29 +219,34 @@ class ModelPool:
         if version == "latest":
             if current is not None:
                 return current
-            async with self._lock(name):
-                if name in self._latest:
-                    return self._latest[name]
-                resolved = await asyncio.to_thread(store.resolve, name)
-                classifier = await self._load_version(resolved)
-                self._latest[name] = classifier
-                return classifier
+            return await self._load_once(name, self._latest, name)
         if current is not None and current.version == version:
             return current
         tag = f"{name}:{version}"
         if tag in self._pinned:
             self._pinned.move_to_end(tag)
             return self._pinned[tag]
-        async with self._lock(tag):
-            if tag in self._pinned:
-                return self._pinned[tag]
-            resolved = await asyncio.to_thread(store.resolve, tag)
-            classifier = await self._load_version(resolved)
-            self._pinned[tag] = classifier
-            while len(self._pinned) + len(self._latest) > self.settings.max_loaded_models and self._pinned:
-                evicted, _ = self._pinned.popitem(last=False)  # requests holding it still finish
-                log.info("unloaded pinned model %s (max_loaded_models=%d)", evicted, self.settings.max_loaded_models)
-            return classifier
+        classifier = await self._load_once(tag, self._pinned, tag)
+        room = max(1, self.settings.max_loaded_models - len(self._latest))
+        while len(self._pinned) > room:
+            evicted, _ = self._pinned.popitem(last=False)  # oldest first; requests holding it still finish
+            self._locks.pop(evicted, None)
+            log.info("unloaded pinned model %s (max_loaded_models=%d)", evicted, self.settings.max_loaded_models)
+        return classifier
+
+    async def _load_once(self, ref: str, cache: dict, key: str) -> OnnxClassifier:
+        """Resolve and load `ref` into `cache[key]` once, however many requests ask at once."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                if key in cache:
+                    return cache[key]
+                resolved = await asyncio.to_thread(store.resolve, ref)
+                cache[key] = await self._load_version(resolved)
+                return cache[key]
+        finally:
+            if key not in cache and not lock.locked():
+                self._locks.pop(key, None)  # unknown refs must not pile up locks
 
     async def _load_version(self, version: store.ModelVersion) -> OnnxClassifier:
         def load() -> OnnxClassifier:

@@ -265,6 +265,9 @@ GOOD_CONFIG = {"name": "bad", "source": "simple_cnn:none", "epochs": 1}
         ("unknown field", _zip(_classes()), {**GOOD_CONFIG, "epoch": 3}, 422, "unknown"),
         ("server-owned field", _zip(_classes()), {**GOOD_CONFIG, "output_dir": "/tmp/x"}, 422, "set by the server"),
         ("config not an object", _zip(_classes()), [1, 2], 422, "JSON object"),
+        ("weights file path", _zip(_classes()), {**GOOD_CONFIG, "source": "resnet18", "weights": "/etc/passwd"}, 422, "not a weights name"),
+        ("weights path in source", _zip(_classes()), {**GOOD_CONFIG, "source": "resnet18:../../x.pt"}, 422, "not a weights name"),
+        ("bad source version", _zip(_classes()), {**GOOD_CONFIG, "source": "digits:a/b"}, 422, "invalid model version"),
     ],
 )
 def test_bad_uploads_refused(make_client, case, data, config, status, message, ft_settings):
@@ -295,7 +298,7 @@ def test_data_path_inside_root_only(make_client, ft_settings, tmp_path, monkeypa
     client, _ = make_client()
     make_dataset(ft_settings.data_root / "colours")
     make_dataset(tmp_path / "outside")
-    for path, status in [("../outside", 400), (str(tmp_path / "outside"), 400), ("/etc", 400), ("missing", 404)]:
+    for path, status in [("../outside", 403), (str(tmp_path / "outside"), 403), ("/etc", 403), ("missing", 404)]:
         response = submit(client, None, GOOD_CONFIG, data_path=path)
         assert response.status_code == status, (path, response.text)
     ok = submit(client, None, {**GOOD_CONFIG, "name": "frompath"}, data_path="colours")

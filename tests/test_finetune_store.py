@@ -132,3 +132,13 @@ def test_resume_requeues_only_resumable(tmp_path):
     assert job.state == "queued" and job.resume and job.error is None
     again = store.claim("w", "h", 1)
     assert again.attempts == 2 and again.resume
+
+
+def test_log_tail_reads_as_many_lines_as_asked(tmp_path):
+    from service.finetune.runner import _tail
+
+    log = tmp_path / "train.log"
+    log.write_text("".join(f"line {i:05d} " + "x" * 80 + "\n" for i in range(2000)))
+    tail = _tail(log, 500).splitlines()
+    assert len(tail) == 500 and tail[0].startswith("line 01500") and tail[-1].startswith("line 01999")
+    assert _tail(tmp_path / "missing.log", 5) == ""

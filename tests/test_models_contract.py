@@ -300,3 +300,20 @@ def test_crop_window_resize_matches_full_resize_then_crop(shape, interpolation):
     left, top = (full.width - 56) // 2, (full.height - 56) // 2
     expected = np.asarray(full.crop((left, top, left + 56, top + 56))).astype(int)
     assert np.abs(resize_and_crop(image, spec).astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("ref", ["colours:a/b", "colours:-x", "colours:UPPER", "colours:" + "v" * 80])
+def test_invalid_version_is_a_clear_error(bento_home, tmp_path, ref):
+    store.publish("colours", write_tiny_model(tmp_path / "a"))
+    with pytest.raises(ManifestError, match="invalid model version"):
+        store.resolve(ref)
+
+
+def test_safe_extract_refuses_corrupt_entries(tmp_path):
+    archive = _zip(tmp_path / "d.zip", {"red/0.png": solid_png("red") * 3})
+    data = bytearray(archive.read_bytes())
+    start = data.index(b"PK\x03\x04") + 30 + len("red/0.png")
+    data[start + 10 : start + 40] = b"\xff" * 30
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="cannot extract 'red/0.png'"):
+        safe_extract_zip(archive, tmp_path / "out")

@@ -104,3 +104,22 @@ def test_fp16_conversion_keeps_uint8_input_and_float_outputs(tmp_path):
     converted = session.run(["probabilities"], {"image": batch})[0]
     np.testing.assert_allclose(converted, reference, atol=2e-3)
     assert (converted.argmax(1) == reference.argmax(1)).all()
+
+
+def test_compare_with_a_model_of_other_labels_uses_the_shared_ones(bento_home, tmp_path):
+    """A fine-tuned target compared with its source: only labels both know are compared."""
+    target = store.publish("colours", write_tiny_model(tmp_path / "target"))
+    source = store.publish("source", write_tiny_model(tmp_path / "source", labels=["red", "cat", "dog"]))
+    other = store.publish("pets", write_tiny_model(tmp_path / "pets", labels=["cat", "dog"]))
+    data = tmp_path / "data"
+    for label in ("red", "green", "blue"):
+        (data / label).mkdir(parents=True)
+        (data / label / "0.png").write_bytes(solid_png(label))
+    load = lambda v: OnnxClassifier(v.path, v.name, v.version).load()
+    report = evaluate_compare(load(target), load(source), load_samples(data), top_k=1)
+    assert report["samples"] == 3 and report["accuracy"] == 1.0
+    assert report["compared_on"] == {"samples": 1, "labels": ["red"]}
+    assert report["compare_with"]["samples"] == 1
+    assert report["difference"]["accuracy"] == pytest.approx(1.0 - report["compare_with"]["accuracy"])
+    with pytest.raises(DatasetError, match="knows none of the dataset's labels"):
+        evaluate_compare(load(target), load(other), load_samples(data))

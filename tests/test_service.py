@@ -173,6 +173,10 @@ def test_classify_refuses_unknown_model(server):
     _assert_refused(
         _classify(server["client"], solid_png("red"), model="imagenet:nosuchversion"), 404, "no version"
     )
+    for bad in ("imagenet:a/b", "imagenet:-x", "Bad Name"):
+        response = _classify(server["client"], solid_png("red"), model=bad)
+        assert response.status_code == 422, response.text
+    assert server["client"].get("/models/imagenet:a%2Fb").status_code in (404, 422)
 
 
 def test_classify_refuses_bad_images(server):
@@ -228,6 +232,8 @@ def test_classify_batch_refusals(server):
     client = server["client"]
     files = [("images", (f"{i}.png", solid_png("red"), "image/png")) for i in range(5)]
     _assert_refused(client.post("/classify_batch", files=files), 413, "too many images: 5")
+    many = [("images", (f"{i}.png", solid_png("red"), "image/png")) for i in range(12)]
+    _assert_refused(client.post("/classify_batch", files=many), 413, "too many files")
     _assert_refused(client.post("/classify_batch", data={"model": "imagenet"}), 400, "missing 'images'")
 
 
@@ -269,6 +275,12 @@ def test_evaluate_refusals(server, tmp_path):
         bundle.writestr("../evil/red/0.png", solid_png("red"))
     _assert_refused(
         client.post("/evaluate", files={"dataset": ("d.zip", buffer.getvalue(), "application/zip")}), 422, "unsafe path"
+    )
+    corrupt = bytearray(_zip_of(_write_dataset(tmp_path / "corrupt")))
+    start = corrupt.index(b"PK\x03\x04") + 30 + len("corrupt/blue/0.png")
+    corrupt[start + 5 : start + 25] = b"\xff" * 20  # damage the first entry's data: CRC mismatch
+    _assert_refused(
+        client.post("/evaluate", files={"dataset": ("d.zip", bytes(corrupt), "application/zip")}), 422, "cannot extract"
     )
 
 

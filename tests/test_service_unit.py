@@ -195,3 +195,30 @@ def test_body_limit_middleware_per_path():
     assert refused.status_code == 413 and "TUNESERVE_FINETUNE_MAX_UPLOAD_MB" in refused.json()["error"]
     streamed = client.post("/classify", content=iter([b"x" * 60, b"x" * 60]))  # chunked, no Content-Length
     assert streamed.status_code == 413
+
+
+def test_pinned_versions_are_capped_and_the_newest_is_kept(bento_home, tmp_path):
+    from models import store
+    from service.models_pool import ModelPool
+    from tests.tiny import write_tiny_model
+
+    versions = [store.publish("colours", write_tiny_model(tmp_path / f"v{i}")) for i in range(4)]
+    settings = load_settings({"BENTOML_HOME": str(bento_home), "TUNESERVE_DEFAULT_MODEL": "colours",
+                              "TUNESERVE_MAX_LOADED_MODELS": "3"})
+
+    async def scenario():
+        pool = ModelPool(settings)
+        latest = await pool.get("colours")
+        pinned = [await pool.get(v.tag) for v in versions[:3]]
+        again = await pool.get(versions[2].tag)
+        for bad in ("nope", "nope:v1", "colours:zzz"):
+            with pytest.raises(Exception):
+                await pool.get(bad)
+        await pool.stop()
+        return pool, latest, pinned, again
+
+    pool, latest, pinned, again = asyncio.run(scenario())
+    assert latest.version == versions[3].version
+    assert again is pinned[2]  # the newest pinned version stayed loaded
+    assert list(pool._pinned) == [versions[1].tag, versions[2].tag]  # 3 loaded in all: latest + 2 pinned
+    assert set(pool._locks) <= {"colours", *pool._pinned}  # unknown refs leave no locks behind

@@ -12,6 +12,7 @@ Every check that can fail runs at submit time and answers a 4xx naming the probl
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from service.finetune.store import FINAL_STATES, RESUMABLE_STATES, STATES, new_j
 
 # Fields the server fills in itself; a client must not point training at arbitrary paths.
 SERVER_FIELDS = ("data", "output_dir")
+WEIGHT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 MAX_BAD_PATHS = 20
 
 
@@ -63,6 +65,14 @@ def validate_config(raw: Any) -> dict[str, Any]:
         raise SubmitError(str(error), 422) from None
     normalised = config.to_dict()
     is_registry = config.is_registry_source()
+    weight_refs = [config.weights, config.source_parts()[1] if is_registry else None]
+    for ref in filter(None, weight_refs):
+        if not WEIGHT_NAME.match(ref):
+            # a local weights file is a CLI feature; over HTTP it would let a client open any server file
+            raise SubmitError(
+                f"weights: {ref!r} is not a weights name; over HTTP use a torchvision weight name "
+                "(IMAGENET1K_V1, DEFAULT), 'none', or a stored model as the source"
+            )
     for key in SERVER_FIELDS:
         normalised.pop(key, None)
     if not is_registry:
@@ -90,7 +100,7 @@ def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: in
     bad = []
     for sample in samples:
         try:
-            decode_image(sample.path, max_pixels=settings.max_pixels)
+            decode_image(sample.path, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats)
         except TuneserveError as error:
             bad.append(f"{_rel(sample.path, directory)}: {error}")
     if bad:
@@ -115,7 +125,7 @@ def resolve_data_path(value: str, settings: FinetuneSettings) -> Path:
     candidate = Path(value)
     candidate = (candidate if candidate.is_absolute() else root / candidate).resolve()
     if not candidate.is_relative_to(root):
-        raise SubmitError(f"data_path {value!r} is outside the data root", 400)
+        raise SubmitError(f"data_path {value!r} resolves outside the data root", 403)
     if not candidate.exists():
         raise SubmitError(f"data_path {value!r} does not exist under the data root", 404)
     return candidate

@@ -46,15 +46,23 @@ def _killpg(pid: int, sig: int) -> None:
 
 
 def _tail(path: Path, lines: int = 8) -> str:
+    """The last `lines` lines, reading backwards in blocks (a log can be large)."""
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 4000))
-            text = handle.read().decode(errors="replace")
+            position = handle.tell()
+            data = b""
+            while position > 0 and data.count(b"\n") <= lines:
+                step = min(64 * 1024, position)
+                position -= step
+                handle.seek(position)
+                data = handle.read(step) + data
     except OSError:
         return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
+    return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ProgressReader:
@@ -213,7 +221,10 @@ class JobManager:
         with log_path.open("ab") as log_file:
             log_file.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command[4:])}\n".encode())
             log_file.flush()
-            env = dict(os.environ, PYTHONUNBUFFERED="1", TUNESERVE_JOB_ID=job.id)
+            # The child runs in the job folder; inside a bento the project is not pip-installed,
+            # so put the project root (the folder holding training/) on its path.
+            python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+            env = dict(os.environ, PYTHONUNBUFFERED="1", TUNESERVE_JOB_ID=job.id, PYTHONPATH=python_path)
             process = subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env=env, cwd=str(job_dir),

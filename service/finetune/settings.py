@@ -21,6 +21,7 @@ class FinetuneSettings:
     max_unpacked_bytes: int = 2 * 1024**3
     min_per_class: int = 5
     max_pixels: int = 40_000_000
+    allowed_formats: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
     stale_worker_seconds: float = 30.0
 
     @property
@@ -59,4 +60,5 @@ class FinetuneSettings:
             max_unpacked_bytes=int(settings.max_unpacked_mb * 1024**2),
             min_per_class=settings.finetune_min_per_class,
             max_pixels=settings.max_pixels,
+            allowed_formats=settings.allowed_formats,
         )
