@@ -111,7 +111,7 @@ def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_setti
     assert store.resolve(done["model"]).manifest().lineage == [final["model"]]
 
 
-def test_cancel_running_and_queued(make_client, dataset_zip, monkeypatch):
+def test_cancel_running_and_queued(make_client, dataset_zip, monkeypatch, ft_settings):
     from models import store
 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.3")
@@ -122,12 +122,19 @@ def test_cancel_running_and_queued(make_client, dataset_zip, monkeypatch):
     assert job(client, second)["state"] == "queued"  # max_concurrent_jobs = 1
     queued = client.post(f"/finetune/{second}/cancel")
     assert queued.status_code == 200 and queued.json()["state"] == "cancelled"
+    assert client.delete(f"/finetune/{first}").status_code == 409  # still running
     running = client.post(f"/finetune/{first}/cancel")
     assert running.status_code == 202 and running.json()["cancel_requested"]
     final = wait_state(client, first, {"cancelled", "failed", "succeeded"}, 15)
     assert final["state"] == "cancelled" and "no model version" in final["error"]
     assert client.post(f"/finetune/{first}/cancel").status_code == 409
     assert "slow" not in store.list_models() and "later" not in store.list_models()
+    job_dirs = {p.name for p in ft_settings.jobs_dir.iterdir()}
+    assert first in job_dirs
+    deleted = client.delete(f"/finetune/{first}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"]
+    assert first not in {p.name for p in ft_settings.jobs_dir.iterdir()}
+    assert client.get(f"/finetune/{first}").status_code == 404
 
 
 def test_kill_9_of_child_fails_with_reason(make_client, dataset_zip, monkeypatch):

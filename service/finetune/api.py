@@ -284,4 +284,16 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
         manager.wake()
         return store.get(job_id).public()
 
+    @router.delete("/finetune/{job_id}", dependencies=[Depends(require_write)])
+    def delete(job_id: str):
+        """Forget a finished, failed, cancelled or interrupted job and free its disk (dataset copy,
+        checkpoints, logs). Published model versions are not touched."""
+        job = get_job(job_id)
+        if not store.delete(job_id):
+            return JSONResponse({"error": f"job {job_id} is {job.state}; cancel it first"}, status_code=409)
+        job_dir = Path(job.job_dir).resolve()
+        if job_dir.is_relative_to(ft.jobs_dir.resolve()):
+            shutil.rmtree(job_dir, ignore_errors=True)
+        return {"job_id": job_id, "deleted": True, "state": job.state}
+
     return router

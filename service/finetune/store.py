@@ -321,6 +321,16 @@ class JobStore:
                 == 1
             )
 
+    def delete(self, job_id: str) -> bool:
+        """Remove a job that is not queued or running; False when it is (or is gone)."""
+        with self._tx() as conn:
+            return (
+                conn.execute(
+                    "DELETE FROM jobs WHERE id = ? AND state NOT IN ('queued', 'running')", (job_id,)
+                ).rowcount
+                == 1
+            )
+
     # -- workers -----------------------------------------------------------------------------
     def register_worker(self, worker_id: str, host: str, pid: int) -> None:
         now = time.time()
