@@ -116,12 +116,20 @@ def create_app(settings: Settings) -> FastAPI:
     read = [Depends(require_read_access(settings))]
     write = [Depends(require_api_key(settings))]
 
+    def _count_refusal(request: Request) -> None:
+        route = request.url.path.strip("/")
+        if route in ("classify", "classify_batch", "evaluate"):
+            _count(route, getattr(request.state, "model", None) or "-", "refused")
+
     @app.exception_handler(TuneserveError)
-    async def _tuneserve_error(_: Request, error: TuneserveError):
+    async def _tuneserve_error(request: Request, error: TuneserveError):
+        _count_refusal(request)
         return _error(error.status, str(error))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, error: StarletteHTTPException):
+    async def _http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code < 500:
+            _count_refusal(request)
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -146,11 +154,8 @@ def create_app(settings: Settings) -> FastAPI:
         top_k = _top_k(form, request, settings)
         model_ref = _text_field(form, request, "model")
         classifier = await pool.get(model_ref)
-        try:
-            predictions = await pool.classify(classifier, await upload.read(), top_k)
-        except TuneserveError:
-            _count("classify", classifier.name, "refused")
-            raise
+        request.state.model = classifier.name
+        predictions = await pool.classify(classifier, await upload.read(), top_k)
         _count("classify", classifier.name, "ok")
         return {"model": classifier.name, "version": classifier.version, "predictions": predictions}
 
@@ -168,6 +173,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
         top_k = _top_k(form, request, settings)
         classifier = await pool.get(_text_field(form, request, "model"))
+        request.state.model = classifier.name
 
         async def one(value: Any) -> dict[str, Any]:
             name = value.filename if isinstance(value, UploadFile) else None
@@ -211,6 +217,7 @@ def create_app(settings: Settings) -> FastAPI:
         if split is not None and split not in ("train", "val", "test"):
             raise HTTPException(422, f"split must be train, val or test, got {split!r}")
         model = await pool.get(_text_field(form, request, "model"))
+        request.state.model = model.name
         compare_ref = _text_field(form, request, "compare_with")
         other = await pool.get(compare_ref) if compare_ref else None
 

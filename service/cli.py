@@ -52,7 +52,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         store.resolve(settings.default_model)
     except ModelNotFound:
-        if args.no_bootstrap:
+        if args.no_bootstrap or store.split_ref(settings.default_model)[0] != "imagenet":
+            # only the embedded ImageNet model can be created here; any other default comes from a fine-tune
             print(f"warning: default model {settings.default_model!r} is not in the store; /readyz stays 503", file=sys.stderr)
         else:
             print(f"default model {settings.default_model!r} not in the store: running `tuneserve bootstrap`", file=sys.stderr)

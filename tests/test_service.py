@@ -306,6 +306,11 @@ def test_metrics(server):
     _classify(server["client"], solid_png("red"))
     text = server["client"].get("/metrics").text
     assert 'tuneserve_requests_total{model="imagenet",outcome="ok",route="classify"}' in text
+    _classify(server["client"], b"not an image")  # refused after the model was chosen
+    _classify(server["client"], solid_png("red"), model="nope")  # refused before
+    text = server["client"].get("/metrics").text
+    assert 'tuneserve_requests_total{model="imagenet",outcome="refused",route="classify"}' in text
+    assert 'tuneserve_requests_total{model="-",outcome="refused",route="classify"}' in text
     assert 'tuneserve_batch_size_count{model="imagenet"}' in text
     assert 'tuneserve_inference_seconds_bucket' in text
     assert "bentoml_service_request_total" in text
