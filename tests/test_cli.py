@@ -124,3 +124,26 @@ def test_serve_command_serves_the_store(tmp_path):
     finally:
         os.killpg(process.pid, 15)
         process.wait(30)
+
+
+@pytest.mark.slow
+def test_build_makes_a_bento_that_carries_the_model(tmp_path):
+    """`tuneserve build` runs `bentoml build` offline; the exported bento holds the model version."""
+    import tarfile
+
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    publish = "from models import store; from tests.tiny import write_tiny_model; from pathlib import Path; " \
+              f"print(store.publish('colours', write_tiny_model(Path({str(tmp_path / 'm')!r}))).tag)"
+    tag = subprocess.run([sys.executable, "-c", publish], env=env, cwd=ROOT, check=True, timeout=120,
+                         capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "tuneserve", "build", tag], env=env, cwd=ROOT, check=True, timeout=300,
+                   capture_output=True)
+    archive = tmp_path / "tuneserve.bento"
+    subprocess.run([sys.executable, "-m", "bentoml", "export", "tuneserve:latest", str(archive)], env=env, cwd=ROOT,
+                   check=True, timeout=120, capture_output=True)
+    with tarfile.open(archive) as bento:
+        names = bento.getnames()
+    version = tag.split(":")[1]
+    assert f"./models/colours/{version}/model.onnx" in names and f"./models/colours/{version}/manifest.json" in names
+    assert "./src/service/service.py" in names and "./src/training/run.py" in names
+    assert not any("/.venv/" in n or "/tests/" in n for n in names)
