@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -30,7 +30,6 @@ def predict_samples(
     batch_size: int = 64,
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    on_batch: Callable[[int], None] | None = None,
     allowed_formats: frozenset[str] = ALLOWED_FORMATS,
 ) -> tuple[np.ndarray, list[int], dict[str, str]]:
     """Probabilities for the readable samples, their indices, and an error per unreadable path."""
@@ -57,8 +56,6 @@ def predict_samples(
             if arrays:
                 rows.append(model.predict(stack(arrays)))
                 kept.extend(indices)
-            if on_batch:
-                on_batch(len(chunk))
     probabilities = np.concatenate(rows) if rows else np.zeros((0, model.manifest.num_classes), np.float32)
     return probabilities, kept, errors
 

@@ -10,7 +10,7 @@ import ctypes
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +166,13 @@ class OnnxClassifier:
             raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {list(batch.shape)}")
         if self.on_gpu:
             return self._predict_io_binding(batch)
-        return self._session.run(["probabilities"], {self.manifest.input_name: batch})[0]
+        return self._session.run([self.manifest.output_names[1]], {self.manifest.input_name: batch})[0]
 
     def _predict_io_binding(self, batch: np.ndarray) -> np.ndarray:
         # uint8 crosses PCIe (a quarter of float32's bytes); casting happens on the GPU.
         binding = self._session.io_binding()
         binding.bind_cpu_input(self.manifest.input_name, np.ascontiguousarray(batch))
-        binding.bind_output("probabilities")
+        binding.bind_output(self.manifest.output_names[1])
         self._session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
@@ -191,7 +191,7 @@ class OnnxClassifier:
             "version": self.version,
             "providers": self.active_providers,
             "skipped_providers": self.skipped_providers,
-            "options": {k: v for k, v in vars(self.options).items()},
+            "options": asdict(self.options),
         }
 
 

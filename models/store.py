@@ -63,6 +63,8 @@ def _bentoml():
 
 
 def _store_root() -> Path:
+    # BentoML has no public accessor for the store folder; the `latest` pointer file in it is
+    # what makes polling for new versions one small read instead of a store scan.
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     return Path(BentoMLContainer.model_store.get()._path)
