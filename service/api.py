@@ -23,6 +23,7 @@ from models import store
 from models.errors import DatasetError, ImageError, TuneserveError
 from service.auth import require_api_key, require_read_access
 from service.config import Settings
+from service.limits import inside_root
 from service.models_pool import ModelPool, metrics
 
 log = logging.getLogger("tuneserve.service")
@@ -90,17 +91,6 @@ def _count(route: str, model: str, outcome: str) -> None:
         metrics()["requests"].labels(route, model, outcome).inc()
     except Exception:  # metrics must never fail a request
         pass
-
-
-def inside_root(root: Path, relative: str) -> Path:
-    """`relative` resolved inside `root`, or HTTP 403."""
-    root = root.resolve()
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root):
-        raise HTTPException(403, f"data_path {relative!r} resolves outside the data root")
-    if not candidate.exists():
-        raise HTTPException(404, f"data_path {relative!r} does not exist under the data root")
-    return candidate
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -235,7 +225,7 @@ def create_app(settings: Settings) -> FastAPI:
                 limits = ZipLimits(
                     max_archive_bytes=settings.max_body_bytes,
                     max_entries=settings.max_zip_entries,
-                    max_unpacked_bytes=int(settings.max_unpacked_mb * 1024 * 1024),
+                    max_unpacked_bytes=settings.max_unpacked_bytes,
                 )
                 root = await asyncio.to_thread(safe_extract_zip, archive, Path(scratch) / "data", limits)
             else:

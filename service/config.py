@@ -88,6 +88,10 @@ class Settings:
         return int(self.max_body_mb * 1024 * 1024)
 
     @property
+    def max_unpacked_bytes(self) -> int:
+        return int(self.max_unpacked_mb * 1024 * 1024)
+
+    @property
     def models_to_load(self) -> list[str]:
         names = [self.default_model, *self.preload]
         return list(dict.fromkeys(n for n in names if n))

@@ -1,13 +1,16 @@
-"""ASGI middleware that refuses request bodies over the limit with 413, before the app reads them.
+"""Request limits: `BodyLimitMiddleware` (body size) and `inside_root` (data paths stay in the data root).
 
-A declared `Content-Length` over the limit is answered at once, without reading the body. A body
+The middleware refuses request bodies over the limit with 413, before the app reads them. A declared `Content-Length` over the limit is answered at once, without reading the body. A body
 streamed without one (chunked) is counted as it is read; once it passes the limit, reading stops
 and whatever the app would have answered is replaced by the 413.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Awaitable, Callable
+
+from models.errors import TuneserveError
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -17,6 +20,25 @@ Send = Callable[[Message], Awaitable[None]]
 
 class BodyTooLarge(Exception):
     pass
+
+
+class DataPathRefused(TuneserveError):
+    """A `data_path` outside the data root (403) or missing (404)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def inside_root(root: Path, relative: str) -> Path:
+    """`relative` resolved inside `root` (symlinks followed), or DataPathRefused 403 / 404."""
+    root = root.resolve()
+    candidate = (root / relative).resolve()  # an absolute `relative` replaces root, then fails the check
+    if not candidate.is_relative_to(root):
+        raise DataPathRefused(f"data_path {relative!r} resolves outside the data root", 403)
+    if not candidate.exists():
+        raise DataPathRefused(f"data_path {relative!r} does not exist under the data root", 404)
+    return candidate
 
 
 def _message(limit: int, size: int | None, variable: str) -> bytes:

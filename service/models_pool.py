@@ -199,13 +199,12 @@ class ModelPool:
 
     def ready(self) -> bool:
         """Ready once the default model is loaded."""
-        name = self.settings.default_model.partition(":")[0]
-        ref = self.settings.default_model
-        if ":" in ref:
-            return any(c.tag == ref for c in self._pinned.values()) or any(
-                c.tag == ref for c in self._latest.values()
-            )
-        return name in self._latest and self._latest[name].ready
+        name, version = store.split_ref(self.settings.default_model)
+        if version != "latest":
+            tag = f"{name}:{version}"
+            return any(c.tag == tag for c in [*self._pinned.values(), *self._latest.values()])
+        current = self._latest.get(name)
+        return current is not None and current.ready
 
     # ---- lookup and loading ----------------------------------------------------------------
     def _lock(self, key: str) -> asyncio.Lock:
@@ -236,7 +235,7 @@ class ModelPool:
 
     async def _load_once(self, ref: str, cache: dict, key: str) -> OnnxClassifier:
         """Resolve and load `ref` into `cache[key]` once, however many requests ask at once."""
-        lock = self._locks.setdefault(key, asyncio.Lock())
+        lock = self._lock(key)
         try:
             async with lock:
                 if key in cache:
@@ -278,6 +277,8 @@ class ModelPool:
                 continue  # do not retry a broken version every poll
             try:
                 async with self._lock(name):
+                    if self._latest[name].version == latest:
+                        continue  # a concurrent check (the poller or POST /models/{name}/reload) swapped it in
                     resolved = await asyncio.to_thread(store.resolve, f"{name}:{latest}")
                     classifier = await self._load_version(resolved)
                     previous = self._latest.get(name)
@@ -330,7 +331,7 @@ class ModelPool:
         from models.runtime import cuda_device_count
 
         return {
-            "options": {k: v for k, v in vars(self.options).items()},
+            "options": dict(vars(self.options)),
             "gpus_visible": cuda_device_count(),
             "worker_index": worker_index(),
             "load_errors": dict(self.load_errors),

@@ -9,7 +9,6 @@ and `top_k` per request.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 
 import bentoml
@@ -23,10 +22,6 @@ logging.getLogger("tuneserve").setLevel(logging.INFO)  # provider choices and ho
 
 SETTINGS = load_settings()
 
-
-async def _maybe_await(result) -> None:
-    if inspect.isawaitable(result):
-        await result
 
 app = create_app(SETTINGS)
 
@@ -60,12 +55,12 @@ class TuneServe:
     async def _start(self) -> None:
         await self.pool.start()
         if self.jobs is not None:
-            await _maybe_await(self.jobs.start())
+            self.jobs.start()
 
     @bentoml.on_shutdown
     async def _stop(self) -> None:
         if self.jobs is not None:
-            await _maybe_await(self.jobs.stop())
+            self.jobs.stop()
         await self.pool.stop()
 
     def __is_ready__(self) -> bool:

@@ -213,7 +213,8 @@ def test_two_workers_each_job_once(make_client, dataset_zip, ft_settings, monkey
 
 def test_api_key_guards_mutating_routes(make_client, ft_settings, dataset_zip):
     client, _ = make_client(dataclasses.replace(ft_settings, api_key="sekrit"), start=False)
-    assert submit(client, dataset_zip).status_code == 401
+    missing = submit(client, dataset_zip)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"  # service/auth.py's check
     assert submit(client, dataset_zip, headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = submit(client, dataset_zip, headers={"Authorization": "Bearer sekrit"})
     assert ok.status_code == 202
@@ -221,6 +222,9 @@ def test_api_key_guards_mutating_routes(make_client, ft_settings, dataset_zip):
     assert client.get(f"/finetune/{job_id}").status_code == 200  # reads stay open
     assert client.post(f"/finetune/{job_id}/cancel").status_code == 401
     assert client.post(f"/finetune/{job_id}/cancel", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+    guarded, _ = make_client(dataclasses.replace(ft_settings, api_key="sekrit", protect_reads=True), start=False)
+    assert guarded.get(f"/finetune/{job_id}").status_code == 401  # TUNESERVE_PROTECT_READS guards reads too
+    assert guarded.get("/finetune", headers={"Authorization": "Bearer sekrit"}).status_code == 200
 
 
 # ---- bad uploads: every one refused at submit time with a 4xx naming the problem ---------------

@@ -130,7 +130,9 @@ def test_resume_after_interruption(tiny_model, tmp_path):
     assert (more.scored, more.total) == (1, 13)
     check_rows(list(read_rows(output)), expected, tiny_model.tag)
 
-    with pytest.raises(Exception, match="same --top-k"):
+    from models.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="same --top-k"):
         score("tiny", tmp_path / "images", output, top_k=2, progress=False)
 
 
@@ -152,6 +154,7 @@ def test_labelled_input_writes_eval_report(tiny_model, tmp_path):
     manifest.write_text("path,label\n" + "".join(f"{p},{r['true_label']}\n" for p, r in rows.items()))
     again = score("tiny", manifest, tmp_path / "from_manifest.csv", top_k=2, progress=False)
     assert again.report["accuracy"] == pytest.approx(11 / 12)
+    assert again.report == result.report
 
     # --no-eval: folder names are ignored, no report
     plain = score("tiny", tmp_path / "data", tmp_path / "plain.csv", top_k=2, use_labels=False, progress=False)

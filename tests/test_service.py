@@ -183,7 +183,7 @@ def test_classify_refuses_bad_images(server):
     client = server["client"]
     _assert_refused(_classify(client, b"this is not an image"), 400, "not a recognised image")
     truncated = solid_png("red", (64, 64), fmt="JPEG")[:200]
-    assert _classify(client, truncated).status_code == 400
+    _assert_refused(_classify(client, truncated), 400, "image")
     ppm = b"P6\n4 4\n255\n" + bytes(48)
     _assert_refused(_classify(client, ppm), 415, "format PPM is not allowed")
     bomb = solid_png("red", (1100, 1000))  # 1.1 Mpx, a few KB compressed; limit is 1 Mpx
@@ -249,6 +249,8 @@ def test_evaluate_zip_and_compare(server, tmp_path):
         "/evaluate", files={"dataset": ("d.zip", archive, "application/zip")}, data={"compare_with": "weak"}
     ).json()
     assert compared["compare_with"]["model"].startswith("weak:") and "difference" in compared
+    assert compared["accuracy"] == 1.0 and compared["compared_on"]["samples"] == 6  # same labels: every image
+    assert compared["difference"]["accuracy"] == pytest.approx(1.0 - compared["compare_with"]["accuracy"])
 
 
 def test_evaluate_data_path(server):

@@ -199,6 +199,7 @@ def test_body_limit_middleware_per_path():
 
 def test_pinned_versions_are_capped_and_the_newest_is_kept(bento_home, tmp_path):
     from models import store
+    from models.errors import ModelNotFound
     from service.models_pool import ModelPool
     from tests.tiny import write_tiny_model
 
@@ -212,7 +213,7 @@ def test_pinned_versions_are_capped_and_the_newest_is_kept(bento_home, tmp_path)
         pinned = [await pool.get(v.tag) for v in versions[:3]]
         again = await pool.get(versions[2].tag)
         for bad in ("nope", "nope:v1", "colours:zzz"):
-            with pytest.raises(Exception):
+            with pytest.raises(ModelNotFound):
                 await pool.get(bad)
         await pool.stop()
         return pool, latest, pinned, again

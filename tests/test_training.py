@@ -212,6 +212,7 @@ def test_chaining_from_a_stored_model_keeps_lineage(tmp_path, tiny_data, bento_h
     assert manifest.source == first.tag
     assert manifest.lineage == ["simple_cnn:none", first.tag]
     assert manifest.backbone == "simple_cnn" and manifest.labels == ["class0", "class1"]
+    assert manifest.preprocessing == store.resolve(first.tag).manifest().preprocessing  # kept from the source
     third = run(tiny_config(tmp_path / "c", more, name="grandchild", source=second.tag, epochs=1)).version
     assert store.resolve(third.tag).manifest().lineage == ["simple_cnn:none", first.tag, second.tag]
 

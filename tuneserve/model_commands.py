@@ -39,19 +39,12 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_classifier(ref: str):
-    from models import store
-    from models.runtime import OnnxClassifier
-
-    version = store.resolve(ref)
-    return OnnxClassifier(version.path, version.name, version.version).load()
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
     from models.datasets import load_samples, safe_extract_zip
     from models.evaluate import evaluate, evaluate_compare
+    from tuneserve.score import load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data
@@ -60,9 +53,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         samples = load_samples(data)
         if args.split:
             samples = [s for s in samples if s.split == args.split]
-        model = load_classifier(args.model)
+        model = load_model(args.model)
         if args.compare_with:
-            report = evaluate_compare(model, load_classifier(args.compare_with), samples, args.top_k)
+            report = evaluate_compare(model, load_model(args.compare_with), samples, args.top_k)
         else:
             report = evaluate(model, samples, args.top_k)
     text = json.dumps(report, indent=2)

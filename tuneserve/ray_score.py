@@ -20,14 +20,14 @@ from pathlib import Path
 from tuneserve.score import (
     Journal,
     ScoreResult,
+    _prepare_one,
     attach_report,
-    collect_input,
     columns_for,
-    done_rows,
-    error_text,
     make_row,
+    plan,
     progress_bar,
     relative_key,
+    rows_for,
 )
 
 log = logging.getLogger("tuneserve.ray_score")
@@ -67,29 +67,13 @@ class _RayScorer:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from models.preprocess import prepare, stack
-        from tuneserve.score import _arrow_schema
+        from models.preprocess import DEFAULT_MAX_PIXELS
+        from tuneserve.score_output import _arrow_schema
 
         spec = self.model.manifest.preprocessing
-        paths = batch.column("path").to_pylist()
-        blobs = batch.column("bytes").to_pylist()
-        arrays, errors = [], []
-        for blob in blobs:
-            try:
-                arrays.append(prepare(blob, spec))
-                errors.append(None)
-            except Exception as error:  # noqa: BLE001 - an unreadable image becomes an error row
-                arrays.append(None)
-                errors.append(error_text(error))
-        good = [a for a in arrays if a is not None]
-        tops = iter(self.model.top_k(self.model.predict(stack(good)), self.top_k) if good else [])
-        rows = [
-            make_row(
-                relative_key(path, self.root), self.model.name, self.model.version,
-                next(tops) if array is not None else None, self.top_k, error, None, False,
-            )
-            for path, array, error in zip(paths, arrays, errors)
-        ]
+        keys = [relative_key(path, self.root) for path in batch.column("path").to_pylist()]
+        prepared = [_prepare_one(blob, spec, DEFAULT_MAX_PIXELS) for blob in batch.column("bytes").to_pylist()]
+        rows = rows_for(self.model, keys, prepared, self.top_k, [None] * len(keys), False)
         return pa.Table.from_pylist(rows, schema=_arrow_schema(columns_for(self.top_k, False)))
 
 
@@ -133,18 +117,17 @@ def score_ray(
     output = Path(output)
     start = time.perf_counter()
     version = store.resolve(model)
-    manifest = read_manifest(version.path)
-    labels = manifest.labels
-    k = min(top_k, len(labels))
-    data = collect_input(Path(source), labels, use_labels)
-    columns = columns_for(k, data.labelled)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done = done_rows(output, columns)
-    todo = [s for s in data.samples if data.key(s) not in done]
+    labels = read_manifest(version.path).labels
+    data, k, columns, todo = plan(source, output, labels, top_k, use_labels)
     by_key = {data.key(s): s for s in todo}
     journal = Journal(output)
     errors = 0
-    missing = [s for s in todo if not s.path.is_file()]
+    readable, missing = [], []  # one stat per image
+    for s in todo:
+        if s.path.is_file():
+            readable.append(str(s.path))
+        else:
+            missing.append(s)
     if missing:
         rows = [
             make_row(data.key(s), version.name, version.version, None, k, f"no such file: {s.path}", s.label, data.labelled)
@@ -152,8 +135,7 @@ def score_ray(
         ]
         journal.append(rows)
         errors += len(rows)
-    readable = [str(s.path) for s in todo if s.path.is_file()]
-    bar = progress_bar(len(todo), progress, initial=0)
+    bar = progress_bar(len(todo), progress)
     bar.update(len(missing))
     started = False
     try:
@@ -191,7 +173,7 @@ def score_ray(
             ray.shutdown()
     seconds = time.perf_counter() - start
     total = journal.finish(columns)
-    result = ScoreResult(output, total, len(todo), len(data.samples) - len(todo), errors, seconds, extra={"engine": "ray"})
+    result = ScoreResult(output, total, len(todo), len(data.samples) - len(todo), errors, seconds)
     if data.labelled:
         attach_report(result, labels, k, version.tag)
     return result

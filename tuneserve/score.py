@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -174,6 +174,31 @@ def error_text(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def plan(source: Path, output: Path, model_labels: list[str], top_k: int, use_labels: bool):
+    """Input, k, output columns and the samples still to score (both engines resume the same way)."""
+    k = min(top_k, len(model_labels))
+    data = collect_input(Path(source), model_labels, use_labels)
+    columns = columns_for(k, data.labelled)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = done_rows(output, columns)
+    todo = [s for s in data.samples if data.key(s) not in done]
+    return data, k, columns, todo
+
+
+def rows_for(classifier, keys: list[str], prepared: list[tuple[Any, str | None]], k: int,
+             true_labels: Sequence[str | None], labelled: bool) -> list[dict[str, Any]]:
+    """One output row per image: the readable ones go through the model in one batch."""
+    from models.preprocess import stack
+
+    arrays = [array for array, _ in prepared if array is not None]
+    tops = iter(classifier.top_k(classifier.predict(stack(arrays)), k) if arrays else [])
+    return [
+        make_row(key, classifier.name, classifier.version, next(tops) if array is not None else None, k, error,
+                 true_label, labelled)
+        for key, (array, error), true_label in zip(keys, prepared, true_labels)
+    ]
+
+
 # --------------------------------------------------------------------------- local engine
 
 
@@ -187,7 +212,6 @@ class ScoreResult:
     seconds: float
     report: dict[str, Any] | None = None
     report_path: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -200,11 +224,12 @@ class ScoreResult:
         )
 
 
-def _prepare_one(path: str, spec, max_pixels: int):
+def _prepare_one(data, spec, max_pixels: int):
+    """Path or bytes → (uint8 array, None), or (None, error text) for an unreadable image."""
     from models.preprocess import prepare
 
     try:
-        return prepare(path, spec, max_pixels), None
+        return prepare(data, spec, max_pixels), None
     except Exception as error:  # noqa: BLE001 - one bad image must not stop a million-image run
         return None, error_text(error)
 
@@ -247,20 +272,19 @@ class _Decoder:
         self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
-def load_model(ref: str, device: str = "auto", intra_op_threads: int = 0):
+def load_model(ref: str, device: str = "auto"):
     from models import store
     from models.runtime import OnnxClassifier, RuntimeOptions
 
     version = store.resolve(ref)
-    options = RuntimeOptions(device=device, intra_op_threads=intra_op_threads)
-    return OnnxClassifier(version.path, version.name, version.version, options).load()
+    return OnnxClassifier(version.path, version.name, version.version, RuntimeOptions(device=device)).load()
 
 
-def progress_bar(total: int, enabled: bool, initial: int = 0):
+def progress_bar(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, initial=initial, unit="img", desc="scoring", disable=not enabled, dynamic_ncols=True,
+        total=total, unit="img", desc="scoring", disable=not enabled, dynamic_ncols=True,
         smoothing=0.1, file=sys.stderr,
     )
 
@@ -285,25 +309,21 @@ def score(
 
     `on_batch(n_batches_done)` runs after each batch is safely journaled (tests use it to interrupt).
     """
-    from models.preprocess import DEFAULT_MAX_PIXELS, stack
+    from models.preprocess import DEFAULT_MAX_PIXELS
 
     output = Path(output)
     fmt = output_format(output)
     classifier = classifier or load_model(model, device)
     labels = classifier.manifest.labels
-    k = min(top_k, len(labels))
-    data = collect_input(Path(source), labels, use_labels)
-    columns = columns_for(k, data.labelled)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done = done_rows(output, columns)
-    todo = [s for s in data.samples if data.key(s) not in done]
+    data, k, columns, todo = plan(source, output, labels, top_k, use_labels)
+    workers = workers or default_workers()
     log.info(
         "%s: %d images, %d already done, %d to score (%s, %s pool x%d)",
-        classifier.tag, len(data.samples), len(data.samples) - len(todo), len(todo), fmt, pool, workers or default_workers(),
+        classifier.tag, len(data.samples), len(data.samples) - len(todo), len(todo), fmt, pool, workers,
     )
     journal = Journal(output)
     spec = classifier.manifest.preprocessing
-    decoder = _Decoder(pool, workers or default_workers(), spec, max_pixels or DEFAULT_MAX_PIXELS)
+    decoder = _Decoder(pool, workers, spec, max_pixels or DEFAULT_MAX_PIXELS)
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     pending: deque[tuple[list, list[Future]]] = deque()
     errors = 0
@@ -318,14 +338,9 @@ def score(
                 pending.append((batch, decoder.submit([str(s.path) for s in batch])))
                 next_batch += 1
             batch, futures = pending.popleft()
-            results = decoder.gather(futures)
-            arrays = [array for array, _ in results if array is not None]
-            tops = iter(classifier.top_k(classifier.predict(stack(arrays)), k) if arrays else [])
-            rows = []
-            for sample, (array, error) in zip(batch, results):
-                top = next(tops) if array is not None else None
-                errors += error is not None
-                rows.append(make_row(data.key(sample), classifier.name, classifier.version, top, k, error, sample.label, data.labelled))
+            prepared = decoder.gather(futures)
+            errors += sum(error is not None for _, error in prepared)
+            rows = rows_for(classifier, [data.key(s) for s in batch], prepared, k, [s.label for s in batch], data.labelled)
             journal.append(rows)
             bar.update(len(batch))
             if on_batch:

@@ -15,7 +15,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -23,9 +23,11 @@ from starlette.concurrency import run_in_threadpool
 
 from models.errors import DatasetError, ModelNotFound, TuneserveError
 from models.train_config import TrainConfig
+from service.auth import require_api_key, require_read_access
 from service.finetune.runner import JobManager, _tail
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import FINAL_STATES, RESUMABLE_STATES, STATES, new_job_id
+from service.limits import inside_root
 
 # Fields the server fills in itself; a client must not point training at arbitrary paths.
 SERVER_FIELDS = ("data", "output_dir")
@@ -121,14 +123,7 @@ def _rel(path: Path, root: Path) -> str:
 def resolve_data_path(value: str, settings: FinetuneSettings) -> Path:
     if settings.data_root is None:
         raise SubmitError("data_path is disabled: no data root is configured (TUNESERVE_DATA_ROOT)", 400)
-    root = settings.data_root.resolve()
-    candidate = Path(value)
-    candidate = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not candidate.is_relative_to(root):
-        raise SubmitError(f"data_path {value!r} resolves outside the data root", 403)
-    if not candidate.exists():
-        raise SubmitError(f"data_path {value!r} does not exist under the data root", 404)
-    return candidate
+    return inside_root(settings.data_root, value)
 
 
 # -- the router -------------------------------------------------------------------------------
@@ -136,33 +131,10 @@ def _error(error: TuneserveError) -> JSONResponse:
     return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400))
 
 
-def _auth_dependencies(settings: Any) -> tuple[Callable, Callable]:
-    try:
-        from service.auth import check_api_key
-    except Exception:  # pragma: no cover - the service package always has it
-        check_api_key = None
-
-    def check(request: Request) -> None:
-        header = request.headers.get("authorization")
-        if check_api_key is not None:
-            check_api_key(settings, header)
-        elif settings.api_key and header != f"Bearer {settings.api_key}":
-            raise HTTPException(401, "this route needs an API key: send 'Authorization: Bearer <key>'")
-
-    def write(request: Request) -> None:
-        check(request)
-
-    def read(request: Request) -> None:
-        if getattr(settings, "protect_reads", False):
-            check(request)
-
-    return write, read
-
-
 def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     ft = manager.settings
-    auth_source = settings if settings is not None and hasattr(settings, "api_key") else ft
-    require_write, require_read = _auth_dependencies(auth_source)
+    auth = settings if settings is not None else ft  # the service Settings or FinetuneSettings: both carry the key
+    require_write, require_read = require_api_key(auth), require_read_access(auth)
     router = APIRouter(tags=["finetune"])
     store = manager.store
 

@@ -6,12 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
     home: Path
     data_root: Path | None
     api_key: str | None
+    protect_reads: bool = False  # reading routes need the key too (service/auth.py)
     max_concurrent_jobs: int = 1
     grace_seconds: float = 10.0
     poll_seconds: float = 1.0
@@ -20,8 +23,8 @@ class FinetuneSettings:
     max_entries: int = 50_000
     max_unpacked_bytes: int = 2 * 1024**3
     min_per_class: int = 5
-    max_pixels: int = 40_000_000
-    allowed_formats: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allowed_formats: frozenset[str] = ALLOWED_FORMATS
     stale_worker_seconds: float = 30.0
 
     @property
@@ -51,13 +54,14 @@ class FinetuneSettings:
             home=Path(settings.home),
             data_root=Path(settings.data_root).expanduser().resolve() if settings.data_root else None,
             api_key=settings.api_key or None,
+            protect_reads=settings.protect_reads,
             max_concurrent_jobs=settings.max_concurrent_jobs,
             grace_seconds=settings.job_grace_seconds,
             poll_seconds=settings.poll_seconds,
             training_command=command,
             max_upload_bytes=settings.finetune_max_upload_bytes,
             max_entries=settings.max_zip_entries,
-            max_unpacked_bytes=int(settings.max_unpacked_mb * 1024**2),
+            max_unpacked_bytes=settings.max_unpacked_bytes,
             min_per_class=settings.finetune_min_per_class,
             max_pixels=settings.max_pixels,
             allowed_formats=settings.allowed_formats,
