@@ -54,7 +54,7 @@ def ensure_model(name: str):
     if name in store.list_models():
         return store.resolve(name)
     print(f"bootstrapping {name} (EfficientNet-Lite0 export) into {os.environ['BENTOML_HOME']} ...", file=sys.stderr)
-    from training.cli import bootstrap
+    from training.bootstrap import bootstrap
 
     return bootstrap(name)
 

