@@ -33,3 +33,10 @@ class ImageTooLarge(ImageError):
 
 class DatasetError(TuneserveError, ValueError):
     status = 422
+
+
+class EmbeddingUnavailable(TuneserveError):
+    """A model version exported before `model.onnx` had an `embedding` output: it still classifies,
+    but features that need its embedding (advise, instant heads, in-domain score) refuse it."""
+
+    status = 409

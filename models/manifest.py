@@ -15,6 +15,7 @@ MANIFEST_FILE = "manifest.json"
 EVAL_FILE = "eval.json"
 ONNX_FILE = "model.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
+EMBEDDING_OUTPUT = "embedding"
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
@@ -59,6 +60,8 @@ class Manifest(BaseModel):
     preprocessing: Preprocessing
     input_name: str = "image"
     output_names: tuple[str, str] = ("logits", "probabilities")
+    embedding_output: str | None = Field(
+        default=None, description="graph output with the features the head reads [N, D]; None: exported before it existed")
     backbone: str
     source: str = Field(description="what this model was fine-tuned from: weights id or name:version")
     lineage: list[str] = Field(default_factory=list, description="ancestors, oldest first")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from models.errors import EmbeddingUnavailable
 from models.manifest import ONNX_FILE, Manifest, read_manifest
 
 log = logging.getLogger("tuneserve.runtime")
@@ -157,13 +158,40 @@ class OnnxClassifier:
             self._session = session
         return self
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 `[N, H, W, 3]` → probabilities `[N, C]` (float32)."""
+    def _check_batch(self, batch: np.ndarray) -> None:
         if self._session is None:
             raise RuntimeError(f"model {self.tag} is not loaded")
         size = self.manifest.preprocessing.size
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
             raise ValueError(f"expected uint8 [N, {size}, {size}, 3], got {batch.dtype} {list(batch.shape)}")
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether this version's graph gives its features (exports since the `embedding` output)."""
+        name = self.manifest.embedding_output
+        if name is None:
+            return False
+        if self._session is None:
+            return True  # the manifest says so; load() checks the graph agrees
+        return name in {o.name for o in self._session.get_outputs()}
+
+    def require_embedding(self, feature: str = "this feature") -> str:
+        """The embedding output's name, or a clear refusal naming the way out (re-export)."""
+        if not self.has_embedding:
+            raise EmbeddingUnavailable(
+                f"model {self.tag} was exported without an 'embedding' output, so {feature} cannot use it "
+                "(it still classifies); fine-tune or re-export it with this tuneserve to add the output")
+        return self.manifest.embedding_output
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 `[N, H, W, 3]` → the features the head reads, `[N, D]` (float32)."""
+        name = self.require_embedding("embed")
+        self._check_batch(batch)
+        return self._session.run([name], {self.manifest.input_name: batch})[0]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 `[N, H, W, 3]` → probabilities `[N, C]` (float32)."""
+        self._check_batch(batch)
         if self.on_gpu:
             return self._predict_io_binding(batch)
         return self._session.run([self.manifest.output_names[1]], {self.manifest.input_name: batch})[0]

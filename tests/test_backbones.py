@@ -35,8 +35,9 @@ def test_every_entry_builds_and_swaps_head(name):
     assert len(built.model.classifier.blocks) >= 2
     built.model.eval()
     with torch.no_grad():
-        logits, probs = built.model(torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
+        logits, probs, embedding = built.model(torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8))
     assert logits.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2), atol=1e-5)
+    assert embedding.shape == (2, built.model.classifier.head.in_features)  # what the head reads, flat
 
 
 def test_preprocessing_defaults_come_from_torchvision_weights():

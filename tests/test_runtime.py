@@ -5,7 +5,7 @@ import pytest
 from models import store
 from models.evaluate import evaluate, evaluate_compare
 from models.datasets import load_samples
-from models.errors import DatasetError
+from models.errors import DatasetError, EmbeddingUnavailable
 from models.preprocess import prepare, stack
 from models.runtime import CPU, CUDA, TENSORRT, OnnxClassifier, RuntimeOptions, select_providers
 from tests.tiny import solid_png, write_tiny_model
@@ -123,3 +123,29 @@ def test_compare_with_a_model_of_other_labels_uses_the_shared_ones(bento_home, t
     assert report["difference"]["accuracy"] == pytest.approx(1.0 - report["compare_with"]["accuracy"])
     with pytest.raises(DatasetError, match="knows none of the dataset's labels"):
         evaluate_compare(load(target), load(other), load_samples(data))
+
+
+def test_embed_gives_the_features_the_head_reads(bento_home, tmp_path):
+    version = store.publish("colours", write_tiny_model(tmp_path / "m", embedding=True))
+    model = OnnxClassifier(version.path, version.name, version.version).load()
+    batch = np.zeros((2, 16, 16, 3), np.uint8)
+    batch[0, ..., 0] = 200  # red
+    batch[1, ..., 2] = 100  # blue
+    assert model.has_embedding and version.manifest().embedding_output == "embedding"
+    embedding = model.embed(batch)
+    np.testing.assert_allclose(embedding, [[200, 0, 0], [0, 0, 100]], atol=1e-4)
+    assert model.top_k(model.predict(batch), 1)[0][0]["label"] == "red"
+    with pytest.raises(ValueError, match="expected uint8"):
+        model.embed(batch.astype(np.float32))
+
+
+def test_version_without_embedding_still_classifies_but_refuses_embed(bento_home, tmp_path):
+    version = store.publish("old", write_tiny_model(tmp_path / "m"))
+    model = OnnxClassifier(version.path, version.name, version.version).load()
+    batch = np.zeros((1, 16, 16, 3), np.uint8)
+    batch[..., 1] = 255
+    assert model.top_k(model.predict(batch), 1)[0][0]["label"] == "green"
+    assert not model.has_embedding
+    with pytest.raises(EmbeddingUnavailable, match="without an 'embedding' output.*re-export") as refused:
+        model.embed(batch)
+    assert refused.value.status == 409

@@ -162,8 +162,14 @@ def test_export_parity_and_dynamic_batch(tmp_path):
     assert parity_check(built.model, path, images) <= 1e-4
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "image" and session.get_inputs()[0].type == "tensor(uint8)"
-    logits, probs = session.run(None, {"image": images[:3]})
+    logits, probs, embedding = session.run(None, {"image": images[:3]})
     assert probs.shape == (3, 4)
+    with torch.no_grad():  # the embedding is the features the head reads, as torch computes them
+        features = built.model.features(torch.from_numpy(images[:3])).numpy()
+    assert embedding.shape == (3, built.model.classifier.head.in_features) == features.shape
+    np.testing.assert_allclose(embedding, features, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(embedding @ built.model.classifier.head.weight.detach().numpy().T
+                               + built.model.classifier.head.bias.detach().numpy(), logits, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # a torch model that disagrees with the graph must fail the gate
         built.model.classifier.head.bias += 1.0 + torch.arange(4.0)
     with pytest.raises(ExportError, match="parity"):
@@ -302,3 +308,7 @@ def test_bootstrap_imagenet_model_sees_a_cat(bento_home):
     image = prepare(Image.fromarray(skdata.chelsea()), manifest.preprocessing)
     top5 = [entry["label"] for entry in model.top_k(model.predict(image[None]), 5)[0]]
     assert any(label in top5 for label in ("tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat")), top5
+    assert manifest.embedding_output == "embedding"
+    embedding = model.embed(np.stack([image, image[::-1]]))
+    assert embedding.shape == (2, 1280) and embedding.dtype == np.float32
+    assert np.isfinite(embedding).all() and not np.allclose(embedding[0], embedding[1])

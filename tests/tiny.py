@@ -1,6 +1,7 @@
 """Tiny ONNX classifiers built without torch, for fast tests of models/, service/ and scoring.
 
-The graph honours the contract: uint8 `image [N, S, S, 3]` → `logits`, `probabilities [N, C]`.
+The graph honours the contract: uint8 `image [N, S, S, 3]` → `logits`, `probabilities [N, C]`,
+and with `embedding=True` also `embedding [N, 3]` (the per-channel mean colour the head reads).
 Logits are a fixed linear map of the per-channel mean colour, so a red image is predictably
 "red" and tests can assert real answers.
 """
@@ -12,12 +13,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.manifest import Manifest, Preprocessing, write_eval, write_manifest
+from models.manifest import EMBEDDING_OUTPUT, Manifest, Preprocessing, write_eval, write_manifest
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
-def tiny_graph(num_classes: int, weights: np.ndarray | None = None, opset: int = 18) -> onnx.ModelProto:
+def tiny_graph(num_classes: int, weights: np.ndarray | None = None, opset: int = 18,
+               embedding: bool = False) -> onnx.ModelProto:
     if weights is None:
         weights = np.zeros((3, num_classes), np.float32)
         for i in range(min(3, num_classes)):
@@ -28,14 +30,18 @@ def tiny_graph(num_classes: int, weights: np.ndarray | None = None, opset: int =
         helper.make_node("MatMul", ["mean", "w"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
     ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes]),
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", num_classes]),
+    ]
+    if embedding:
+        nodes.append(helper.make_node("Identity", ["mean"], [EMBEDDING_OUTPUT]))
+        outputs.append(helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["N", 3]))
     graph = helper.make_graph(
         nodes,
         "tiny",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", None, None, 3])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", num_classes]),
-        ],
+        outputs,
         initializer=[
             numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
             numpy_helper.from_array(weights.astype(np.float32), "w"),
@@ -53,9 +59,10 @@ def write_tiny_model(
     size: int = 16,
     weights: np.ndarray | None = None,
     accuracy: float | None = None,
+    embedding: bool = False,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_graph(len(labels), weights), str(directory / "model.onnx"))
+    onnx.save(tiny_graph(len(labels), weights, embedding=embedding), str(directory / "model.onnx"))
     manifest = Manifest(
         labels=list(labels),
         preprocessing=Preprocessing(size=size, resize=size, mean=(0, 0, 0), std=(1, 1, 1)),
@@ -63,6 +70,7 @@ def write_tiny_model(
         source="none",
         opset=18,
         parity_max_abs_diff=0.0,
+        embedding_output=EMBEDDING_OUTPUT if embedding else None,
     )
     write_manifest(manifest, directory)
     if accuracy is not None:

@@ -124,7 +124,10 @@ class Classifier(nn.Module):
 
 
 class ImageModel(nn.Module):
-    """What is trained and exported: uint8 NHWC `image` → (logits, probabilities).
+    """What is trained and exported: uint8 NHWC `image` → (logits, probabilities, embedding).
+
+    `embedding` is what the head reads (the body's pooled features), exported so the transfer
+    advisor and instant heads can work on ONNX Runtime alone.
 
     Casting, scaling and normalisation (mean/std in 0–255 units) live here, once, so the ONNX
     graph and training can never disagree.
@@ -143,9 +146,10 @@ class ImageModel(nn.Module):
     def features(self, image: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(self.normalise(image))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.classifier(self.normalise(image))
-        return logits, torch.softmax(logits.float(), dim=1)
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embedding = self.classifier.features(self.normalise(image))
+        logits = self.classifier.head(embedding)
+        return logits, torch.softmax(logits.float(), dim=1), embedding.float()
 
 
 @dataclass

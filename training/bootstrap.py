@@ -37,7 +37,10 @@ def bootstrap(name: str = DEFAULT_NAME, image_size: int = 224, force: bool = Fal
     from training.export import export_model
 
     if not force and name in store.list_models():
-        return store.resolve(name)
+        existing = store.resolve(name)
+        if existing.manifest().embedding_output:
+            return existing
+        # stored before model.onnx had its `embedding` output: publish a new version that has it
     labels = imagenet_labels()
     built = build_backbone("efficientnet_lite0", 1000, None, image_size, bn_momentum=PACKAGE_BN_MOMENTUM)
     photos = [Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in SAMPLE_PHOTOS]

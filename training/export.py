@@ -17,7 +17,7 @@ from models import store
 from models.datasets import Sample
 from models.errors import TuneserveError
 from models.evaluate import evaluate
-from models.manifest import CHECKPOINT_FILE, ONNX_FILE, DatasetInfo, Manifest, write_eval, write_manifest
+from models.manifest import CHECKPOINT_FILE, EMBEDDING_OUTPUT, ONNX_FILE, DatasetInfo, Manifest, write_eval, write_manifest
 from models.preprocess import prepare, stack
 from models.runtime import OnnxClassifier, RuntimeOptions
 from training.backbones import Built, ImageModel, checkpoint_payload
@@ -29,14 +29,21 @@ for _noisy in ("onnx_ir", "onnxscript"):
 
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 16
+EMBEDDING_TOLERANCE = 1e-3  # max |e_onnx - e_torch| / max(1, max |e_torch|)
 
 
 class ExportError(TuneserveError):
     status = 500
 
 
+OUTPUTS = ["logits", "probabilities", EMBEDDING_OUTPUT]
+
+
 def export_onnx(model: ImageModel, path: str | Path, size: int) -> int:
-    """uint8 NHWC `image` → `logits`, `probabilities`, dynamic batch, one self-contained file. Returns the opset."""
+    """uint8 NHWC `image` → `logits`, `probabilities`, `embedding`; dynamic batch, one self-contained file.
+
+    Returns the opset.
+    """
     import onnx
 
     model = model.cpu().eval()  # eval first: the dynamo exporter would otherwise run a training forward
@@ -47,7 +54,7 @@ def export_onnx(model: ImageModel, path: str | Path, size: int) -> int:
         (example,),
         str(path),
         input_names=["image"],
-        output_names=["logits", "probabilities"],
+        output_names=OUTPUTS,
         dynamic_shapes={"image": {0: batch}},
         external_data=False,
         dynamo=True,
@@ -57,25 +64,33 @@ def export_onnx(model: ImageModel, path: str | Path, size: int) -> int:
     onnx.checker.check_model(graph, full_check=True)
     inputs = [i.name for i in graph.graph.input]
     outputs = [o.name for o in graph.graph.output]
-    if inputs != ["image"] or outputs != ["logits", "probabilities"]:
-        raise ExportError(f"exported graph has inputs {inputs} and outputs {outputs}; expected ['image'] and ['logits', 'probabilities']")
+    if inputs != ["image"] or outputs != OUTPUTS:
+        raise ExportError(f"exported graph has inputs {inputs} and outputs {outputs}; expected ['image'] and {OUTPUTS}")
     return next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def parity_check(model: ImageModel, onnx_path: str | Path, images: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> float:
-    """Max |p_onnx - p_torch| over `images` (uint8 NHWC); raises ExportError above `tolerance`."""
+    """Max |p_onnx - p_torch| over `images` (uint8 NHWC); raises ExportError above `tolerance`.
+
+    The embedding is gated too, relative to its scale (features are not bounded like probabilities).
+    """
     import onnxruntime as ort
 
     model = model.cpu().eval()
     with torch.no_grad():
-        expected = model(torch.from_numpy(images))[1].numpy()
+        _, probabilities, embedding = (t.numpy() for t in model(torch.from_numpy(images)))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"image": images})[0]
+    got, got_embedding = session.run(["probabilities", EMBEDDING_OUTPUT], {"image": images})
     # a batch of one as well: the dynamic axis must really be dynamic
     single = session.run(["probabilities"], {"image": images[:1]})[0]
-    diff = float(max(np.abs(got - expected).max(), np.abs(single - expected[:1]).max()))
+    diff = float(max(np.abs(got - probabilities).max(), np.abs(single - probabilities[:1]).max()))
     if not np.isfinite(diff) or diff > tolerance:
         raise ExportError(f"parity check failed: ONNX Runtime vs torch max abs difference of probabilities {diff:.3g} > {tolerance}")
+    scale = max(1.0, float(np.abs(embedding).max()))
+    embedding_diff = float(np.abs(got_embedding - embedding).max()) / scale
+    if not np.isfinite(embedding_diff) or embedding_diff > EMBEDDING_TOLERANCE:
+        raise ExportError(f"parity check failed: ONNX Runtime vs torch relative difference of the embedding "
+                          f"{embedding_diff:.3g} > {EMBEDDING_TOLERANCE}")
     return diff
 
 
@@ -95,6 +110,7 @@ def build_manifest(built: Built, labels: list[str], config: dict[str, Any], data
         dataset=dataset,
         opset=opset,
         parity_max_abs_diff=parity,
+        embedding_output=EMBEDDING_OUTPUT,
     )
 
 
