@@ -52,6 +52,37 @@ class DatasetInfo(BaseModel):
     source: str = ""
 
 
+class Calibration(BaseModel):
+    """Temperature baked into the graph: `probabilities = softmax(logits / temperature)`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(gt=0)
+    fitted_on: str = "val"
+    samples: int = 0
+
+
+class OodSection(BaseModel):
+    """What the in-domain score needs besides the arrays in `file` (see models/ood.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    file: str = "ood.npz"
+    dims: int = Field(gt=0)
+    threshold: float = Field(ge=0, le=1, description="in-domain scores below this count as out of domain")
+    threshold_distance: float = Field(ge=0)
+    normalised: bool = True
+    fitted_on: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if Path(value).name != value or value in ("", ".", ".."):
+            raise ValueError(f"must be a file name inside the version folder, got {value!r}")
+        return value
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -70,6 +101,11 @@ class Manifest(BaseModel):
     opset: int | None = None
     parity_max_abs_diff: float | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    # Optional sections (round 2); None means "exported before they existed".
+    calibration: Calibration | None = None
+    thresholds: dict[str, float] | None = Field(
+        default=None, description="per-label best-F1 probability cut-offs on val, used by min_confidence=auto")
+    ood: OodSection | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -86,6 +122,20 @@ class Manifest(BaseModel):
         if dupes:
             raise ValueError(f"duplicate labels: {dupes}")
         return labels
+
+    @model_validator(mode="after")
+    def _thresholds_name_labels(self) -> "Manifest":
+        if self.thresholds is not None:
+            unknown = sorted(set(self.thresholds) - set(self.labels))
+            if unknown:
+                raise ValueError(f"thresholds for unknown labels: {unknown[:10]}")
+            if any(not 0.0 <= t <= 1.0 for t in self.thresholds.values()):
+                raise ValueError("thresholds must be probabilities in [0, 1]")
+        return self
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature if self.calibration else 1.0
 
     @property
     def num_classes(self) -> int:
