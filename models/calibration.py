@@ -21,7 +21,7 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 # A label that was never predicted on validation has no evidence for a cut-off; 0.5 answers only
 # when the model favours it over all the others together.
 DEFAULT_THRESHOLD = 0.5
-RISK_COVERAGE_THRESHOLDS = tuple(round(t, 2) for t in np.linspace(0.0, 1.0, 21)) + (0.99, 0.999)
+RISK_COVERAGE_THRESHOLDS = tuple(sorted({round(float(t), 2) for t in np.linspace(0.0, 1.0, 21)} | {0.99, 0.999}))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 
 from models.datasets import Sample
 from models.errors import DatasetError, ImageError
-from models.metrics import compare_reports, evaluation_report
+from models.metrics import compare_reports, evaluation_report, trust_report
 from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, prepare, stack
 from models.runtime import OnnxClassifier
 
@@ -24,18 +24,19 @@ def check_labels_known(samples: list[Sample], labels: list[str], model_tag: str)
         raise DatasetError(f"labels not known to model {model_tag}: {unknown}; it knows {len(labels)} labels")
 
 
-def predict_samples(
+def run_samples(
     model: OnnxClassifier,
     samples: list[Sample],
+    outputs: list[str],
     batch_size: int = 64,
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allowed_formats: frozenset[str] = ALLOWED_FORMATS,
-) -> tuple[np.ndarray, list[int], dict[str, str]]:
-    """Probabilities for the readable samples, their indices, and an error per unreadable path."""
+) -> tuple[dict[str, np.ndarray], list[int], dict[str, str]]:
+    """The named graph outputs for the readable samples, their indices, and an error per unreadable path."""
     spec = model.manifest.preprocessing
     errors: dict[str, str] = {}
-    rows: list[np.ndarray] = []
+    rows: list[list[np.ndarray]] = []
     kept: list[int] = []
 
     def load(index: int):
@@ -54,10 +55,20 @@ def predict_samples(
                     arrays.append(array)
                     indices.append(index)
             if arrays:
-                rows.append(model.predict(stack(arrays)))
+                rows.append(model.run(stack(arrays), outputs))
                 kept.extend(indices)
-    probabilities = np.concatenate(rows) if rows else np.zeros((0, model.manifest.num_classes), np.float32)
-    return probabilities, kept, errors
+    if not rows:
+        return {name: np.zeros((0, model.manifest.num_classes), np.float32) for name in outputs}, kept, errors
+    return {name: np.concatenate([row[i] for row in rows]) for i, name in enumerate(outputs)}, kept, errors
+
+
+def predict_samples(model: OnnxClassifier, samples: list[Sample], batch_size: int = 64, workers: int = 2,
+                    max_pixels: int = DEFAULT_MAX_PIXELS, allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+                    ) -> tuple[np.ndarray, list[int], dict[str, str]]:
+    """Probabilities for the readable samples, their indices, and an error per unreadable path."""
+    name = model.manifest.output_names[1]
+    out, kept, errors = run_samples(model, samples, [name], batch_size, workers, max_pixels, allowed_formats)
+    return out[name], kept, errors
 
 
 def evaluate(
@@ -71,15 +82,20 @@ def evaluate(
     """The `eval.json` report for `model` on labelled `samples`; unreadable images are listed."""
     labels = model.manifest.labels
     check_labels_known(samples, labels, model.tag)
-    probabilities, kept, errors = predict_samples(
-        model, samples, batch_size, max_pixels=max_pixels, allowed_formats=allowed_formats
+    logits_name, probabilities_name = model.manifest.output_names
+    names = [logits_name, probabilities_name] + ([model.manifest.embedding_output] if model.ood is not None else [])
+    outputs, kept, errors = run_samples(
+        model, samples, names, batch_size, max_pixels=max_pixels, allowed_formats=allowed_formats
     )
+    probabilities = outputs[probabilities_name]
     if not kept:
         raise DatasetError(f"none of the {len(samples)} images could be read; first errors: {dict(list(errors.items())[:3])}")
     index = {label: i for i, label in enumerate(labels)}
     y_true = [index[samples[i].label] for i in kept]
     present = sorted({samples[i].label for i in kept}, key=index.get)
     report = evaluation_report(y_true, probabilities, labels, top_k=top_k)
+    in_domain = model.ood.score(outputs[names[2]]) if model.ood is not None else None
+    report.update(trust_report(outputs[logits_name], probabilities, y_true, model.manifest, in_domain))
     report["model"] = model.tag
     report["labels_evaluated"] = present
     report["unreadable"] = errors

@@ -6,6 +6,9 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
+from models import calibration as cal
+from models.manifest import Manifest
+
 
 def evaluation_report(
     y_true: Sequence[int],
@@ -64,3 +67,28 @@ def compare_reports(base: dict[str, Any], other: dict[str, Any]) -> dict[str, fl
         if average in base and average in other:
             diff[f"{average.split('_')[0]}_f1"] = other[average]["f1"] - base[average]["f1"]
     return diff
+
+
+def trust_report(logits: np.ndarray, probabilities: np.ndarray, y_true: Sequence[int], manifest: Manifest,
+                 in_domain: np.ndarray | None) -> dict[str, Any]:
+    """eval.json's calibration (before/after T), risk–coverage, `auto` coverage and in-domain share."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    report: dict[str, Any] = {
+        "calibration": {
+            "temperature": manifest.temperature,
+            "before": cal.calibration_metrics(cal.softmax(logits), y_true),
+            "after": cal.calibration_metrics(probabilities, y_true),
+        },
+        "risk_coverage": cal.risk_coverage(probabilities, y_true),
+    }
+    in_domain_ok = None
+    if in_domain is not None and manifest.ood is not None:
+        in_domain_ok = np.asarray(in_domain) >= manifest.ood.threshold
+        report["in_domain"] = {"threshold": manifest.ood.threshold, "share_in_domain": float(in_domain_ok.mean())}
+    if manifest.thresholds is not None:
+        cuts = [manifest.thresholds.get(label, cal.DEFAULT_THRESHOLD) for label in manifest.labels]
+        confident = cal.answered_at(probabilities, cuts)
+        answered = confident & in_domain_ok if in_domain_ok is not None else confident
+        report["auto"] = {**cal.selective(probabilities, y_true, answered),
+                          "confidence_only": cal.selective(probabilities, y_true, confident)}
+    return report

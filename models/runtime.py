@@ -18,6 +18,7 @@ import numpy as np
 
 from models.errors import EmbeddingUnavailable
 from models.manifest import ONNX_FILE, Manifest, read_manifest
+from models.ood import OodModel
 
 log = logging.getLogger("tuneserve.runtime")
 
@@ -119,6 +120,7 @@ class OnnxClassifier:
         self.skipped_providers: dict[str, str] = {}
         self._session = None
         self._lock = threading.Lock()
+        self.ood: OodModel | None = None  # the in-domain score, for versions exported with one
 
     @property
     def tag(self) -> str:
@@ -156,7 +158,17 @@ class OnnxClassifier:
                 log.info("%s: skipped %s: %s", self.tag, name, reason)
             log.info("%s: loaded on %s", self.tag, self.active_providers)
             self._session = session
+            self.ood = self._load_ood()
         return self
+
+    def _load_ood(self) -> OodModel | None:
+        section = self.manifest.ood
+        if section is None:
+            return None
+        if not self.has_embedding:
+            log.warning("%s: manifest has an ood section but the graph no embedding output; no in-domain score", self.tag)
+            return None
+        return OodModel.load(self.directory, section.file)
 
     def _check_batch(self, batch: np.ndarray) -> None:
         if self._session is None:
@@ -191,18 +203,30 @@ class OnnxClassifier:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """uint8 `[N, H, W, 3]` → probabilities `[N, C]` (float32)."""
+        return self.run(batch, [self.manifest.output_names[1]])[0]
+
+    def predict_scored(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities `[N, C]` and in-domain scores `[N]` (None for versions without OOD data), one pass."""
+        if self.ood is None:
+            return self.predict(batch), None
+        probabilities, embedding = self.run(batch, [self.manifest.output_names[1], self.manifest.embedding_output])
+        return probabilities, self.ood.score(embedding)
+
+    def run(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        """The named graph outputs for a checked uint8 batch."""
         self._check_batch(batch)
         if self.on_gpu:
-            return self._predict_io_binding(batch)
-        return self._session.run([self.manifest.output_names[1]], {self.manifest.input_name: batch})[0]
+            return self._run_io_binding(batch, outputs)
+        return self._session.run(outputs, {self.manifest.input_name: batch})
 
-    def _predict_io_binding(self, batch: np.ndarray) -> np.ndarray:
+    def _run_io_binding(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         # uint8 crosses PCIe (a quarter of float32's bytes); casting happens on the GPU.
         binding = self._session.io_binding()
         binding.bind_cpu_input(self.manifest.input_name, np.ascontiguousarray(batch))
-        binding.bind_output(self.manifest.output_names[1])
+        for name in outputs:
+            binding.bind_output(name)
         self._session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
         k = min(k, self.manifest.num_classes)

@@ -87,3 +87,34 @@ def solid_png(colour: str | tuple[int, int, int], size: tuple[int, int] = (40, 3
     buffer = io.BytesIO()
     Image.new("RGB", size, rgb).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def noisy_colour_samples(directory: Path, per_class: int, seed: int, labels=("red", "green", "blue")) -> list:
+    """PNG files of colours near each primary (other channels up to 150, so some are ambiguous) as Samples."""
+    from PIL import Image
+
+    from models.datasets import Sample
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for c, label in enumerate(labels):
+        (directory / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rgb = rng.integers(0, 150, 3)
+            rgb[c % 3] = rng.integers(110, 256)
+            path = directory / label / f"{i}.png"
+            Image.new("RGB", (16, 16), tuple(int(v) for v in rgb)).save(path)
+            samples.append(Sample(path, label))
+    return samples
+
+
+def write_trusted_tiny_model(directory: Path, data: Path, labels=("red", "green", "blue")) -> Path:
+    """A tiny model with an embedding, calibrated at 'export' the way training does it (torch-free):
+    a fitted temperature in the graph and manifest, per-label thresholds, and the in-domain score."""
+    from models.trust import calibrate_version
+
+    write_tiny_model(directory, labels=labels, embedding=True)
+    train = noisy_colour_samples(data / "train", 40, seed=1, labels=labels)
+    val = noisy_colour_samples(data / "val", 30, seed=2, labels=labels)
+    calibrate_version(directory, "tiny", train, val)
+    return directory

@@ -1,0 +1,108 @@
+"""Fit, at export, what makes a version's answers trustworthy, and report it in eval.json (the report itself: models/metrics.py).
+
+Torch-free: it works on the exported graph through the same runtime and preprocessing as
+serving, so what is fitted is exactly what is served. Training calls `calibrate_version` on the
+staging folder after the parity gate and before evaluation:
+1. val logits → temperature T (min NLL), baked into model.onnx: probabilities = softmax(logits / T);
+2. val probabilities at T → the best-F1 threshold of each label;
+3. train embeddings → class means and shared covariance; val embeddings → the in-domain scale.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models import calibration as cal
+from models.datasets import Sample
+from models.errors import ManifestError
+from models.evaluate import run_samples
+from models.manifest import ONNX_FILE, Calibration, Manifest, OodSection, write_manifest
+from models.ood import OodModel, fit_ood
+from models.preprocess import prepare, stack
+from models.runtime import OnnxClassifier, RuntimeOptions
+
+log = logging.getLogger("tuneserve.trust")
+
+BAKE_TOLERANCE = 1e-5
+
+
+@dataclass
+class TrustFit:
+    temperature: float
+    thresholds: dict[str, float]
+    ood: OodModel | None
+    val_samples: int
+    train_samples: int
+
+
+def _indices(samples: list[Sample], kept: list[int], labels: list[str]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(labels)}
+    return np.array([index[samples[i].label] for i in kept], dtype=np.int64)
+
+
+def fit_trust(classifier: OnnxClassifier, train: list[Sample], val: list[Sample]) -> TrustFit:
+    """Temperature and thresholds from `val`; the in-domain score from `train` (+ `val` for its scale)."""
+    manifest = classifier.manifest
+    embedding = manifest.embedding_output if classifier.has_embedding else None
+    logits_name = manifest.output_names[0]
+    val_out, val_kept, _ = run_samples(classifier, val, [logits_name] + ([embedding] if embedding else []))
+    y_val = _indices(val, val_kept, manifest.labels)
+    temperature = cal.fit_temperature(val_out[logits_name], y_val)
+    probabilities = cal.softmax(val_out[logits_name], temperature)
+    thresholds = dict(zip(manifest.labels, cal.best_f1_thresholds(probabilities, y_val)))
+    ood = None
+    train_count = 0
+    if embedding:
+        train_out, train_kept, _ = run_samples(classifier, train, [embedding])
+        train_count = len(train_kept)
+        ood = fit_ood(train_out[embedding], _indices(train, train_kept, manifest.labels), val_out[embedding],
+                      manifest.num_classes)
+    log.info("%s: temperature %.3f from %d val images; in-domain score %s", classifier.tag, temperature,
+             len(val_kept), f"from {train_count} train images" if ood else "unavailable (no embedding output)")
+    return TrustFit(temperature, thresholds, ood, len(val_kept), train_count)
+
+
+def apply_trust(directory: str | Path, fit: TrustFit, manifest: Manifest) -> Manifest:
+    """Bake T into model.onnx, write ood.npz, and record the sections in manifest.json."""
+    import onnx
+
+    directory = Path(directory)
+    graph = onnx.load(str(directory / ONNX_FILE))
+    cal.bake_temperature(graph, fit.temperature, *manifest.output_names)
+    onnx.save(graph, str(directory / ONNX_FILE))
+    ood = None
+    if fit.ood is not None:
+        fit.ood.save(directory)
+        ood = OodSection(**fit.ood.section(train=fit.train_samples, val=fit.val_samples))
+    updated = manifest.model_copy(update={
+        "calibration": Calibration(temperature=fit.temperature, fitted_on="val", samples=fit.val_samples),
+        "thresholds": fit.thresholds,
+        "ood": ood,
+    })
+    write_manifest(updated, directory)
+    return updated
+
+
+def check_baked(classifier: OnnxClassifier, images: np.ndarray) -> float:
+    """max |probabilities - softmax(logits / T)| of the baked graph; raises above BAKE_TOLERANCE."""
+    logits, probabilities = classifier.run(images, list(classifier.manifest.output_names))
+    diff = float(np.abs(probabilities - cal.softmax(logits, classifier.manifest.temperature)).max())
+    if not diff <= BAKE_TOLERANCE:
+        raise ManifestError(f"{classifier.tag}: baked temperature does not match the manifest (max diff {diff:.3g})")
+    return diff
+
+
+def calibrate_version(directory: str | Path, name: str, train: list[Sample], val: list[Sample],
+                      options: RuntimeOptions | None = None) -> Manifest:
+    """Fit and apply the trust sections to an exported version folder (see the module docstring)."""
+    classifier = OnnxClassifier(directory, name, "staging", options).load()
+    if not val:
+        log.warning("%s: no validation images; served uncalibrated (T = 1, no thresholds)", name)
+        return classifier.manifest
+    manifest = apply_trust(directory, fit_trust(classifier, train, val), classifier.manifest)
+    baked = OnnxClassifier(directory, name, "staging", options).load()
+    check_baked(baked, stack([prepare(s.path, manifest.preprocessing) for s in val[:8]]))
+    return manifest
