@@ -120,7 +120,14 @@ def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_dat
     assert manifest.training["strategy"] == strategy and len(manifest.training["history"]) == config.epochs
     assert manifest.dataset.fingerprint and manifest.dataset.num_test == 6
     assert manifest.parity_max_abs_diff <= 1e-4 and manifest.opset
-    assert read_eval(version.path)["samples"] == 6
+    report = read_eval(version.path)
+    assert report["samples"] == 6
+    # trust sections (issue 12): T fitted on val and baked, thresholds, in-domain data; eval has before/after
+    assert manifest.calibration.fitted_on == "val" and manifest.calibration.samples == manifest.dataset.num_val
+    assert set(manifest.thresholds) == set(manifest.labels) and (version.path / manifest.ood.file).is_file()
+    assert report["calibration"]["temperature"] == manifest.temperature
+    assert {"ece", "nll", "brier", "reliability"} <= set(report["calibration"]["before"])
+    assert "auto" in report and "share_in_domain" in report["in_domain"]
     assert (version.path / "checkpoint.pt").is_file()
     out = Path(config.output_dir)
     assert json.loads((out / "config.json").read_text())["strategy"] == strategy
@@ -251,7 +258,7 @@ def test_training_run_writes_progress_events(tmp_path, tiny_data, bento_home):
     events = _events(progress)
     assert process.returncode == 0, process.stdout.read().decode()[-3000:]
     phases = [e["phase"] for e in events if e["event"] == "phase"]
-    assert phases == ["loading", "training", "exporting", "parity", "evaluating", "publishing"]
+    assert phases == ["loading", "training", "exporting", "parity", "calibrating", "evaluating", "publishing"]
     progress_event = next(e for e in events if e["event"] == "progress")
     for key in ("epoch", "epochs", "step", "steps", "train_loss", "val_accuracy", "val_loss", "eta_s", "time"):
         assert key in progress_event

@@ -9,7 +9,9 @@ from typing import Any
 
 from models.datasets import fingerprint
 from models.manifest import DatasetInfo, eval_summary, write_eval
+from models.runtime import RuntimeOptions
 from models.store import ModelVersion
+from models.trust import calibrate_version
 from training.config import TrainConfig
 from training.progress import Progress
 
@@ -68,6 +70,8 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     staging = out / "export"
     export_model(result.built, labels, staging, held_out_images(test, result.built.preprocessing), training,
                  dataset, progress)
+    progress.phase("calibrating")
+    calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device))
     report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
     write_eval(report, out)
     version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": config.strategy},
