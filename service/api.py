@@ -318,6 +318,14 @@ def mount_jobs(app: FastAPI, settings: Settings):
         level = logging.INFO if (error.name or "").startswith("service.finetune") else logging.WARNING
         log.log(level, "fine-tune jobs unavailable (service.finetune not importable: %s)", error)
         return None
+    from service.finetune.api import unavailable_router
+    from service.finetune.backends import unavailable_reason
+
+    reason = unavailable_reason(settings.job_backend)
+    if reason:
+        log.warning("fine-tune jobs unavailable: %s", reason)
+        app.include_router(unavailable_router(reason))
+        return None
     manager = JobManager(settings)
     app.include_router(build_router(manager, settings))
     return manager

@@ -65,6 +65,11 @@ class Settings:
     training_command: str | None = None  # shlex string; default `<training_python> -m training.run`
     finetune_max_upload_mb: float = 500.0  # body limit for /finetune uploads instead of max_body_mb
     finetune_min_per_class: int = 5
+    # where jobs train (service/finetune/backends.py): local child process, Ray cluster, or off (501)
+    job_backend: str = "local"
+    ray_address: str | None = None  # Ray dashboard URL (http://head:8265); default: Ray looks up RAY_ADDRESS, then a local cluster
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
 
     @property
     def finetune_max_upload_bytes(self) -> int:
@@ -215,6 +220,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "training_command": _text,
     "finetune_max_upload_mb": _number(float, positive=True),
     "finetune_min_per_class": _number(int, minimum=1),
+    "job_backend": _choice("local", "ray", "none"),
+    "ray_address": _text,
+    "ray_num_cpus": _number(float, minimum=0),
+    "ray_num_gpus": _number(float, minimum=0),
 }
 
 

@@ -269,3 +269,16 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
         return {"job_id": job_id, "deleted": True, "state": job.state}
 
     return router
+
+
+def unavailable_router(reason: str) -> APIRouter:
+    """Every /finetune route answers 501 with `reason` (a serve-only server, or jobs turned off),
+    instead of a 404 that would hide why."""
+    router = APIRouter()
+
+    @router.api_route("/finetune", methods=["GET", "POST"], include_in_schema=False)
+    @router.api_route("/finetune/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+    async def _unavailable() -> JSONResponse:
+        return JSONResponse({"error": reason}, status_code=501)
+
+    return router

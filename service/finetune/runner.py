@@ -1,11 +1,12 @@
-"""Runs claimed fine-tune jobs as child processes and keeps the job store up to date.
+"""Runs claimed fine-tune jobs and keeps the job store up to date.
 
 Each serving worker owns one `JobManager`: a loop thread claims queued jobs (up to the global
 `max_concurrent_jobs`, enforced inside the claim transaction) and starts one supervisor thread
-per job. The supervisor starts `python -m training.run --config ... --progress ...` in its own
-process group, tails the progress JSONL into the store, honours cancel requests (SIGTERM to
-the group, SIGKILL after the grace period), and sets the final state from the exit status and
-the last event. Nothing here imports torch or training.
+per job. The supervisor has the job's backend (backends.py: a local child process in its own
+process group, or a Ray job) run `python -m training.run --config ... --progress ...`, tails the
+progress JSONL into the store, honours cancel requests (SIGTERM, SIGKILL after the grace
+period), and sets the final state from the exit status and the last event. The database stays
+the source of truth whichever backend runs the process. Nothing here imports torch or training.
 """
 from __future__ import annotations
 
@@ -14,20 +15,18 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from service.finetune.backends import BackendError, Launch, LocalProcess, killpg, make_backend
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
 
 log = logging.getLogger("tuneserve.finetune")
 
-LAUNCHER = Path(__file__).with_name("launch.py")
 PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "train_loss", "val_accuracy", "val_loss", "eta_s")
 
 
@@ -36,13 +35,6 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tail(path: Path, lines: int = 8) -> str:
@@ -60,9 +52,6 @@ def _tail(path: Path, lines: int = 8) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
-
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ProgressReader:
@@ -101,6 +90,7 @@ class JobManager:
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.settings.db_path)
+        self.backend = make_backend(self.settings.job_backend, self.settings.ray_address)
         self.host = hostname()
         self.worker_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
@@ -153,8 +143,9 @@ class JobManager:
             if job.owner == self.worker_id:
                 continue
             if job.pid and job.host == self.host and pid_alive(job.pid) and job.id in process_cmdline(job.pid):
-                _killpg(job.pid, signal.SIGTERM)
-                threading.Timer(self.settings.grace_seconds, _killpg, (job.pid, signal.SIGKILL)).start()
+                killpg(job.pid, signal.SIGTERM)
+                threading.Timer(self.settings.grace_seconds, killpg, (job.pid, signal.SIGKILL)).start()
+            self.backend.stop_orphan(job)
             reason = "the server worker running this job stopped; resume with POST /finetune/{id}/resume".format(id=job.id)
             if self.store.finish(job.id, "interrupted", owner=job.owner, error=reason):
                 log.warning("job %s interrupted (worker %s is gone)", job.id, job.owner)
@@ -197,7 +188,21 @@ class JobManager:
         command = [*self.settings.training_command, "--config", str(config_path), "--progress", str(progress_path)]
         if job.resume:
             command.append("--resume")
-        return [sys.executable, str(LAUNCHER), str(os.getpid()), "--", *command]
+        return command
+
+    def launch(self, job: Job) -> Launch:
+        """One attempt of `job`, ready for the backend: config written, paths chosen, resources asked."""
+        job_dir = Path(job.job_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.write_config(job)
+        progress_path = job_dir / f"progress-{job.attempts}.jsonl"
+        device = str(job.config.get("device") or "auto")
+        gpus = {"cpu": 0.0, "cuda": max(1.0, self.settings.ray_num_gpus)}.get(device, self.settings.ray_num_gpus)
+        return Launch(
+            job_id=job.id, attempt=job.attempts, command=self.command(job, config_path, progress_path),
+            cwd=job_dir, log_path=job_dir / "train.log", env={"TUNESERVE_JOB_ID": job.id},
+            num_cpus=self.settings.ray_num_cpus, num_gpus=gpus,
+        )
 
     def _supervise(self, job: Job) -> None:
         try:
@@ -212,25 +217,20 @@ class JobManager:
 
     def _run_job(self, job: Job) -> None:
         settings = self.settings
-        job_dir = Path(job.job_dir)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        config_path = self.write_config(job)
-        progress_path = job_dir / f"progress-{job.attempts}.jsonl"
-        log_path = job_dir / "train.log"
-        command = self.command(job, config_path, progress_path)
+        launch = self.launch(job)
+        log_path = launch.log_path
+        progress_path = launch.cwd / f"progress-{job.attempts}.jsonl"
         with log_path.open("ab") as log_file:
-            log_file.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command[4:])}\n".encode())
-            log_file.flush()
-            # The child runs in the job folder; inside a bento the project is not pip-installed,
-            # so put the project root (the folder holding training/) on its path.
-            python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-            env = dict(os.environ, PYTHONUNBUFFERED="1", TUNESERVE_JOB_ID=job.id, PYTHONPATH=python_path)
-            process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=env, cwd=str(job_dir),
-            )
-        self.store.set_pid(job.id, process.pid)
-        log.info("job %s: started pid %d (attempt %d)", job.id, process.pid, job.attempts)
+            log_file.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(launch.command)}\n".encode())
+        try:
+            process = self.backend.start(launch)
+        except BackendError as error:
+            self.store.finish(job.id, "failed", owner=self.worker_id, error=str(error))
+            log.warning("job %s: %s", job.id, error)
+            return
+        if isinstance(process, LocalProcess):
+            self.store.set_pid(job.id, process.pid)
+        log.info("job %s: started %s (attempt %d)", job.id, process.label, job.attempts)
 
         reader = ProgressReader(progress_path)
         progress: dict[str, Any] = dict(job.progress or {}) if job.resume else {}
@@ -289,16 +289,16 @@ class JobManager:
                 # A publish in progress is let finish (briefly): the version is either fully
                 # there or not at all, and the job then reports what really happened.
                 if phase != "publishing" or now - cancel_at > settings.grace_seconds:
-                    log.info("job %s: %s → SIGTERM to process group %d", job.id, why_stopped, process.pid)
-                    _killpg(process.pid, signal.SIGTERM)
+                    log.info("job %s: %s → stopping %s", job.id, why_stopped, process.label)
+                    process.terminate()
                     term_sent = now
             elif term_sent is not None and kill_sent is None and now - term_sent > settings.grace_seconds:
                 log.warning("job %s: still running %.0fs after SIGTERM → SIGKILL", job.id, settings.grace_seconds)
-                _killpg(process.pid, signal.SIGKILL)
+                process.kill()
                 kill_sent = now
             time.sleep(min(settings.poll_seconds, 0.5))
         consume()
-        _killpg(process.pid, signal.SIGKILL)  # leftovers in the group (data loader workers)
+        process.finish()  # leftovers in the group (data loader workers); Ray: the last log lines
         if why_stopped is None and self._stop.is_set():
             why_stopped = "shutdown"  # the server is stopping and its supervisor may have signalled the child first
 

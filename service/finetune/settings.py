@@ -26,6 +26,10 @@ class FinetuneSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     allowed_formats: frozenset[str] = ALLOWED_FORMATS
     stale_worker_seconds: float = 30.0
+    job_backend: str = "local"  # local | ray | none (backends.py)
+    ray_address: str | None = None  # Ray dashboard URL for job submission, or "auto"
+    ray_num_cpus: float = 1.0  # resources a Ray job asks for
+    ray_num_gpus: float = 0.0  # with device=cuda at least 1
 
     @property
     def root(self) -> Path:
@@ -65,4 +69,8 @@ class FinetuneSettings:
             min_per_class=settings.finetune_min_per_class,
             max_pixels=settings.max_pixels,
             allowed_formats=settings.allowed_formats,
+            job_backend=settings.job_backend,
+            ray_address=settings.ray_address,
+            ray_num_cpus=settings.ray_num_cpus,
+            ray_num_gpus=settings.ray_num_gpus,
         )
