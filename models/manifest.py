@@ -198,4 +198,8 @@ def eval_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
     summary = {k: report[k] for k in keys if k in report}
     if "macro_avg" in report:
         summary["macro_f1"] = report["macro_avg"].get("f1")
+    if "calibration" in report:
+        summary["ece"] = report["calibration"]["after"]["ece"]
+    if report.get("auto"):
+        summary["auto_coverage"] = report["auto"]["coverage"]
     return summary

@@ -5,10 +5,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from models.datasets import fingerprint
 from models.manifest import DatasetInfo, eval_summary, write_eval
+from models.report import write_report
 from models.runtime import RuntimeOptions
 from models.store import ModelVersion
 from models.trust import calibrate_version
@@ -16,6 +18,7 @@ from training.config import TrainConfig
 from training.progress import Progress
 
 log = logging.getLogger("tuneserve.training")
+REPORT_FILE = "report.html"
 
 
 @dataclass
@@ -25,10 +28,12 @@ class RunResult:
     history: list[dict[str, Any]]
     seconds: float
     train_seconds: float
+    report_path: Path | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
             "model": self.version.tag,
+            "report": str(self.report_path) if self.report_path else None,
             "eval": eval_summary(self.report),
             "epochs": self.history,
             "seconds": round(self.seconds, 1),
@@ -74,6 +79,7 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device))
     report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
     write_eval(report, out)
+    report_path = write_report(out / REPORT_FILE, report, result.history)
     version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": config.strategy},
                       progress, stop)
-    return RunResult(version, report, result.history, time.monotonic() - started, result.seconds)
+    return RunResult(version, report, result.history, time.monotonic() - started, result.seconds, report_path)

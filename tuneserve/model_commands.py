@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--split", choices=["train", "val", "test"], help="only samples of this split")
     evaluate.add_argument("--top-k", type=int, default=5)
     evaluate.add_argument("--output", type=Path, help="also write the report here (JSON)")
+    evaluate.add_argument("--report", type=Path, metavar="HTML",
+                          help="also write a self-contained HTML page: confusion matrix, per-class bars, "
+                               "reliability before/after calibration, risk-coverage, training curves")
     evaluate.set_defaults(handler=run_evaluate)
 
 
@@ -61,5 +64,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     if args.output:
         args.output.write_text(text)
+    if args.report:
+        from models.report import write_report
+
+        write_report(args.report, report, model.manifest.training.get("history"))
     print(text)
     return 0
