@@ -203,37 +203,93 @@ def check_trainable(samples: list[Sample], min_per_class: int = 2) -> dict[str, 
     return dict(sorted(counts.items()))
 
 
+def given_splits(samples: list[Sample]) -> list[str]:
+    """The split names the data itself assigns (folders or a `split` column), in SPLITS order."""
+    present = {s.split for s in samples}
+    return [name for name in SPLITS if name in present]
+
+
+def split_origins(samples: list[Sample], splits: dict[str, list[Sample]]) -> dict[str, list[str]]:
+    """Which splits the data gave and which `split_samples` carved out of train (for the manifest)."""
+    given = given_splits(samples)
+    return {"given": given, "derived": [n for n in ("val", "test") if n not in given and splits[n]]}
+
+
 def split_samples(
     samples: list[Sample], val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
 ) -> dict[str, list[Sample]]:
-    """Keep given splits; otherwise a stratified split by seed (at least one train image per class)."""
-    if any(s.split for s in samples):
-        given = {name: [s for s in samples if s.split == name] for name in SPLITS}
-        unassigned = [s for s in samples if not s.split]
-        given["train"].extend(unassigned)
-        if not given["val"]:
-            rest = split_samples(given["train"], val_fraction, 0.0, seed)
-            given["train"], given["val"] = rest["train"], rest["val"]
-        return given
+    """Keep every given split as it is; carve the missing val (and test) splits out of train.
+
+    Train is the given train split plus every sample without a split (all samples when the data
+    gives none). Carving is stratified by label and seeded, keeps at least one train image per
+    class, and never touches a given val or test image. Refused with a DatasetError naming the
+    class and its counts: a given split without images of some class, or too few train images
+    of a class to carve the missing splits from.
+    """
+    given = given_splits(samples)
+    pool = [s for s in samples if s.split in (None, "train")]
+    _check_every_class_present(samples, pool, given)
+    fractions = {"val": 0.0 if "val" in given else val_fraction, "test": 0.0 if "test" in given else test_fraction}
+    carved = _carve(pool, fractions, seed)
+    return {
+        "train": carved["train"],
+        "val": [s for s in samples if s.split == "val"] + carved["val"],
+        "test": [s for s in samples if s.split == "test"] + carved["test"],
+    }
+
+
+def _split_counts(samples: list[Sample], label: str | None) -> str:
+    counts = Counter(s.split or "unassigned" for s in samples if s.label == label)
+    return ", ".join(f"{name} {counts[name]}" for name in (*SPLITS, "unassigned") if name in counts or name in SPLITS)
+
+
+def _check_every_class_present(samples: list[Sample], pool: list[Sample], given: list[str]) -> None:
+    """Every class needs train images, and images in each split the data gives."""
+    labels = sorted({s.label for s in samples}, key=str)
+    holders = {"train": pool, **{name: [s for s in samples if s.split == name] for name in ("val", "test")}}
+    for name in ["train"] + [n for n in given if n != "train"]:
+        present = {s.label for s in holders[name]}
+        problems = [f"{label!r} ({_split_counts(samples, label)})" for label in labels if label not in present]
+        if problems:
+            kind = "the given" if name in given else "the"
+            raise DatasetError(
+                f"{kind} {name} split has no images of class {', '.join(problems)}; every class needs images in "
+                f"train and in every split the data gives"
+            )
+
+
+def _carve(pool: list[Sample], fractions: dict[str, float], seed: int) -> dict[str, list[Sample]]:
     rng = random.Random(seed)
-    by_label: dict[str, list[Sample]] = defaultdict(list)
-    for sample in samples:
+    by_label: dict[str | None, list[Sample]] = defaultdict(list)
+    for sample in pool:
         by_label[sample.label].append(sample)
     splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
-    for label in sorted(by_label):
+    for label in sorted(by_label, key=str):
         group = by_label[label][:]
         rng.shuffle(group)
-        n = len(group)
-        n_test = min(round(n * test_fraction), n - 1)
-        n_val = min(round(n * val_fraction), n - 1 - n_test)
-        if test_fraction > 0 and n >= 3:
-            n_test = max(n_test, 1)
-        if val_fraction > 0 and n - n_test >= 2:
-            n_val = max(n_val, 1)
+        n_val, n_test = _carve_counts(label, len(group), fractions)
         splits["test"].extend(group[:n_test])
         splits["val"].extend(group[n_test : n_test + n_val])
         splits["train"].extend(group[n_test + n_val :])
     return splits
+
+
+def _carve_counts(label: str | None, n: int, fractions: dict[str, float]) -> tuple[int, int]:
+    """(val, test) images to carve from a class's n train images: at least one per carved split,
+    at least one left for training."""
+    wanted = [name for name in ("val", "test") if fractions[name] > 0]
+    if n < 1 + len(wanted):
+        hint = " or set test_fraction to 0" if "test" in wanted else ""
+        raise DatasetError(
+            f"class {label!r} has {n} train image(s): too few to carve {' and '.join(wanted)} out of them "
+            f"(needs at least {1 + len(wanted)}: one per carved split plus one to train on); add images of "
+            f"{label!r}, give the {'/'.join(wanted)} split(s) in the data{hint}"
+        )
+    counts = {name: max(1, round(n * fractions[name])) if name in wanted else 0 for name in ("val", "test")}
+    while counts["val"] + counts["test"] > n - 1:  # shrink the larger carve, never below one
+        larger = max(wanted, key=lambda name: counts[name])
+        counts[larger] -= 1
+    return counts["val"], counts["test"]
 
 
 def fingerprint(samples: list[Sample]) -> str:

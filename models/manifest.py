@@ -50,6 +50,10 @@ class DatasetInfo(BaseModel):
     num_val: int = 0
     num_test: int = 0
     source: str = ""
+    # which splits the data gave (folders or a `split` column) and which training carved out of
+    # train; empty in versions made before this was recorded
+    splits_given: list[str] = Field(default_factory=list)
+    splits_derived: list[str] = Field(default_factory=list)
 
 
 class Calibration(BaseModel):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.datasets import fingerprint
+from models.datasets import fingerprint, split_origins
 from models.manifest import DatasetInfo, eval_summary, write_eval
 from models.report import write_report
 from models.runtime import RuntimeOptions
@@ -62,9 +62,12 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     splits, labels = prepare_splits(samples, config.val_fraction, config.test_fraction, config.seed,
                                     config.min_images_per_class)
     check_readable(samples, workers=max(1, config.num_workers) + 1)
+    origins = split_origins(samples, splits)
     dataset = DatasetInfo(fingerprint=fingerprint(samples), num_train=len(splits["train"]),
-                          num_val=len(splits["val"]), num_test=len(splits["test"]), source=str(config.data))
-    log.info("data: %d classes, train %d, val %d, test %d", len(labels), dataset.num_train, dataset.num_val, dataset.num_test)
+                          num_val=len(splits["val"]), num_test=len(splits["test"]), source=str(config.data),
+                          splits_given=origins["given"], splits_derived=origins["derived"])
+    log.info("data: %d classes, train %d, val %d, test %d (given: %s; carved from train: %s)", len(labels),
+             dataset.num_train, dataset.num_val, dataset.num_test, origins["given"] or "none", origins["derived"] or "none")
 
     progress.phase("training")
     result = train(config, splits, labels, progress, stop, resume)

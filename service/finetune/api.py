@@ -89,9 +89,11 @@ def validate_config(raw: Any) -> dict[str, Any]:
 
 
 # -- dataset checks ---------------------------------------------------------------------------
-def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: int) -> dict[str, Any]:
-    """Layout, classes, per-class counts, split labels, and every image decodes; → a summary."""
-    from models.datasets import check_trainable, load_samples
+def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: int,
+                  config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Layout, classes, per-class counts, split labels, the split training will make (with the
+    config's fractions and seed), and every image decodes; → a summary."""
+    from models.datasets import check_trainable, load_samples, split_origins, split_samples
     from models.preprocess import decode_image
 
     samples = load_samples(directory)
@@ -99,6 +101,8 @@ def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: in
     if unlabelled:
         raise DatasetError(f"{len(unlabelled)} images have no label, e.g. {_rel(unlabelled[0].path, directory)}")
     counts = check_trainable(samples, min_per_class=min_per_class)
+    config = config or {}
+    splits = split_samples(samples, config.get("val_fraction", 0.15), config.get("test_fraction", 0.15), config.get("seed", 0))
     bad = []
     for sample in samples:
         try:
@@ -109,8 +113,9 @@ def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: in
         shown = "; ".join(bad[:MAX_BAD_PATHS])
         more = f" (and {len(bad) - MAX_BAD_PATHS} more)" if len(bad) > MAX_BAD_PATHS else ""
         raise DatasetError(f"{len(bad)} of {len(samples)} images cannot be used: {shown}{more}")
-    splits = sorted({s.split for s in samples if s.split})
-    return {"images": len(samples), "classes": len(counts), "per_class": counts, "splits": splits}
+    origins = split_origins(samples, splits)
+    return {"images": len(samples), "classes": len(counts), "per_class": counts, "splits": origins["given"],
+            "splits_derived": origins["derived"], "split_sizes": {name: len(group) for name, group in splits.items()}}
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -194,7 +199,7 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
             else:
                 dataset_dir = resolve_data_path(str(data_path), ft)
             min_per_class = max(ft.min_per_class, int(config.get("min_images_per_class") or 2))
-            summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class)
+            summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class, config)
         finally:
             await form.close()
         job_dir.mkdir(parents=True, exist_ok=True)
