@@ -1,9 +1,9 @@
 """The BentoML 1.4 service: `bentoml serve service.service:TuneServe`.
 
-Every route lives in the FastAPI app from service/api.py, mounted with `@bentoml.asgi_app`, so
+Every route lives in the FastAPI app from service/app.py (routes in service/routes/), mounted with `@bentoml.asgi_app`, so
 uploads are decoded and validated by our code (BentoML's PIL/File parameters 500 on corrupt input
 and fetch URLs). BentoML supplies the server, workers, /healthz /livez /readyz /metrics.
-Batching happens inside each worker per model (service/models_pool.py): BentoML's batchable APIs
+Batching happens inside each worker per model (service/pool/): BentoML's batchable APIs
 take exactly one parameter and fail a whole batch if one item raises, which cannot carry `model`
 and `top_k` per request.
 """
@@ -13,7 +13,7 @@ import logging
 
 import bentoml
 
-from service.api import create_app, mount_jobs
+from service.app import create_app, mount_jobs
 from service.config import load_settings
 from service.limits import BodyLimitMiddleware
 
@@ -31,14 +31,14 @@ app = create_app(SETTINGS)
     workers=SETTINGS.worker_count,
     traffic={"timeout": 600},
     logging={"access": {"enabled": SETTINGS.access_log}},
-    # one logical GPU per worker is chosen in models_pool.runtime_options by worker index
+    # one logical GPU per worker is chosen in service/pool/devices.py by worker index
 )
 @bentoml.asgi_app(app, path="/")
 class TuneServe:
     """One instance per worker process."""
 
     def __init__(self) -> None:
-        from service.models_pool import ModelPool
+        from service.pool import ModelPool
 
         self.settings = SETTINGS
         self.pool = ModelPool(SETTINGS)

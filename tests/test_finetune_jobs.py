@@ -17,7 +17,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.finetune import JobManager, build_router
+from service.finetune import JobManager
+from service.routes.finetune import build_router
 from service.finetune.settings import FinetuneSettings
 from tests.finetune_support import FAKE_COMMAND, make_dataset, png, submit, wait_for, zip_dir
 

@@ -215,7 +215,8 @@ def test_real_training_interrupted_then_resumed(tmp_path, bento_home):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from service.finetune import JobManager, build_router
+    from service.finetune import JobManager
+    from service.routes.finetune import build_router
     from service.finetune.settings import FinetuneSettings
 
     settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, grace_seconds=10, poll_seconds=0.2,

@@ -99,7 +99,7 @@ def test_unreachable_ray_fails_the_job_with_the_address(tmp_path):
 
 
 def _app(settings):
-    from service.api import mount_jobs
+    from service.app import mount_jobs
 
     app = FastAPI()
     return app, mount_jobs(app, settings)

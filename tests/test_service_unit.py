@@ -97,16 +97,16 @@ def test_providers_cpu_without_gpu_or_when_asked():
 
 
 def test_worker_binds_to_gpu_by_index(monkeypatch):
-    from service import models_pool
+    from service.pool import devices
 
-    monkeypatch.setattr(models_pool, "preload_cuda_libraries", lambda: None)
+    monkeypatch.setattr(devices, "preload_cuda_libraries", lambda: None)
     settings = load_settings({"TUNESERVE_WORKERS": "4"})
     # circus worker ids start at 1: workers 1..4 over 2 GPUs → 0, 1, 0, 1
-    assert [models_pool.runtime_options(settings, gpu_count=2, index=i).device_id for i in (1, 2, 3, 4)] == [0, 1, 0, 1]
-    assert models_pool.runtime_options(settings, gpu_count=2, index=1).intra_op_threads == 1
-    cpu = models_pool.runtime_options(settings, gpu_count=0, index=3)
+    assert [devices.runtime_options(settings, gpu_count=2, index=i).device_id for i in (1, 2, 3, 4)] == [0, 1, 0, 1]
+    assert devices.runtime_options(settings, gpu_count=2, index=1).intra_op_threads == 1
+    cpu = devices.runtime_options(settings, gpu_count=0, index=3)
     assert cpu.device_id == 0 and cpu.intra_op_threads >= 1
-    pinned = models_pool.runtime_options(load_settings({"TUNESERVE_THREADS": "3"}), gpu_count=0, index=1)
+    pinned = devices.runtime_options(load_settings({"TUNESERVE_THREADS": "3"}), gpu_count=0, index=1)
     assert pinned.intra_op_threads == 3
 
 
@@ -118,16 +118,16 @@ def test_worker_count_defaults_to_gpus_else_cores(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setattr(models.runtime, "cuda_device_count", lambda: 0)
     assert load_settings({}).worker_count == cores
-    assert models_pool_threads(load_settings({})) == 1  # one ONNX Runtime thread per worker on CPU
+    assert cpu_threads(load_settings({})) == 1  # one ONNX Runtime thread per worker on CPU
     monkeypatch.setattr(models.runtime, "cuda_device_count", lambda: 3)
     assert load_settings({}).worker_count == 3
     assert load_settings({"TUNESERVE_WORKERS": "5"}).worker_count == 5
 
 
-def models_pool_threads(settings) -> int:
-    from service import models_pool
+def cpu_threads(settings) -> int:
+    from service.pool import devices
 
-    return models_pool.runtime_options(settings, gpu_count=0, index=1).intra_op_threads
+    return devices.runtime_options(settings, gpu_count=0, index=1).intra_op_threads
 
 
 # ---- micro-batching ----------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class FakeClassifier:
 def test_batcher_merges_requests_and_isolates_failures():
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.models_pool import Batcher
+    from service.pool import Batcher
 
     async def main():
         batcher = Batcher("m", max_size=8, max_latency_s=0.05, executor=ThreadPoolExecutor(1))
@@ -200,7 +200,7 @@ def test_body_limit_middleware_per_path():
 def test_pinned_versions_are_capped_and_the_newest_is_kept(bento_home, tmp_path):
     from models import store
     from models.errors import ModelNotFound
-    from service.models_pool import ModelPool
+    from service.pool import ModelPool
     from tests.tiny import write_tiny_model
 
     versions = [store.publish("colours", write_tiny_model(tmp_path / f"v{i}")) for i in range(4)]

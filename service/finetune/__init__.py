@@ -1,11 +1,5 @@
-"""Durable fine-tune jobs: SQLite store, child-process runner, REST routes. No torch here."""
+"""Durable fine-tune jobs: SQLite store, child-process runner. No torch here; the HTTP routes are
+in service/routes/finetune.py."""
 from service.finetune.runner import JobManager
 
-
-def build_router(manager, settings=None):
-    from service.finetune.api import build_router as _build
-
-    return _build(manager, settings)
-
-
-__all__ = ["JobManager", "build_router"]
+__all__ = ["JobManager"]

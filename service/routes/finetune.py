@@ -1,4 +1,4 @@
-"""REST routes for fine-tune jobs (FastAPI), mounted on the service's ASGI app.
+"""REST routes for fine-tune jobs (FastAPI); service/app.py includes them when jobs are available.
 
 POST /finetune                 multipart: `dataset` (zip) or `data_path` (inside the data root), `config` JSON → 202
 GET  /finetune?state=&limit=   jobs, newest first

@@ -1,0 +1,98 @@
+"""The FastAPI app (mounted into the BentoML service by service/service.py): routers from
+service/routes/, one per area, and the error handlers that turn every refusal into a 4xx with
+`{"error": "..."}` naming the problem (`models.errors.*.status` gives the status).
+
+Uploads are taken as multipart files and decoded by our code (never as PIL parameters, which 500
+on corrupt input, nor as file parameters, which fetch URLs).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import TuneserveError
+from service.config import Settings
+from service.pool import count_request
+from service.routes import classify, evaluate, models
+
+log = logging.getLogger("tuneserve.service")
+
+COUNTED_ROUTES = ("classify", "classify_batch", "evaluate")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="tuneserve",
+        description="Classify images with fine-tuned models; evaluate them; fine-tune new ones.",
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.pool = None  # set by each BentoML worker (service/service.py)
+    add_error_handlers(app)
+    for area in (classify, evaluate, models):
+        app.include_router(area.build_router(settings))
+    return app
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _count_refusal(request: Request) -> None:
+    route = request.url.path.strip("/")
+    if route in COUNTED_ROUTES:
+        count_request(route, getattr(request.state, "model", None) or "-", "refused")
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TuneserveError)
+    async def _tuneserve_error(request: Request, error: TuneserveError):
+        _count_refusal(request)
+        return _error(error.status, str(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code < 500:
+            _count_refusal(request)
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in error.errors()
+        )
+        return _error(422, problems or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception):
+        log.exception("unexpected error")
+        return _error(500, f"internal error: {type(error).__name__}")
+
+
+def mount_jobs(app: FastAPI, settings: Settings):
+    """Fine-tune jobs (service/finetune): returns the JobManager, or None if absent."""
+    try:
+        from service.finetune import JobManager
+        from service.routes.finetune import build_router
+    except ImportError as error:
+        level = logging.INFO if (error.name or "").startswith("service.finetune") else logging.WARNING
+        log.log(level, "fine-tune jobs unavailable (service.finetune not importable: %s)", error)
+        return None
+    from service.finetune.backends import unavailable_reason
+    from service.routes.finetune import unavailable_router
+
+    reason = unavailable_reason(settings.job_backend)
+    if reason:
+        log.warning("fine-tune jobs unavailable: %s", reason)
+        app.include_router(unavailable_router(reason))
+        return None
+    manager = JobManager(settings)
+    app.include_router(build_router(manager, settings))
+    return manager

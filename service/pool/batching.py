@@ -1,0 +1,114 @@
+"""Per-model micro-batching: one queue and one batcher task per model name (all its versions).
+
+`submit(classifier, array)` puts one prepared image into the queue; the batcher takes up to
+`max_size` images (waiting at most `max_latency_s` for more), groups them by classifier version,
+and runs ONNX Runtime in a thread so the event loop stays free. Requests with different `top_k`
+share a batch because top-k is applied per request afterwards, and a bad image never reaches the
+batch: it fails while decoding, in its own request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.preprocess import stack
+from models.runtime import OnnxClassifier
+from service.pool.metrics import metrics, observe
+
+log = logging.getLogger("tuneserve.service")
+
+
+@dataclass
+class _Item:
+    classifier: OnnxClassifier
+    array: np.ndarray
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Micro-batching queue for one model name (all its versions)."""
+
+    def __init__(self, name: str, max_size: int, max_latency_s: float, executor: ThreadPoolExecutor):
+        self.name = name
+        self.max_size = max_size
+        self.max_latency_s = max_latency_s
+        self.executor = executor
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, classifier: OnnxClassifier, array: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.queue.put_nowait(_Item(classifier, array, future))
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run(), name=f"batcher-{self.name}")
+        return await future
+
+    async def _collect(self) -> list[_Item]:
+        items = [await self.queue.get()]
+        while len(items) < self.max_size and not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        if len(items) < self.max_size and self.max_latency_s > 0:
+            deadline = time.monotonic() + self.max_latency_s
+            while len(items) < self.max_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
+                while len(items) < self.max_size and not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+        return items
+
+    async def _run(self) -> None:
+        while True:
+            items = await self._collect()
+            groups: dict[int, list[_Item]] = {}
+            for item in items:
+                if not item.future.cancelled():
+                    groups.setdefault(id(item.classifier), []).append(item)
+            for group in groups.values():
+                await self._run_group(group)
+
+    async def _run_group(self, group: list[_Item]) -> None:
+        """One ONNX Runtime call for the items of one classifier version; results to their futures."""
+        loop = asyncio.get_running_loop()
+        classifier = group[0].classifier
+        started = time.perf_counter()
+        for item in group:
+            observe("queue", self.name, started - item.queued)
+        try:
+            batch = stack([item.array for item in group])
+            probabilities = await loop.run_in_executor(self.executor, classifier.predict, batch)
+        except Exception as error:  # one failing batch fails only its own items, never the task
+            log.exception("%s: inference failed for a batch of %d", classifier.tag, len(group))
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError(f"inference failed: {error}"))
+            return
+        try:
+            m = metrics()
+            m["latency"].labels(self.name).observe(time.perf_counter() - started)
+            m["batch"].labels(self.name).observe(len(group))
+            m["images"].labels(self.name).inc(len(group))
+        except Exception:  # metrics must never strand the requests of a batch
+            log.exception("could not record metrics for %s", self.name)
+        for item, row in zip(group, probabilities):
+            if not item.future.done():
+                item.future.set_result(row)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):
+                pass

@@ -1,0 +1,76 @@
+"""GET /models, GET /models/{name}, POST /models/{name}/reload."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from models import store
+from models.errors import TuneserveError
+from service.auth import require_api_key, require_read_access
+from service.config import Settings
+from service.routes.forms import pool_of
+
+
+def build_router(settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["models"])
+    read = [Depends(require_read_access(settings))]
+    write = [Depends(require_api_key(settings))]
+
+    @router.get("/models", dependencies=read)
+    async def list_models(request: Request) -> dict[str, Any]:
+        pool = pool_of(request)
+        return {
+            "default_model": settings.default_model,
+            "models": await asyncio.to_thread(_stored_models),
+            "loaded": pool.loaded(),
+            "runtime": pool.runtime(),
+        }
+
+    @router.get("/models/{name}", dependencies=read)
+    async def show_model(name: str, request: Request) -> dict[str, Any]:
+        pool = pool_of(request)
+        model_name, version = store.split_ref(name)
+        found = await asyncio.to_thread(_stored_model, model_name, version)
+        found["loaded"] = {tag: d for tag, d in pool.loaded().items() if tag.split(":")[0] == model_name}
+        return found
+
+    @router.post("/models/{name}/reload", dependencies=write)
+    async def reload_model(name: str, request: Request) -> dict[str, Any]:
+        """Check the store now instead of waiting for the poller (this worker); loads the model if needed."""
+        pool = pool_of(request)
+        model_name, _ = store.split_ref(name)
+        await pool.get(model_name)
+        swapped = await pool.check_for_updates()
+        current = await pool.get(model_name)
+        return {"model": model_name, "version": current.version, "swapped": swapped}
+
+    return router
+
+
+def _stored_models() -> dict[str, Any]:
+    out = {}
+    for name, versions in store.list_models().items():
+        entries = []
+        for version in versions:
+            try:
+                entries.append(store.describe(version))
+            except TuneserveError as error:
+                entries.append({"version": version.version, "error": str(error)})
+        out[name] = {"latest": store.latest_version(name), "versions": entries}
+    return out
+
+
+def _stored_model(model_name: str, version: str) -> dict[str, Any]:
+    known = store.list_models()
+    if model_name not in known:
+        raise store.ModelNotFound(f"unknown model {model_name!r}; known models: {sorted(known) or 'none'}")
+    versions = known[model_name]
+    if version != "latest":
+        versions = [store.resolve(f"{model_name}:{version}")]
+    return {
+        "name": model_name,
+        "latest": store.latest_version(model_name),
+        "versions": [store.describe(v, full=True) for v in versions],
+    }

@@ -1,0 +1,187 @@
+"""The typed answers of the HTTP API (pydantic); the Python client (tuneserve/client.py) parses
+responses with the same models.
+
+One prediction shape wherever a prediction appears (`/classify`, each `/classify_batch` item):
+`Prediction`. `abstained` and `in_domain` stay at their defaults until a model carries
+thresholds and an in-domain score (manifest `thresholds`, `ood`); `variant` names the ONNX file
+that answered (fp32 unless a quantized variant was chosen).
+
+Reports and descriptions carry more fields than are listed (extra="allow"): they grow with the
+contract (models/), and the schema says which fields are always there.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    """A model whose answers may carry more fields than the ones declared."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Error(_Open):
+    """Every refusal: `{"error": "..."}` naming the problem (409 on jobs adds the job's fields)."""
+
+    error: str = Field(description="What was wrong, in words")
+
+
+class RankedLabel(BaseModel):
+    label: str
+    probability: float = Field(ge=0, le=1)
+
+
+class Prediction(BaseModel):
+    """One image's answer: the top label, the ranked top-k, and which model version gave it."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    label: str = Field(description="The most probable label")
+    probability: float = Field(ge=0, le=1, description="Its probability")
+    predictions: list[RankedLabel] = Field(description="The top-k labels, most probable first")
+    abstained: bool = Field(False, description="True when the model's thresholds say it should not decide")
+    in_domain: float | None = Field(None, description="How much the image looks like the training data (0..1), if known")
+    model: str
+    version: str
+    variant: str = Field("fp32", description="Which ONNX file answered: fp32, fp16 or int8")
+
+    @classmethod
+    def of(cls, ranked: list[dict[str, Any]], model: str, version: str, **extra: Any) -> "Prediction":
+        """From `OnnxClassifier.top_k` rows (most probable first)."""
+        return cls(
+            label=ranked[0]["label"],
+            probability=ranked[0]["probability"],
+            predictions=ranked,
+            model=model,
+            version=version,
+            **extra,
+        )
+
+
+Classification = Prediction
+
+
+class BatchItem(Prediction):
+    """One image of a batch that was classified."""
+
+    filename: str | None = None
+
+
+class BatchItemError(BaseModel):
+    """One image of a batch that was refused; the other images are still answered."""
+
+    filename: str | None = None
+    error: str
+    status: int = Field(description="The status this image alone would have got from /classify")
+
+
+class BatchResult(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    version: str
+    results: list[BatchItem | BatchItemError] = Field(description="One per uploaded image, in order")
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+
+
+class ClassMetrics(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class EvalReport(_Open):
+    """The eval.json report (models/metrics.py); with `compare_with`, the other model's report too."""
+
+    model: str = Field(description="name:version evaluated")
+    samples: int
+    accuracy: float
+    top_k: int
+    top_k_accuracy: float
+    per_class: dict[str, ClassMetrics]
+    labels_evaluated: list[str] = []
+    unreadable: dict[str, str] = Field({}, description="Images that could not be read, with why")
+    compare_with: dict[str, Any] | None = None
+    compared_on: dict[str, Any] | None = None
+    difference: dict[str, float] | None = None
+
+
+class VersionSummary(_Open):
+    """One stored version (models/store.describe); `error` instead when it cannot be read."""
+
+    version: str
+    labels: int | None = None
+    error: str | None = None
+
+
+class StoredModel(BaseModel):
+    latest: str | None
+    versions: list[VersionSummary]
+
+
+class ModelList(BaseModel):
+    default_model: str
+    models: dict[str, StoredModel]
+    loaded: dict[str, dict[str, Any]] = Field(description="What this worker holds, by name:version")
+    runtime: dict[str, Any] = Field(description="This worker's device and load errors")
+
+
+class ModelDetail(BaseModel):
+    name: str
+    latest: str | None
+    versions: list[VersionSummary]
+    loaded: dict[str, dict[str, Any]]
+
+
+class Reloaded(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str
+    version: str
+    swapped: list[str] = Field(description="name:version of every model this check swapped in")
+
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+
+
+class Job(BaseModel):
+    """A fine-tune job (service/finetune/store.py `Job.public()`)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    job_id: str
+    state: JobState
+    name: str | None = None
+    source: str | None = None
+    config: dict[str, Any]
+    phase: str | None = None
+    progress: dict[str, Any] = {}
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    model: str | None = Field(None, description="name:version published when the job succeeded")
+    eval: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+
+
+class JobSubmitted(BaseModel):
+    job_id: str
+    state: JobState
+    dataset: dict[str, Any] = Field(description="Images, classes and per-class counts found in the dataset")
+    config: dict[str, Any] = Field(description="The training config as normalised by the server")
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class JobDeleted(BaseModel):
+    job_id: str
+    deleted: bool
+    state: JobState
