@@ -18,16 +18,18 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from service.finetune.backends import BackendError, Launch, LocalProcess, killpg, make_backend
+from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
 
 log = logging.getLogger("tuneserve.finetune")
 
 PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "train_loss", "val_accuracy", "val_loss", "eta_s")
+HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss")
 
 
 def _signal_name(number: int) -> str:
@@ -82,6 +84,87 @@ class ProgressReader:
                 if isinstance(event, dict):
                     events.append(event)
         return events
+
+
+def _percent(progress: dict[str, Any], epoch_ended: bool) -> float | None:
+    """How much of the whole run is done, from the last progress/epoch event; None until it can be known."""
+    epochs, steps, epoch = progress.get("epochs"), progress.get("steps"), progress.get("epoch")
+    if not (epochs and steps and epoch):
+        return None
+    step = steps if epoch_ended else (progress.get("step") or 0)
+    return round(100.0 * min(1.0, ((epoch - 1) * steps + step) / (epochs * steps)), 1)
+
+
+@dataclass
+class JobTrace:
+    """What the training child has reported so far (its progress file, folded)."""
+
+    progress: dict[str, Any]
+    phase: str = "starting"
+    succeeded: dict[str, Any] | None = None
+    failed: dict[str, Any] | None = None
+
+    def apply(self, events: list[dict[str, Any]]) -> bool:
+        """Fold `events` in; True when the phase or the progress changed (the store needs an update)."""
+        changed = False
+        for event in events:
+            kind = event.get("event")
+            if kind == "phase" and event.get("phase"):
+                self.phase = str(event["phase"])
+                changed = True
+            elif kind in ("progress", "epoch"):
+                self._count(event, kind == "epoch")
+                changed = True
+            elif kind == "succeeded":
+                self.succeeded = event
+            elif kind == "failed":
+                self.failed = event
+        return changed
+
+    def _count(self, event: dict[str, Any], epoch_ended: bool) -> None:
+        self.progress.update({k: event[k] for k in PROGRESS_KEYS if k in event})
+        if epoch_ended:
+            self.progress["epochs_done"] = event.get("epoch")
+            self.progress.setdefault("history", []).append({k: event.get(k) for k in HISTORY_KEYS})
+        percent = _percent(self.progress, epoch_ended)
+        if percent is not None:
+            self.progress["percent"] = percent
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """Why this worker is stopping a job ("cancel" | "shutdown"), and which signals it has sent when."""
+
+    why: str | None = None
+    noticed_at: float | None = None
+    term_sent: float | None = None
+    kill_sent: float | None = None
+
+    def noticed(self, why: str | None, now: float) -> Stopping:
+        return Stopping(why, now) if why else self
+
+    def due(self, phase: str, now: float, grace: float) -> str | None:
+        """What to do to the training process now: "terminate", "kill" or nothing."""
+        if self.why and self.term_sent is None:
+            # A publish in progress is let finish (briefly): the version is either fully
+            # there or not at all, and the job then reports what really happened.
+            if phase != "publishing" or now - self.noticed_at > grace:
+                return "terminate"
+        elif self.term_sent is not None and self.kill_sent is None and now - self.term_sent > grace:
+            return "kill"
+        return None
+
+
+class Outcome(NamedTuple):
+    state: str
+    model: str | None
+    eval: dict[str, Any] | None
+    error: str | None
+
+    @classmethod
+    def unfinished(cls, state: str, error: str) -> Outcome:
+        """Any end but success: no model version."""
+        return cls(state, None, None, error)
 
 
 class JobManager:
@@ -216,94 +299,79 @@ class JobManager:
             self._wake.set()
 
     def _run_job(self, job: Job) -> None:
-        settings = self.settings
         launch = self.launch(job)
-        log_path = launch.log_path
-        progress_path = launch.cwd / f"progress-{job.attempts}.jsonl"
-        with log_path.open("ab") as log_file:
+        process = self._start(job, launch)
+        if process is None:
+            return
+        returncode, trace, stopping = self._watch(job, process, launch.cwd / f"progress-{job.attempts}.jsonl")
+        self._record(job, self._outcome(returncode, trace, stopping, launch.log_path))
+
+    def _start(self, job: Job, launch: Launch) -> RunningJob | None:
+        """Hand the attempt to the backend; None (and the job failed) when it cannot start it."""
+        with launch.log_path.open("ab") as log_file:
             log_file.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(launch.command)}\n".encode())
         try:
             process = self.backend.start(launch)
         except BackendError as error:
             self.store.finish(job.id, "failed", owner=self.worker_id, error=str(error))
             log.warning("job %s: %s", job.id, error)
-            return
+            return None
         if isinstance(process, LocalProcess):
             self.store.set_pid(job.id, process.pid)
         log.info("job %s: started %s (attempt %d)", job.id, process.label, job.attempts)
+        return process
 
+    def _watch(self, job: Job, process: RunningJob, progress_path: Path) -> tuple[int | None, JobTrace, Stopping]:
+        """Until the training process ends: copy its progress into the store, stop it on cancel or
+        shutdown. Returns its exit code, what it reported, and whether (and how) this worker stopped it."""
         reader = ProgressReader(progress_path)
-        progress: dict[str, Any] = dict(job.progress or {}) if job.resume else {}
-        phase = "starting"
-        final: dict[str, Any] | None = None
-        failed_event: dict[str, Any] | None = None
-        cancel_at = None  # when we first noticed a cancel request
-        term_sent = kill_sent = None
-        why_stopped = None  # "cancel" | "shutdown"
-
-        def consume() -> None:
-            nonlocal phase, final, failed_event
-            changed = False
-            for event in reader.read():
-                kind = event.get("event")
-                if kind == "phase" and event.get("phase"):
-                    phase = str(event["phase"])
-                    changed = True
-                elif kind in ("progress", "epoch"):
-                    progress.update({k: event[k] for k in PROGRESS_KEYS if k in event})
-                    if kind == "epoch":
-                        progress["epochs_done"] = event.get("epoch")
-                        progress.setdefault("history", []).append(
-                            {k: event.get(k) for k in ("epoch", "train_loss", "val_accuracy", "val_loss")}
-                        )
-                    epochs, steps = progress.get("epochs"), progress.get("steps")
-                    if epochs and steps and progress.get("epoch"):
-                        step = progress.get("step") or 0
-                        if kind == "epoch":
-                            step = steps
-                        done = (progress["epoch"] - 1) * steps + step
-                        progress["percent"] = round(100.0 * min(1.0, done / (epochs * steps)), 1)
-                    changed = True
-                elif kind == "succeeded":
-                    final = event
-                elif kind == "failed":
-                    failed_event = event
-            if changed:
-                progress["updated"] = time.time()
-                self.store.update_progress(job.id, progress, phase)
-
+        trace = JobTrace(progress=dict(job.progress or {}) if job.resume else {})
+        stopping = Stopping()
         while True:
             returncode = process.poll()
-            consume()
+            self._store_progress(job, trace, reader.read())
             if returncode is not None:
                 break
-            now = time.monotonic()
-            if why_stopped is None:
-                if self._stop.is_set():
-                    why_stopped = "shutdown"
-                elif self.store.cancel_requested(job.id):
-                    why_stopped = "cancel"
-                if why_stopped:
-                    cancel_at = now
-            if why_stopped and term_sent is None:
-                # A publish in progress is let finish (briefly): the version is either fully
-                # there or not at all, and the job then reports what really happened.
-                if phase != "publishing" or now - cancel_at > settings.grace_seconds:
-                    log.info("job %s: %s → stopping %s", job.id, why_stopped, process.label)
-                    process.terminate()
-                    term_sent = now
-            elif term_sent is not None and kill_sent is None and now - term_sent > settings.grace_seconds:
-                log.warning("job %s: still running %.0fs after SIGTERM → SIGKILL", job.id, settings.grace_seconds)
-                process.kill()
-                kill_sent = now
-            time.sleep(min(settings.poll_seconds, 0.5))
-        consume()
+            if stopping.why is None:
+                stopping = stopping.noticed(self._stop_reason(job), time.monotonic())
+            stopping = self._stop_if_due(job, process, stopping, trace.phase)
+            time.sleep(min(self.settings.poll_seconds, 0.5))
+        self._store_progress(job, trace, reader.read())
         process.finish()  # leftovers in the group (data loader workers); Ray: the last log lines
-        if why_stopped is None and self._stop.is_set():
-            why_stopped = "shutdown"  # the server is stopping and its supervisor may have signalled the child first
+        if stopping.why is None and self._stop.is_set():
+            # the server is stopping and its supervisor may have signalled the child first
+            stopping = stopping.noticed("shutdown", time.monotonic())
+        return returncode, trace, stopping
 
-        state, model, evaluation, error = self._outcome(returncode, final, failed_event, why_stopped, kill_sent, log_path)
-        if self.store.finish(job.id, state, owner=self.worker_id, model=model, eval=evaluation, error=error):
+    def _stop_reason(self, job: Job) -> str | None:
+        if self._stop.is_set():
+            return "shutdown"
+        if self.store.cancel_requested(job.id):
+            return "cancel"
+        return None
+
+    def _stop_if_due(self, job: Job, process: RunningJob, stopping: Stopping, phase: str) -> Stopping:
+        """Terminate once a stop is asked for, kill a grace period later; returns `stopping` with what was done."""
+        now, grace = time.monotonic(), self.settings.grace_seconds
+        due = stopping.due(phase, now, grace)
+        if due == "terminate":
+            log.info("job %s: %s → stopping %s", job.id, stopping.why, process.label)
+            process.terminate()
+            return replace(stopping, term_sent=now)
+        if due == "kill":
+            log.warning("job %s: still running %.0fs after SIGTERM → SIGKILL", job.id, grace)
+            process.kill()
+            return replace(stopping, kill_sent=now)
+        return stopping
+
+    def _store_progress(self, job: Job, trace: JobTrace, events: list[dict[str, Any]]) -> None:
+        if trace.apply(events):
+            trace.progress["updated"] = time.time()
+            self.store.update_progress(job.id, trace.progress, trace.phase)
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        state, model, error = outcome.state, outcome.model, outcome.error
+        if self.store.finish(job.id, state, owner=self.worker_id, model=model, eval=outcome.eval, error=error):
             log.info("job %s: %s%s", job.id, state, f" ({error})" if error else f" → {model}")
             if state == "succeeded":
                 self._cleanup(job)
@@ -326,36 +394,38 @@ class JobManager:
                 item.unlink(missing_ok=True)
 
     @staticmethod
-    def _outcome(returncode, final, failed_event, why_stopped, kill_sent, log_path):
+    def _outcome(returncode: int | None, trace: JobTrace, stopping: Stopping, log_path: Path) -> Outcome:
+        """The job's final state from the exit status, the last events and whether this worker stopped it."""
+        final, why_stopped = trace.succeeded, stopping.why
         if final is not None and final.get("model"):
             note = None
             if why_stopped == "cancel":
                 note = "cancel arrived after the model version was published; it stays published"
             elif returncode != 0:
                 note = f"training exited with {returncode} after publishing"
-            return "succeeded", str(final["model"]), final.get("eval"), note
+            return Outcome("succeeded", str(final["model"]), final.get("eval"), note)
         if why_stopped == "shutdown":
-            return "interrupted", None, None, "the server stopped during the job; resume with POST /finetune/<job_id>/resume"
+            return Outcome.unfinished("interrupted", "the server stopped during the job; resume with POST /finetune/<job_id>/resume")
         if why_stopped == "cancel":
-            how = " (killed after the grace period)" if kill_sent else ""
-            return "cancelled", None, None, f"cancelled on request{how}; no model version was published"
+            how = " (killed after the grace period)" if stopping.kill_sent else ""
+            return Outcome.unfinished("cancelled", f"cancelled on request{how}; no model version was published")
         if returncode in (143, -signal.SIGTERM, 130, -signal.SIGINT):
             # SIGTERM/SIGINT that this worker did not send: a server shutdown (BentoML's process
             # supervisor signals a worker's children) or the parent-death signal. Resumable.
             name = "SIGINT" if returncode in (130, -signal.SIGINT) else "SIGTERM"
-            return "interrupted", None, None, (
+            return Outcome.unfinished("interrupted", (
                 f"training process was stopped by {name} from outside the job (server shutdown?); "
                 "resume with POST /finetune/<job_id>/resume"
-            )
+            ))
         if returncode is not None and returncode < 0:
             number = -returncode
             reason = f"training process was killed by signal {number} ({_signal_name(number)})"
             if number == signal.SIGKILL:
                 reason += "; out of memory or killed by an operator?"
-            return "failed", None, None, reason
-        if failed_event is not None:
-            return "failed", None, None, str(failed_event.get("reason") or f"training failed (exit code {returncode})")
+            return Outcome.unfinished("failed", reason)
+        if trace.failed is not None:
+            return Outcome.unfinished("failed", str(trace.failed.get("reason") or f"training failed (exit code {returncode})"))
         if returncode == 0:
-            return "failed", None, None, "training exited 0 without reporting a published model"
+            return Outcome.unfinished("failed", "training exited 0 without reporting a published model")
         tail = _tail(log_path)
-        return "failed", None, None, f"training exited with code {returncode}" + (f"; log ends with:\n{tail}" if tail else "")
+        return Outcome.unfinished("failed", f"training exited with code {returncode}" + (f"; log ends with:\n{tail}" if tail else ""))
