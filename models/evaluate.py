@@ -97,6 +97,7 @@ def evaluate(
     in_domain = model.ood.score(outputs[names[2]]) if model.ood is not None else None
     report.update(trust_report(outputs[logits_name], probabilities, y_true, model.manifest, in_domain))
     report["model"] = model.tag
+    report["variant"] = model.variant  # the precision that produced these numbers
     report["labels_evaluated"] = present
     report["unreadable"] = errors
     return report

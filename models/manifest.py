@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 EVAL_FILE = "eval.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
 EMBEDDING_OUTPUT = "embedding"
 
@@ -42,6 +44,37 @@ class Preprocessing(BaseModel):
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
         return self
+
+
+VariantName = Literal["int8", "fp16"]
+_VARIANT_FILE = re.compile(r"^[A-Za-z0-9_.-]+\.onnx$")
+
+
+class Variant(BaseModel):
+    """Another precision of this version's graph (`model.int8.onnx`), and what it costs in accuracy.
+
+    Measured against the fp32 graph on the same test images. `accuracy_delta` is variant minus
+    fp32 (None when the images had no labels: then only agreement with fp32 is known).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(description="graph file next to model.onnx")
+    calibration: str | None = Field(default=None, description="calibration method chosen on validation")
+    calibration_images: int = 0
+    evaluated_on: str = "test"
+    samples: int = 0
+    accuracy: float | None = None
+    accuracy_delta: float | None = None
+    agreement: float = Field(ge=0, le=1, description="top-1 agreement with fp32")
+    max_probability_diff: float = Field(ge=0)
+
+    @field_validator("file")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        if not _VARIANT_FILE.match(value) or value in (".onnx", "..onnx"):
+            raise ValueError(f"variant file must be a plain .onnx file name next to model.onnx, got {value!r}")
+        return value
 
 
 class DatasetInfo(BaseModel):
@@ -104,6 +137,8 @@ class Manifest(BaseModel):
     dataset: DatasetInfo | None = None
     opset: int | None = None
     parity_max_abs_diff: float | None = None
+    variants: dict[VariantName, Variant] = Field(
+        default_factory=dict, description="other precisions of the graph; empty: fp32 only")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     # Optional sections (round 2); None means "exported before they existed".
     calibration: Calibration | None = None
@@ -151,6 +186,7 @@ class Manifest(BaseModel):
             "backbone": self.backbone,
             "source": self.source,
             "image_size": self.preprocessing.size,
+            "variants": ["fp32", *sorted(self.variants)],
             "created_at": self.created_at.isoformat(),
         }
 

@@ -19,6 +19,7 @@ import numpy as np
 from models.errors import EmbeddingUnavailable
 from models.manifest import ONNX_FILE, Manifest, read_manifest
 from models.ood import OodModel
+from models.variants import VariantChoice, choose_variant
 
 log = logging.getLogger("tuneserve.runtime")
 
@@ -32,10 +33,16 @@ class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda
     device_id: int = 0
     enable_tensorrt: bool = False
-    fp16: bool = False
+    fp16: bool = False  # older switch: the same as precision="fp16"
+    precision: str = "auto"  # auto | fp32 | int8 | fp16: see models.variants
     intra_op_threads: int = 0  # 0 lets ONNX Runtime decide
     inter_op_threads: int = 1
     trt_cache_dir: str | None = None
+
+
+    @property
+    def requested_precision(self) -> str:
+        return "fp16" if self.fp16 and self.precision == "auto" else self.precision
 
 
 @dataclass
@@ -107,6 +114,14 @@ def _convert_fp16(path: Path) -> bytes:
     return model.SerializeToString()
 
 
+def _tensorrt_precision(plan: ProviderPlan, choice: VariantChoice) -> None:
+    """TensorRT builds its engine in the precision of the variant served (QDQ → explicit int8)."""
+    for name, provider_options in plan.providers:
+        if name == TENSORRT:
+            provider_options["trt_fp16_enable"] = choice.variant == "fp16"
+            provider_options["trt_int8_enable"] = choice.variant == "int8"
+
+
 class OnnxClassifier:
     """A model version from the store, ready to classify uint8 batches."""
 
@@ -118,6 +133,8 @@ class OnnxClassifier:
         self.manifest: Manifest = read_manifest(self.directory)
         self.active_providers: list[str] = []
         self.skipped_providers: dict[str, str] = {}
+        self.variant = "fp32"  # set by load(): the precision really served
+        self.variant_reason = ""
         self._session = None
         self._lock = threading.Lock()
         self.ood: OodModel | None = None  # the in-domain score, for versions exported with one
@@ -146,9 +163,12 @@ class OnnxClassifier:
             settings.intra_op_num_threads = self.options.intra_op_threads
             settings.inter_op_num_threads = self.options.inter_op_threads
             settings.log_severity_level = 3
-            model = self.directory / ONNX_FILE
-            graph: bytes | str = _convert_fp16(model) if self.options.fp16 and plan.names[0] != CPU else str(model)
+            choice = self.choose_variant(on_gpu=plan.names[0] != CPU)
+            _tensorrt_precision(plan, choice)
+            model = self.directory / choice.file
+            graph: bytes | str = _convert_fp16(model) if choice.convert_fp16 else str(model)
             session = ort.InferenceSession(graph, sess_options=settings, providers=plan.providers)
+            self.variant, self.variant_reason = choice.variant, choice.reason
             self.active_providers = session.get_providers()
             self.skipped_providers = dict(plan.skipped)
             for name in plan.names:
@@ -156,7 +176,7 @@ class OnnxClassifier:
                     self.skipped_providers[name] = "requested but onnxruntime fell back (missing CUDA/cuDNN libraries?)"
             for name, reason in self.skipped_providers.items():
                 log.info("%s: skipped %s: %s", self.tag, name, reason)
-            log.info("%s: loaded on %s", self.tag, self.active_providers)
+            log.info("%s: loaded %s on %s (%s)", self.tag, self.variant, self.active_providers, self.variant_reason)
             self._session = session
             self.ood = self._load_ood()
         return self
@@ -169,6 +189,14 @@ class OnnxClassifier:
             log.warning("%s: manifest has an ood section but the graph no embedding output; no in-domain score", self.tag)
             return None
         return OodModel.load(self.directory, section.file)
+
+    def choose_variant(self, on_gpu: bool) -> VariantChoice:
+        """The precision to serve here; a variant whose file is missing falls back to fp32."""
+        choice = choose_variant(self.manifest, self.options.requested_precision, on_gpu)
+        if choice.file != ONNX_FILE and not (self.directory / choice.file).is_file():
+            return VariantChoice("fp32", ONNX_FILE, f"{choice.variant} chosen ({choice.reason}) but "
+                                 f"{choice.file} is missing; serving fp32")
+        return choice
 
     def _check_batch(self, batch: np.ndarray) -> None:
         if self._session is None:
@@ -241,6 +269,8 @@ class OnnxClassifier:
         return {
             "model": self.name,
             "version": self.version,
+            "variant": self.variant,
+            "variant_reason": self.variant_reason,
             "providers": self.active_providers,
             "skipped_providers": self.skipped_providers,
             "options": asdict(self.options),

@@ -77,6 +77,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     top_k: int = 5
     progress_every: int = 10  # steps between progress events
+    int8: bool = True  # also write model.int8.onnx (static QDQ, calibrated on train, checked on test)
 
     # ---- (de)serialisation -------------------------------------------------------------------
     @classmethod
@@ -184,6 +185,7 @@ class TrainConfig:
         need(_is_int(self.min_images_per_class) and self.min_images_per_class >= 2, f"min_images_per_class: must be an integer >= 2, got {self.min_images_per_class!r}")
         need(_is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1, f"label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
         need(_is_int(self.top_k) and self.top_k >= 1, f"top_k: must be an integer >= 1, got {self.top_k!r}")
+        need(isinstance(self.int8, bool), f"int8: must be true or false, got {self.int8!r}")
         need(_is_int(self.progress_every) and self.progress_every >= 1, f"progress_every: must be an integer >= 1, got {self.progress_every!r}")
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))

@@ -50,7 +50,8 @@ class Settings:
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     tensorrt: bool = False
-    fp16: bool = False
+    fp16: bool = False  # older switch: the same as precision=fp16
+    precision: str = "auto"  # auto | fp32 | int8 | fp16 (models/variants.py: auto = int8 on CPU if it passed its gate, fp16 on GPU)
     threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers
     workers: int = 0  # BentoML worker processes; 0 = one per GPU, or one per core without a GPU
     decode_threads: int = 0  # image decode threads per worker; 0 = cores / workers
@@ -208,6 +209,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "device": _choice("auto", "cpu", "cuda"),
     "tensorrt": _bool,
     "fp16": _bool,
+    "precision": _choice("auto", "fp32", "int8", "fp16"),
     "threads": _number(int, minimum=0),
     "workers": _number(int, minimum=0),
     "decode_threads": _number(int, minimum=0),

@@ -82,6 +82,7 @@ class BatchResult(BaseModel):
 
     model: str
     version: str
+    variant: str = Field("fp32", description="Which ONNX file answered: fp32, fp16 or int8")
     results: list[BatchItem | BatchItemError] = Field(description="One per uploaded image, in order")
     succeeded: int = Field(ge=0)
     failed: int = Field(ge=0)
@@ -142,6 +143,7 @@ class Reloaded(BaseModel):
 
     model: str
     version: str
+    variant: str = Field("fp32", description="Which ONNX file this worker now serves: fp32, fp16 or int8")
     swapped: list[str] = Field(description="name:version of every model this check swapped in")
 
 

@@ -78,7 +78,7 @@ def test_formats_and_error_row(tiny_model, tmp_path, suffix, monkeypatch):
     rows = list(read_rows(output))
     check_rows(rows, expected, tiny_model.tag)
     assert list(rows[0]) == ["path", "label_1", "probability_1", "label_2", "probability_2", "label_3",
-                             "probability_3", "model", "version", "error"]
+                             "probability_3", "model", "version", "variant", "error"]
     assert not journal_path(output).exists() and not report_path(output).exists()
     assert [p.name for p in output.parent.iterdir()] == [output.name]  # no temporary files left
 

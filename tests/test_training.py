@@ -37,7 +37,8 @@ def tiny_data(tmp_path):
 
 def tiny_config(tmp_path, data, **overrides) -> TrainConfig:
     values = dict(name="tiny", source="simple_cnn", data=str(data), strategy="full", epochs=2, batch_size=8,
-                  image_size=16, learning_rate=3e-3, output_dir=str(tmp_path / "run"), progress_every=1)
+                  image_size=16, learning_rate=3e-3, output_dir=str(tmp_path / "run"), progress_every=1,
+                  int8=False)  # the int8 variant is tested once, with the full strategy
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -108,7 +109,7 @@ def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_dat
     from models.manifest import read_eval
     from training.pipeline import run
 
-    config = tiny_config(tmp_path, tiny_data, strategy=strategy, partial_blocks=1,
+    config = tiny_config(tmp_path, tiny_data, strategy=strategy, partial_blocks=1, int8=strategy == "full",
                          epochs=3 if strategy == "linear" else 2, learning_rate=1e-2 if strategy == "linear" else 3e-3)
     result = run(config)
     version = store.resolve("tiny")
@@ -134,6 +135,15 @@ def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_dat
     assert len((out / "metrics.jsonl").read_text().splitlines()) == config.epochs
     if strategy == "full":
         assert result.report["accuracy"] >= 0.66
+        # the static int8 variant: calibrated on train, compared with fp32 on the same 6 test images
+        int8 = manifest.variants["int8"]
+        assert (version.path / int8.file).is_file() and int8.evaluated_on == "test" and int8.samples == 6
+        assert int8.calibration_images == manifest.dataset.num_train and 0 <= int8.agreement <= 1
+        entry = read_eval(version.path)["variants"]["int8"]
+        assert entry["accuracy_delta"] == pytest.approx(entry["accuracy"] - result.report["accuracy"])
+        assert set(entry["validation"]) == {"minmax", "entropy", "percentile"}
+    else:
+        assert manifest.variants == {}
 
 
 @pytest.mark.slow

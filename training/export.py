@@ -147,6 +147,28 @@ def evaluate_export(staging: str | Path, name: str, test_samples: list[Sample], 
     return report
 
 
+def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progress: Progress | None = None) -> dict[str, Any]:
+    """Add the static INT8 variant to the staged version; returns the updated eval.json.
+
+    An int8 variant is optional: when quantization fails the version is published fp32-only,
+    and eval.json says why (`variants.int8.error`).
+    """
+    from models.manifest import read_eval, read_manifest
+    from models.quantize import QuantizeConfig, data_from_splits, quantize_version
+
+    progress = progress or Progress()
+    progress.phase("quantizing")
+    config = QuantizeConfig()
+    try:
+        quantize_version(staging, data_from_splits(splits, read_manifest(staging), config), config)
+    except Exception as error:  # noqa: BLE001 - fp32 is still a complete, checked version
+        log.warning("int8 variant not written: %s", error)
+        report = read_eval(staging) or {}
+        report.setdefault("variants", {})["int8"] = {"error": f"{type(error).__name__}: {error}"}
+        write_eval(report, staging)
+    return read_eval(staging) or {}
+
+
 def publish(name: str, staging: str | Path, metadata: dict[str, Any] | None = None,
             progress: Progress | None = None, stop: threading.Event | None = None) -> store.ModelVersion:
     progress = progress or Progress()

@@ -44,7 +44,7 @@ class RunResult:
 def run(config: TrainConfig, progress: Progress | None = None, stop: threading.Event | None = None,
         resume: bool = False) -> RunResult:
     from training.data import check_readable, load_dataset, prepare_splits
-    from training.export import evaluate_export, export_model, held_out_images, publish
+    from training.export import evaluate_export, export_model, held_out_images, publish, quantize_export
     from training.train import train
 
     started = time.monotonic()
@@ -81,6 +81,8 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     progress.phase("calibrating")
     calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device))
     report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
+    if config.int8:
+        report = quantize_export(staging, splits, progress)
     write_eval(report, out)
     report_path = write_report(out / REPORT_FILE, report, result.history)
     version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": config.strategy},

@@ -1,7 +1,7 @@
 """Progress reporting: a callback interface and the JSONL progress file of the jobs contract.
 
 Events (one JSON object per line, flushed per line):
-  {"event":"phase","phase":"loading|training|exporting|parity|calibrating|evaluating|publishing","time":...}
+  {"event":"phase","phase":"loading|training|exporting|parity|calibrating|evaluating|quantizing|publishing","time":...}
   {"event":"progress","epoch":1,"epochs":3,"step":10,"steps":40,"train_loss":..,"val_accuracy":..,"val_loss":..,"eta_s":..,"time":...}
   {"event":"epoch","epoch":1,"epochs":3,"train_loss":..,"val_accuracy":..,"val_loss":..,"time":...}
   {"event":"succeeded","model":"name:version","eval":{accuracy, top_k_accuracy, samples, macro_f1}}
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-PHASES = ("loading", "training", "exporting", "parity", "calibrating", "evaluating", "publishing")
+PHASES = ("loading", "training", "exporting", "parity", "calibrating", "evaluating", "quantizing", "publishing")
 
 Callback = Callable[[dict[str, Any]], None]
 

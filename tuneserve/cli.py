@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "tuneserve.train_commands",
     "service.cli",
     "tuneserve.score",
+    "tuneserve.quantize_commands",
 ]
 
 

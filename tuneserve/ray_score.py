@@ -49,7 +49,8 @@ def import_ray():
 class _RayScorer:
     """One ONNX Runtime session per actor; bytes in, output columns out."""
 
-    def __init__(self, model_files, name: str, version: str, device: str, threads: int, top_k: int, root: str):
+    def __init__(self, model_files, name: str, version: str, device: str, threads: int, top_k: int, root: str,
+                 precision: str = "auto"):
         import ray
 
         from models.runtime import OnnxClassifier, RuntimeOptions
@@ -59,7 +60,7 @@ class _RayScorer:
         self._dir = tempfile.TemporaryDirectory(prefix="tuneserve-model-")
         for filename, content in model_files.items():
             Path(self._dir.name, filename).write_bytes(content)
-        options = RuntimeOptions(device=device, intra_op_threads=max(1, threads))
+        options = RuntimeOptions(device=device, intra_op_threads=max(1, threads), precision=precision)
         self.model = OnnxClassifier(self._dir.name, name, version, options).load()
         self.top_k = top_k
         self.root = Path(root)
@@ -103,6 +104,7 @@ def score_ray(
     device: str = "auto",
     use_labels: bool = True,
     progress: bool = True,
+    precision: str = "auto",
     num_cpus: int | None = None,
 ) -> ScoreResult:
     """Score `source` into `output` with Ray Data; same rows, resume and report as `score.score`."""
@@ -144,14 +146,15 @@ def score_ray(
             context = ray.data.DataContext.get_current()
             context.execution_options.preserve_order = True
             context.enable_progress_bars = False
-            files = {name: (version.path / name).read_bytes() for name in (ONNX_FILE, MANIFEST_FILE)}
+            graphs = [v.file for v in read_manifest(version.path).variants.values()]  # the actor picks one
+            files = {name: (version.path / name).read_bytes() for name in (ONNX_FILE, MANIFEST_FILE, *graphs)}
             device_for_actor = device if num_gpus > 0 or device == "cpu" else "cpu"
             dataset = ray.data.read_binary_files(readable, include_paths=True)
             scored = dataset.map_batches(
                 _RayScorer,
                 fn_constructor_kwargs=dict(
                     model_files=ray.put(files), name=version.name, version=version.version, device=device_for_actor,
-                    threads=max(1, int(cpus_per_actor)), top_k=k, root=str(data.root),
+                    threads=max(1, int(cpus_per_actor)), top_k=k, root=str(data.root), precision=precision,
                 ),
                 batch_size=batch_size,
                 batch_format="pyarrow",

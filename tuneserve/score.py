@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="local: decode workers (default: cores); ray: actors (default 1)")
     p.add_argument("--pool", choices=["thread", "process"], default="thread", help="local decode pool (default thread)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8", "fp16"], default="auto",
+                   help="graph variant: auto = int8 on CPU when it passed its accuracy gate, fp16 on GPU (default auto)")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--num-gpus", type=float, default=0.0, help="ray: GPUs per actor (e.g. 1, or 0.5 to share)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="ray: CPUs per actor (also its ONNX Runtime threads)")
@@ -82,11 +84,13 @@ def run_score(args: argparse.Namespace) -> int:
 
         result = score_ray(
             args.model, args.input, args.output, concurrency=args.workers or 1, num_gpus=args.num_gpus,
-            cpus_per_actor=args.cpus_per_actor, address=args.ray_address, device=args.device, **options,
+            cpus_per_actor=args.cpus_per_actor, address=args.ray_address, device=args.device,
+            precision=args.precision, **options,
         )
     else:
         result = score(
-            args.model, args.input, args.output, workers=args.workers, pool=args.pool, device=args.device, **options
+            args.model, args.input, args.output, workers=args.workers, pool=args.pool, device=args.device,
+            precision=args.precision, **options
         )
     print(result.summary_line(), file=sys.stderr)
     if result.report is not None:
@@ -150,21 +154,22 @@ def columns_for(top_k: int, labelled: bool) -> list[str]:
     columns = ["path"]
     for i in range(1, top_k + 1):
         columns += [f"label_{i}", f"probability_{i}"]
-    columns += ["model", "version", "error"]
+    columns += ["model", "version", "variant", "error"]
     if labelled:
         columns.append("true_label")
     return columns
 
 
 def make_row(
-    path: str, model: str, version: str, top: list[dict] | None, k: int, error: str | None, true_label: str | None, labelled: bool
+    path: str, model: str, version: str, top: list[dict] | None, k: int, error: str | None, true_label: str | None,
+    labelled: bool, variant: str | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"path": path}
     for i in range(k):
         entry = top[i] if top and i < len(top) else None
         row[f"label_{i + 1}"] = entry["label"] if entry else None
         row[f"probability_{i + 1}"] = entry["probability"] if entry else None
-    row.update(model=model, version=version, error=error)
+    row.update(model=model, version=version, variant=variant, error=error)
     if labelled:
         row["true_label"] = true_label
     return row
@@ -194,7 +199,7 @@ def rows_for(classifier, keys: list[str], prepared: list[tuple[Any, str | None]]
     tops = iter(classifier.top_k(classifier.predict(stack(arrays)), k) if arrays else [])
     return [
         make_row(key, classifier.name, classifier.version, next(tops) if array is not None else None, k, error,
-                 true_label, labelled)
+                 true_label, labelled, classifier.variant)
         for key, (array, error), true_label in zip(keys, prepared, true_labels)
     ]
 
@@ -272,12 +277,13 @@ class _Decoder:
         self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
-def load_model(ref: str, device: str = "auto"):
+def load_model(ref: str, device: str = "auto", precision: str = "auto"):
     from models import store
     from models.runtime import OnnxClassifier, RuntimeOptions
 
     version = store.resolve(ref)
-    return OnnxClassifier(version.path, version.name, version.version, RuntimeOptions(device=device)).load()
+    options = RuntimeOptions(device=device, precision=precision)
+    return OnnxClassifier(version.path, version.name, version.version, options).load()
 
 
 def progress_bar(total: int, enabled: bool):
@@ -300,6 +306,7 @@ def score(
     device: str = "auto",
     use_labels: bool = True,
     progress: bool = True,
+    precision: str = "auto",
     max_pixels: int | None = None,
     prefetch: int = 2,
     classifier=None,
@@ -313,7 +320,7 @@ def score(
 
     output = Path(output)
     fmt = output_format(output)
-    classifier = classifier or load_model(model, device)
+    classifier = classifier or load_model(model, device, precision)
     labels = classifier.manifest.labels
     data, k, columns, todo = plan(source, output, labels, top_k, use_labels)
     workers = workers or default_workers()

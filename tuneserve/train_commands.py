@@ -65,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--device", choices=DEVICES, help=f"default {d.device} (AMP and channels-last on CUDA)")
     train.add_argument("--bn-momentum", type=float, help=f"BatchNorm momentum, torch convention (default {d.bn_momentum})")
     train.add_argument("--min-images-per-class", type=int, help=f"default {d.min_images_per_class}")
+    train.add_argument("--int8", type=_bool, metavar="BOOL",
+                       help="also write a static INT8 variant, calibrated on train and checked against fp32 on test (default true)")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
     train.add_argument("--progress", type=Path, help="also append JSONL progress events to this file")
     train.set_defaults(handler=run_train)

@@ -43,6 +43,7 @@ def runtime_options(settings, gpu_count: int | None = None, index: int | None = 
         device_id=device_id,
         enable_tensorrt=settings.tensorrt,
         fp16=settings.fp16,
+        precision=settings.precision,
         intra_op_threads=threads,
         inter_op_threads=1,
         trt_cache_dir=str(settings.home / "trt-cache") if settings.tensorrt else None,

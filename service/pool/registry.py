@@ -224,4 +224,4 @@ class ModelPool:
 def prediction_of(classifier: OnnxClassifier, probabilities: np.ndarray, top_k: int) -> Prediction:
     """The `Prediction` for one image's probabilities `[C]`: the top-k labels and who answered."""
     ranked = classifier.top_k(probabilities[None, :], top_k)[0]
-    return Prediction.of(ranked, classifier.name, classifier.version)
+    return Prediction.of(ranked, classifier.name, classifier.version, variant=classifier.variant)

@@ -64,6 +64,7 @@ def build_router(settings: Settings) -> APIRouter:
         return BatchResult(
             model=classifier.name,
             version=classifier.version,
+            variant=classifier.variant,
             results=results,
             succeeded=len(results) - failed,
             failed=failed,

@@ -44,7 +44,7 @@ def build_router(settings: Settings) -> APIRouter:
         await pool.get(model_name)
         swapped = await pool.check_for_updates()
         current = await pool.get(model_name)
-        return {"model": model_name, "version": current.version, "swapped": swapped}
+        return {"model": model_name, "version": current.version, "variant": current.variant, "swapped": swapped}
 
     return router
 

@@ -1,0 +1,385 @@
+"""Static INT8 variants of a model version: ONNX Runtime QDQ, per-channel int8 weights.
+
+Torch-free (onnxruntime.quantization + numpy), so training, the CLI and the service can use it.
+
+What is quantized: the backbone, from its first Conv/MatMul on. The graph takes uint8 pixels and
+casts and normalises them itself; those nodes stay float (the first conv's input is quantized
+once, after normalisation). Everything from the head's Gemm/MatMul to the outputs stays float
+too: `logits`, `probabilities` (with any temperature baked in) and `embedding` keep their float
+precision, and the head is a negligible share of the compute.
+
+Activations are uint8 (asymmetric), weights int8 per output channel: ONNX Runtime's x86 kernels
+run U8S8 on VNNI/AVX2; S8S8 activations ran slower than fp32 on this machine (README, INT8).
+
+Calibration runs a few hundred training images through `models.preprocess` (the serving path);
+MinMax, Entropy and Percentile are each tried and the best on the validation split is kept. The
+kept graph is then compared with fp32 on the test split (`eval.json` → `variants.int8`) and
+listed in the manifest (`variants.int8`), which is what serving's precision choice reads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.datasets import Sample, split_samples
+from models.errors import TuneserveError
+from models.manifest import (
+    EVAL_FILE,
+    INT8_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    Manifest,
+    Variant,
+    read_eval,
+    read_manifest,
+)
+from models.metrics import evaluation_report
+from models.preprocess import prepare, stack
+
+log = logging.getLogger("tuneserve.quantize")
+
+METHODS = ("minmax", "entropy", "percentile")
+COMPUTE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
+# Walking back from the outputs, a pooling node is where the backbone's feature map ends: it
+# stays float, and so does what follows it, but the activation before it is still quantized
+# (otherwise the last conv, whose output it reads, would run in float).
+POOLING_OPS = frozenset({"ReduceMean", "GlobalAveragePool", "AveragePool", "GlobalMaxPool", "ReduceMax"})
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Clip", "Relu", "MaxPool", "AveragePool",
+                 "GlobalAveragePool", "Concat"]
+UNLABELLED_SPLIT = (0.6, 0.2)  # calibration, validation; the rest is the test part
+
+
+class QuantizeError(TuneserveError):
+    status = 422
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    methods: tuple[str, ...] = METHODS
+    calibration_images: int = 300
+    max_eval_images: int = 2000  # per split; enough to resolve a 0.5-point accuracy drop
+    batch_size: int = 16
+    percentile: float = 99.999
+    seed: int = 0
+    workers: int = 2  # image decode threads
+
+    def validate(self) -> "QuantizeConfig":
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if not self.methods or unknown:
+            raise QuantizeError(f"calibration methods must be some of {list(METHODS)}, got {list(self.methods)}")
+        if self.calibration_images < 1 or self.batch_size < 1 or self.max_eval_images < 1:
+            raise QuantizeError("calibration_images, batch_size and max_eval_images must be at least 1")
+        return self
+
+
+@dataclass
+class Images:
+    """Prepared uint8 images and, when they are labelled, their class indices."""
+
+    arrays: np.ndarray
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+
+@dataclass
+class QuantizeData:
+    calibration: np.ndarray
+    validation: Images
+    test: Images
+    evaluated_on: str = "test"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _subset(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """At most `limit` samples, drawn by seed (the same every run), in their original order."""
+    if len(samples) <= limit:
+        return list(samples)
+    keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
+    return [samples[i] for i in keep]
+
+
+def load_images(samples: list[Sample], manifest: Manifest, limit: int, seed: int = 0, workers: int = 2) -> Images:
+    """Samples → the graph's uint8 input through the serving preprocessing (+ labels when all known)."""
+    chosen = _subset(samples, limit, seed)
+    if not chosen:
+        raise QuantizeError("no images to quantize with")
+    spec = manifest.preprocessing
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        arrays = stack(list(pool.map(lambda s: prepare(s.path, spec), chosen)))
+    index = {label: i for i, label in enumerate(manifest.labels)}
+    labelled = all(s.label in index for s in chosen)
+    return Images(arrays, np.array([index[s.label] for s in chosen]) if labelled else None)
+
+
+def data_from_splits(splits: dict[str, list[Sample]], manifest: Manifest, config: QuantizeConfig) -> QuantizeData:
+    """Calibrate on train, choose the method on val, compare with fp32 on test (val if no test)."""
+    if not splits.get("train") or not splits.get("val"):
+        raise QuantizeError("quantization needs training images (calibration) and validation images")
+    test, evaluated_on = (splits["test"], "test") if splits.get("test") else (splits["val"], "val")
+
+    def load(part: list[Sample], limit: int) -> Images:
+        return load_images(part, manifest, limit, config.seed, config.workers)
+
+    return QuantizeData(
+        calibration=load(splits["train"], config.calibration_images).arrays,
+        validation=load(splits["val"], config.max_eval_images),
+        test=load(test, config.max_eval_images),
+        evaluated_on=evaluated_on,
+    )
+
+
+def data_from_samples(samples: list[Sample], manifest: Manifest, config: QuantizeConfig) -> QuantizeData:
+    """Images for an existing version: its training split when labels match, else a split by seed.
+
+    Labelled data with the model's labels is split as training split it (the manifest records
+    the fractions and seed), so calibration never sees a test image. Other images (unlabelled, or
+    labelled with other classes) are shuffled by seed into calibration, validation and test parts,
+    which are then compared with fp32 by agreement alone.
+    """
+    known = set(manifest.labels)
+    if samples and all(s.label in known for s in samples):
+        training = manifest.training or {}
+        splits = split_samples(samples, float(training.get("val_fraction", 0.15)),
+                               float(training.get("test_fraction", 0.15)), int(training.get("seed", 0)))
+        return data_from_splits(splits, manifest, config)
+    shuffled = list(samples)
+    random.Random(config.seed).shuffle(shuffled)
+    if len(shuffled) < 3:
+        raise QuantizeError(f"need at least 3 images to calibrate, validate and test; got {len(shuffled)}")
+    first = max(1, int(len(shuffled) * UNLABELLED_SPLIT[0]))
+    second = first + max(1, int(len(shuffled) * UNLABELLED_SPLIT[1]))
+    unlabelled = [Sample(s.path, None) for s in shuffled]
+    splits = {"train": unlabelled[:first], "val": unlabelled[first:second], "test": unlabelled[second:]}
+    return data_from_splits(splits, manifest, config)
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def float_nodes(graph) -> list[str]:
+    """Nodes that stay float: input → first compute op (cast, normalise, shape arithmetic), and
+    outputs ← the head's Gemm/MatMul or the global pooling (softmax, temperature, the embedding)."""
+    consumers: dict[str, list] = defaultdict(list)
+    producer = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+        for name in node.output:
+            producer[name] = node
+    keep: set[str] = set()
+    frontier = [i.name for i in graph.input]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type not in COMPUTE_OPS and node.name not in keep:
+                keep.add(node.name)
+                frontier.extend(node.output)
+    frontier = [o.name for o in graph.output]
+    while frontier:
+        node = producer.get(frontier.pop())
+        if node is None or node.name in keep or node.op_type == "Conv":
+            continue
+        keep.add(node.name)
+        if node.op_type not in COMPUTE_OPS | POOLING_OPS:  # the head and the pooling stay float; stop there
+            frontier.extend(node.input)
+    return sorted(keep)
+
+
+def _named(model) -> None:
+    """nodes_to_exclude works by name; give unnamed nodes one."""
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+def _batch_reader(input_name: str, images: np.ndarray, batch_size: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class BatchReader(CalibrationDataReader):
+        """Batches of uint8 images; `set_range` lets calibration run a batch at a time (bounded memory)."""
+
+        def __init__(self) -> None:
+            self.batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+            self.set_range(0, len(self.batches))
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._pending = iter(self.batches[start_index:end_index])
+
+        def get_next(self):
+            batch = next(self._pending, None)
+            return None if batch is None else {input_name: batch}
+
+    return BatchReader()
+
+
+def _prepared_graph(source: Path, workdir: Path):
+    """ONNX Runtime's recommended pre-processing (shape inference, basic fusions), named nodes."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = workdir / "prepared.onnx"
+    try:
+        quant_pre_process(str(source), str(prepared))
+        model = onnx.load(str(prepared))
+    except Exception as error:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
+        log.warning("quantization pre-processing failed (%s); quantizing the graph as exported", error)
+        model = onnx.load(str(source))
+    _named(model)
+    onnx.save(model, str(prepared))
+    return prepared, model
+
+
+def quantize_graph(source: Path, target: Path, calibration: np.ndarray, method: str, config: QuantizeConfig,
+                   input_name: str = "image") -> Path:
+    """Write the static QDQ int8 version of `source` to `target`, calibrated with `method`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(prefix="tuneserve-quantize-") as scratch:
+        prepared, model = _prepared_graph(Path(source), Path(scratch))
+        quantize_static(
+            str(prepared), str(target), _batch_reader(input_name, calibration, config.batch_size),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=float_nodes(model.graph),
+            calibrate_method=calibrate,
+            extra_options={"CalibStridedMinMax": 1, "CalibPercentile": config.percentile},
+        )
+    return Path(target)
+
+
+def run_graph(path: Path, images: np.ndarray, manifest: Manifest, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of the graph at `path` on CPU, batch by batch."""
+    import onnxruntime as ort
+
+    settings = ort.SessionOptions()
+    settings.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=settings, providers=["CPUExecutionProvider"])
+    output = manifest.output_names[1]
+    rows = [session.run([output], {manifest.input_name: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)]
+    return np.concatenate(rows)
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    """How far `candidate` probabilities are from `reference` (fp32), and its accuracy when labelled."""
+    scores = {
+        "agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+        "max_probability_diff": float(np.abs(reference - candidate).max()),
+        "mean_probability_diff": float(np.abs(reference - candidate).mean()),
+    }
+    if labels is not None:
+        scores["accuracy"] = float((candidate.argmax(1) == labels).mean())
+    return scores
+
+
+def _rank(scores: dict[str, float]) -> tuple[float, float, float]:
+    return scores.get("accuracy", 0.0), scores["agreement"], -scores["mean_probability_diff"]
+
+
+def choose_calibration(source: Path, data: QuantizeData, manifest: Manifest, config: QuantizeConfig,
+                       workdir: Path) -> tuple[str, Path, dict[str, dict[str, float]]]:
+    """Quantize with each method; keep the best on validation (accuracy, then agreement with fp32)."""
+    reference = run_graph(source, data.validation.arrays, manifest)
+    tried: dict[str, dict[str, float]] = {}
+    for method in config.methods:
+        target = workdir / f"{method}.onnx"
+        try:
+            quantize_graph(source, target, data.calibration, method, config, manifest.input_name)
+            probabilities = run_graph(target, data.validation.arrays, manifest)
+        except Exception as error:  # noqa: BLE001 - one calibrator failing leaves the others
+            log.warning("int8 %s calibration failed: %s", method, error)
+            tried[method] = {"error": str(error)}
+            continue
+        tried[method] = agreement(reference, probabilities, data.validation.labels)
+        log.info("int8 %s on validation: %s", method, tried[method])
+    ranked = [m for m in config.methods if "error" not in tried[m]]
+    if not ranked:
+        raise QuantizeError(f"every calibration method failed: {tried}")
+    best = max(ranked, key=lambda m: _rank(tried[m]))
+    return best, workdir / f"{best}.onnx", tried
+
+
+def compare_on_test(manifest: Manifest, reference: np.ndarray, candidate: np.ndarray, test: Images) -> dict[str, Any]:
+    """The `eval.json` entry: the variant's metrics, its fp32 counterpart's on the same images, deltas."""
+    entry: dict[str, Any] = {"samples": len(test), **agreement(reference, candidate)}
+    if test.labels is None:
+        entry["accuracy_delta"] = None
+        return entry
+    top_k = int((manifest.training or {}).get("top_k", 5))
+    ours = evaluation_report(test.labels, candidate, manifest.labels, top_k=top_k)
+    base = evaluation_report(test.labels, reference, manifest.labels, top_k=top_k)
+    entry.update(
+        accuracy=ours["accuracy"], macro_f1=ours["macro_avg"]["f1"], top_k=ours["top_k"],
+        top_k_accuracy=ours["top_k_accuracy"],
+        fp32={"accuracy": base["accuracy"], "macro_f1": base["macro_avg"]["f1"], "top_k_accuracy": base["top_k_accuracy"]},
+        accuracy_delta=ours["accuracy"] - base["accuracy"],
+        macro_f1_delta=ours["macro_avg"]["f1"] - base["macro_avg"]["f1"],
+        per_class_f1={label: ours["per_class"][label]["f1"] for label in manifest.labels},
+    )
+    return entry
+
+
+# --------------------------------------------------------------------------- one version
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Readers (a serving worker loading this version) see the old file or the new one, never half."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def quantize_version(directory: str | Path, data: QuantizeData, config: QuantizeConfig = QuantizeConfig()) -> Variant:
+    """Write `model.int8.onnx` into a version's folder, its test comparison into `eval.json`
+    (`variants.int8`) and the variant into `manifest.json`, in that order (the manifest last, so
+    a reader that sees the variant finds its file)."""
+    config.validate()
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    source = directory / ONNX_FILE
+    with tempfile.TemporaryDirectory(prefix="tuneserve-int8-") as scratch:
+        method, chosen, tried = choose_calibration(source, data, manifest, config, Path(scratch))
+        entry = compare_on_test(manifest, run_graph(source, data.test.arrays, manifest),
+                                run_graph(chosen, data.test.arrays, manifest), data.test)
+        _write_atomically(directory / INT8_FILE, chosen.read_bytes())
+    entry = {"file": INT8_FILE, "calibration": method, "calibration_images": len(data.calibration),
+             "evaluated_on": data.evaluated_on, **entry, "validation": tried}
+    report = read_eval(directory) or {}
+    report.setdefault("variants", {})["int8"] = entry
+    _write_atomically(directory / EVAL_FILE, json.dumps(report, indent=2).encode())
+    variant = Variant(
+        file=INT8_FILE, calibration=method, calibration_images=len(data.calibration),
+        evaluated_on=data.evaluated_on, samples=entry["samples"], accuracy=entry.get("accuracy"),
+        accuracy_delta=entry["accuracy_delta"], agreement=entry["agreement"],
+        max_probability_diff=entry["max_probability_diff"],
+    )
+    updated = manifest.model_copy(update={"variants": {**manifest.variants, "int8": variant}})
+    _write_atomically(directory / MANIFEST_FILE, updated.model_dump_json(indent=2).encode())
+    log.info("int8 variant of %s: %s calibration, %s", directory, method, variant.model_dump(exclude={"file"}))
+    return variant
