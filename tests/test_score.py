@@ -77,8 +77,8 @@ def test_formats_and_error_row(tiny_model, tmp_path, suffix, monkeypatch):
     assert result.scored == len(expected) and result.errors == 1 and result.total == len(expected)
     rows = list(read_rows(output))
     check_rows(rows, expected, tiny_model.tag)
-    assert list(rows[0]) == ["path", "label_1", "probability_1", "label_2", "probability_2", "label_3",
-                             "probability_3", "model", "version", "variant", "error"]
+    assert list(rows[0]) == ["path", "label", "abstained", "in_domain", "label_1", "probability_1", "label_2",
+                             "probability_2", "label_3", "probability_3", "model", "version", "variant", "error"]
     assert not journal_path(output).exists() and not report_path(output).exists()
     assert [p.name for p in output.parent.iterdir()] == [output.name]  # no temporary files left
 
@@ -190,3 +190,40 @@ def test_ray_engine_matches_local(tiny_model, tmp_path):
             elif key != "error":
                 assert other[key] == value, (path, key)
         assert bool(other["error"]) == bool(row["error"])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_min_confidence_abstains_in_rows(bento_home, tmp_path, suffix):
+    """auto: per-label thresholds and the in-domain score; a number: the top probability only."""
+    from models import store
+    from models.decision import InvalidMinConfidence
+    from tests.tiny import write_trusted_tiny_model
+
+    store.publish("trusted", write_trusted_tiny_model(tmp_path / "staging", tmp_path / "fit"))
+    images = tmp_path / "images"
+    draw(images / "red.png", "red", seed=1)
+    Image.new("RGB", (20, 20), (250, 250, 0)).save(images / "yellow.png")  # two channels high: never seen
+    Image.new("RGB", (20, 20), (120, 100, 110)).save(images / "murky.png")  # no channel dominates
+    auto = {r["path"]: r for r in read_rows(_scored(tmp_path, "trusted", images, suffix, "auto"))}
+    assert auto["red.png"]["label"] == "red" and auto["red.png"]["abstained"] is False
+    assert auto["red.png"]["in_domain"] >= 0.05
+    assert auto["yellow.png"]["label"] is None and auto["yellow.png"]["abstained"] is True
+    assert auto["yellow.png"]["in_domain"] < 0.05 and auto["yellow.png"]["label_1"] is not None  # ranking kept
+    assert auto["murky.png"]["abstained"] is True
+    fixed = {r["path"]: r for r in read_rows(_scored(tmp_path, "trusted", images, suffix, 0.99))}
+    assert fixed["murky.png"]["abstained"] is True and fixed["murky.png"]["label"] is None
+    assert fixed["red.png"]["probability_1"] < 0.99 or fixed["red.png"]["label"] == "red"
+    plain = {r["path"]: r for r in read_rows(_scored(tmp_path, "trusted", images, suffix, None))}
+    assert all(r["abstained"] is False and r["label"] == r["label_1"] for r in plain.values())
+    store.publish("old", write_tiny_model(tmp_path / "old"))
+    with pytest.raises(InvalidMinConfidence, match="no per-label thresholds"):
+        _scored(tmp_path, "old", images, suffix, "auto")
+    old = list(read_rows(_scored(tmp_path, "old", images, suffix, 0.5)))
+    assert all(r["in_domain"] is None for r in old)  # exported without an in-domain score
+
+
+def _scored(tmp_path, model, images, suffix, min_confidence):
+    output = tmp_path / f"{model}-{min_confidence}" / f"scores{suffix}"
+    score(model, images, output, top_k=2, workers=1, progress=False, min_confidence=min_confidence)
+    return output
+

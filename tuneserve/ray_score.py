@@ -50,7 +50,7 @@ class _RayScorer:
     """One ONNX Runtime session per actor; bytes in, output columns out."""
 
     def __init__(self, model_files, name: str, version: str, device: str, threads: int, top_k: int, root: str,
-                 precision: str = "auto"):
+                 precision: str = "auto", min_confidence=None):
         import ray
 
         from models.runtime import OnnxClassifier, RuntimeOptions
@@ -63,6 +63,7 @@ class _RayScorer:
         options = RuntimeOptions(device=device, intra_op_threads=max(1, threads), precision=precision)
         self.model = OnnxClassifier(self._dir.name, name, version, options).load()
         self.top_k = top_k
+        self.min_confidence = min_confidence
         self.root = Path(root)
 
     def __call__(self, batch):
@@ -74,7 +75,7 @@ class _RayScorer:
         spec = self.model.manifest.preprocessing
         keys = [relative_key(path, self.root) for path in batch.column("path").to_pylist()]
         prepared = [_prepare_one(blob, spec, DEFAULT_MAX_PIXELS) for blob in batch.column("bytes").to_pylist()]
-        rows = rows_for(self.model, keys, prepared, self.top_k, [None] * len(keys), False)
+        rows = rows_for(self.model, keys, prepared, self.top_k, [None] * len(keys), False, self.min_confidence)
         return pa.Table.from_pylist(rows, schema=_arrow_schema(columns_for(self.top_k, False)))
 
 
@@ -106,11 +107,13 @@ def score_ray(
     progress: bool = True,
     precision: str = "auto",
     num_cpus: int | None = None,
+    min_confidence=None,
 ) -> ScoreResult:
     """Score `source` into `output` with Ray Data; same rows, resume and report as `score.score`."""
     from models import store
     from models.manifest import MANIFEST_FILE, ONNX_FILE, read_manifest
 
+    from models.decision import check_supported
     from models.errors import TuneserveError
 
     ray = import_ray()
@@ -119,7 +122,9 @@ def score_ray(
     output = Path(output)
     start = time.perf_counter()
     version = store.resolve(model)
-    labels = read_manifest(version.path).labels
+    manifest = read_manifest(version.path)
+    labels = manifest.labels
+    check_supported(min_confidence, manifest, version.tag)
     data, k, columns, todo = plan(source, output, labels, top_k, use_labels)
     by_key = {data.key(s): s for s in todo}
     journal = Journal(output)
@@ -146,8 +151,9 @@ def score_ray(
             context = ray.data.DataContext.get_current()
             context.execution_options.preserve_order = True
             context.enable_progress_bars = False
-            graphs = [v.file for v in read_manifest(version.path).variants.values()]  # the actor picks one
-            files = {name: (version.path / name).read_bytes() for name in (ONNX_FILE, MANIFEST_FILE, *graphs)}
+            graphs = [v.file for v in manifest.variants.values()]  # the actor picks one
+            ood = (manifest.ood.file,) if manifest.ood else ()
+            files = {name: (version.path / name).read_bytes() for name in (ONNX_FILE, MANIFEST_FILE, *graphs, *ood)}
             device_for_actor = device if num_gpus > 0 or device == "cpu" else "cpu"
             dataset = ray.data.read_binary_files(readable, include_paths=True)
             scored = dataset.map_batches(
@@ -155,6 +161,7 @@ def score_ray(
                 fn_constructor_kwargs=dict(
                     model_files=ray.put(files), name=version.name, version=version.version, device=device_for_actor,
                     threads=max(1, int(cpus_per_actor)), top_k=k, root=str(data.root), precision=precision,
+                    min_confidence=min_confidence,
                 ),
                 batch_size=batch_size,
                 batch_format="pyarrow",

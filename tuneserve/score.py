@@ -1,7 +1,9 @@
 """`tuneserve score`: run a stored model over a folder or manifest of images, to CSV, JSONL or Parquet.
 
-One row per image: `path` (relative to the input folder, or to the manifest's folder), the top-k
-labels and probabilities as flat columns `label_1, probability_1, ... label_k, probability_k`,
+One row per image: `path` (relative to the input folder, or to the manifest's folder), the decided
+`label` (empty when the model abstained under `--min-confidence`), `abstained`, `in_domain` (for
+versions exported with an in-domain score), the top-k labels and probabilities as flat columns
+`label_1, probability_1, ... label_k, probability_k`,
 `model`, `version`, `error` (empty unless the image could not be read) and, for labelled input,
 `true_label`. The same columns in every format and on both engines.
 
@@ -54,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, type=Path, help="folder of images (plain, recursive; or one folder per class), or a .csv/.jsonl manifest with path[,label]")
     p.add_argument("--output", required=True, type=Path, help="output file: .csv, .jsonl or .parquet")
     p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--min-confidence", metavar="P|auto",
+                   help="abstain (empty label, abstained=true) below this top probability; 'auto': the model's "
+                        "per-label best-F1 thresholds, and abstain on out-of-domain images too")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="local: decode workers (default: cores); ray: actors (default 1)")
     p.add_argument("--pool", choices=["thread", "process"], default="thread", help="local decode pool (default thread)")
@@ -76,8 +81,11 @@ def run_score(args: argparse.Namespace) -> int:
         raise DatasetError(f"output must end in .csv, .jsonl or .parquet, got {args.output.name}")
     if args.top_k < 1 or args.batch_size < 1:
         raise DatasetError("--top-k and --batch-size must be at least 1")
+    from models.decision import parse_min_confidence
+
     options = dict(
-        top_k=args.top_k, batch_size=args.batch_size, use_labels=not args.no_eval, progress=not args.no_progress
+        top_k=args.top_k, batch_size=args.batch_size, use_labels=not args.no_eval, progress=not args.no_progress,
+        min_confidence=parse_min_confidence(args.min_confidence),
     )
     if args.engine == "ray":
         from tuneserve.ray_score import score_ray
@@ -151,7 +159,7 @@ def collect_input(source: Path, model_labels: Sequence[str], use_labels: bool = 
 
 
 def columns_for(top_k: int, labelled: bool) -> list[str]:
-    columns = ["path"]
+    columns = ["path", "label", "abstained", "in_domain"]
     for i in range(1, top_k + 1):
         columns += [f"label_{i}", f"probability_{i}"]
     columns += ["model", "version", "variant", "error"]
@@ -162,9 +170,11 @@ def columns_for(top_k: int, labelled: bool) -> list[str]:
 
 def make_row(
     path: str, model: str, version: str, top: list[dict] | None, k: int, error: str | None, true_label: str | None,
-    labelled: bool, variant: str | None = None,
+    labelled: bool, variant: str | None = None, decision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"path": path}
+    decision = decision or {}
+    row: dict[str, Any] = {"path": path, "label": decision.get("label"), "abstained": decision.get("abstained"),
+                           "in_domain": decision.get("in_domain")}
     for i in range(k):
         entry = top[i] if top and i < len(top) else None
         row[f"label_{i + 1}"] = entry["label"] if entry else None
@@ -191,17 +201,25 @@ def plan(source: Path, output: Path, model_labels: list[str], top_k: int, use_la
 
 
 def rows_for(classifier, keys: list[str], prepared: list[tuple[Any, str | None]], k: int,
-             true_labels: Sequence[str | None], labelled: bool) -> list[dict[str, Any]]:
+             true_labels: Sequence[str | None], labelled: bool, min_confidence=None) -> list[dict[str, Any]]:
     """One output row per image: the readable ones go through the model in one batch."""
+    from models.decision import decide
     from models.preprocess import stack
 
     arrays = [array for array, _ in prepared if array is not None]
-    tops = iter(classifier.top_k(classifier.predict(stack(arrays)), k) if arrays else [])
-    return [
-        make_row(key, classifier.name, classifier.version, next(tops) if array is not None else None, k, error,
-                 true_label, labelled, classifier.variant)
-        for key, (array, error), true_label in zip(keys, prepared, true_labels)
-    ]
+    decided = []
+    if arrays:
+        probabilities, in_domain = classifier.predict_scored(stack(arrays))
+        scores = in_domain if in_domain is not None else [None] * len(arrays)
+        decided = [decide(classifier.manifest, top, min_confidence, score)
+                   for top, score in zip(classifier.top_k(probabilities, k), scores)]
+    made = iter(decided)
+    rows = []
+    for key, (array, error), true_label in zip(keys, prepared, true_labels):
+        decision = next(made) if array is not None else None
+        rows.append(make_row(key, classifier.name, classifier.version, decision and decision["predictions"], k,
+                             error, true_label, labelled, classifier.variant, decision))
+    return rows
 
 
 # --------------------------------------------------------------------------- local engine
@@ -311,17 +329,20 @@ def score(
     prefetch: int = 2,
     classifier=None,
     on_batch: Callable[[int], None] | None = None,
+    min_confidence=None,
 ) -> ScoreResult:
     """Score `source` into `output` on this machine; resumes from what `output` already holds.
 
     `on_batch(n_batches_done)` runs after each batch is safely journaled (tests use it to interrupt).
     """
+    from models.decision import check_supported
     from models.preprocess import DEFAULT_MAX_PIXELS
 
     output = Path(output)
     fmt = output_format(output)
     classifier = classifier or load_model(model, device, precision)
     labels = classifier.manifest.labels
+    check_supported(min_confidence, classifier.manifest, classifier.tag)
     data, k, columns, todo = plan(source, output, labels, top_k, use_labels)
     workers = workers or default_workers()
     log.info(
@@ -347,7 +368,8 @@ def score(
             batch, futures = pending.popleft()
             prepared = decoder.gather(futures)
             errors += sum(error is not None for _, error in prepared)
-            rows = rows_for(classifier, [data.key(s) for s in batch], prepared, k, [s.label for s in batch], data.labelled)
+            rows = rows_for(classifier, [data.key(s) for s in batch], prepared, k, [s.label for s in batch], data.labelled,
+                            min_confidence)
             journal.append(rows)
             bar.update(len(batch))
             if on_batch:

@@ -56,13 +56,20 @@ def read_rows(path: Path, fmt: str | None = None) -> Iterator[dict[str, Any]]:
 def _from_csv(column: str, value: str | None) -> Any:
     if value in (None, ""):
         return None
-    return float(value) if column.startswith("probability_") else value
+    if column.startswith("probability_") or column == "in_domain":
+        return float(value)
+    return value == "True" if column == "abstained" else value
 
 
 def _arrow_schema(columns: list[str]):
     import pyarrow as pa
 
-    return pa.schema([(c, pa.float64() if c.startswith("probability_") else pa.string()) for c in columns])
+    def kind(column: str):
+        if column.startswith("probability_") or column == "in_domain":
+            return pa.float64()
+        return pa.bool_() if column == "abstained" else pa.string()
+
+    return pa.schema([(c, kind(c)) for c in columns])
 
 
 def write_rows(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> int:
