@@ -40,3 +40,9 @@ class EmbeddingUnavailable(TuneserveError):
     but features that need its embedding (advise, instant heads, in-domain score) refuse it."""
 
     status = 409
+
+
+class Cancelled(TuneserveError):
+    """Raised inside a job when its stop event is set (SIGTERM / job cancel)."""
+
+    status = 409

@@ -17,7 +17,9 @@ from typing import Any
 from models.errors import TuneserveError
 
 CONFIG_FILE = "config.json"
-STRATEGIES = ("linear", "partial", "full")
+TRAINED_STRATEGIES = ("linear", "partial", "full")  # torch, in a training process
+INSTANT_STRATEGIES = ("prototype", "logistic")  # a head on a stored model's embedding, torch-free (models/instant.py)
+STRATEGIES = TRAINED_STRATEGIES + INSTANT_STRATEGIES
 CLASS_BALANCE = ("loss", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -50,7 +52,7 @@ class TrainConfig:
     name: str = ""
     source: str = "efficientnet_lite0"
     data: str = ""
-    strategy: str = "full"  # linear | partial | full
+    strategy: str = "full"  # linear | partial | full (torch) | prototype | logistic (instant heads, seconds)
     epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 3e-3  # the head; the backbone gets learning_rate * backbone_lr_scale
@@ -123,6 +125,9 @@ class TrainConfig:
     def is_registry_source(self) -> bool:
         return self.source_parts()[0] in BACKBONE_NAMES
 
+    def is_instant(self) -> bool:
+        return self.strategy in INSTANT_STRATEGIES
+
     def use_augment(self) -> bool:
         return self.strategy != "linear" if self.augment is None else bool(self.augment)
 
@@ -159,6 +164,9 @@ class TrainConfig:
         if check_paths and self.data:
             need(Path(self.data).exists(), f"data: path does not exist: {self.data}")
         need(self.strategy in STRATEGIES, f"strategy: {self.strategy!r} is not one of {list(STRATEGIES)}")
+        if self.is_instant() and base and self.is_registry_source():
+            problems.append(f"source: strategy {self.strategy!r} fits a head on a stored model's embedding; "
+                            f"{base!r} is a backbone, not a stored model (use e.g. 'imagenet')")
         need(_is_int(self.epochs) and 1 <= self.epochs <= 1000, f"epochs: must be an integer 1..1000, got {self.epochs!r}")
         need(_is_int(self.batch_size) and 1 <= self.batch_size <= 4096, f"batch_size: must be an integer 1..4096, got {self.batch_size!r}")
         need(_is_num(self.learning_rate) and 0 < self.learning_rate <= 10, f"learning_rate: must be in (0, 10], got {self.learning_rate!r}")
@@ -182,7 +190,9 @@ class TrainConfig:
         need(_is_int(self.num_workers) and 0 <= self.num_workers <= 64, f"num_workers: must be an integer 0..64, got {self.num_workers!r}")
         need(self.device in DEVICES, f"device: {self.device!r} is not one of {list(DEVICES)}")
         need(_is_num(self.bn_momentum) and 0 < self.bn_momentum <= 1, f"bn_momentum: must be in (0, 1], got {self.bn_momentum!r}")
-        need(_is_int(self.min_images_per_class) and self.min_images_per_class >= 2, f"min_images_per_class: must be an integer >= 2, got {self.min_images_per_class!r}")
+        fewest = 1 if self.is_instant() else 2  # a prototype needs one image; training needs one to validate on
+        need(_is_int(self.min_images_per_class) and self.min_images_per_class >= fewest,
+             f"min_images_per_class: must be an integer >= {fewest}, got {self.min_images_per_class!r}")
         need(_is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1, f"label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
         need(_is_int(self.top_k) and self.top_k >= 1, f"top_k: must be an integer >= 1, got {self.top_k!r}")
         need(isinstance(self.int8, bool), f"int8: must be true or false, got {self.int8!r}")

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-import tempfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,53 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from models.datasets import Sample, check_trainable, load_samples, safe_extract_zip, split_samples
-from models.errors import DatasetError, ImageError
+from models.datasets import Sample, check_readable, load_dataset, prepare_splits  # noqa: F401 (torch-free, re-exported)
 from models.manifest import Preprocessing
 from models.preprocess import _RESAMPLING, decode_image, prepare
-
-MAX_LISTED = 20
-
-
-def load_dataset(data: str | Path, scratch: str | Path | None = None) -> list[Sample]:
-    """A folder, manifest, or zip of either → samples (zips unpack under `scratch`)."""
-    path = Path(data)
-    if path.is_file() and path.suffix.lower() == ".zip":
-        scratch = Path(scratch or tempfile.mkdtemp(prefix="tuneserve-data-"))
-        path = safe_extract_zip(path, scratch)
-    return load_samples(path)
-
-
-def check_readable(samples: list[Sample], workers: int = 2) -> None:
-    """Decode every image once; fail listing the unreadable ones (never drop them silently)."""
-
-    def probe(sample: Sample):
-        try:
-            with Image.open(sample.path) as image:
-                image.verify()
-            decode_image(sample.path, draft_size=64)
-            return None
-        except (ImageError, OSError, SyntaxError, ValueError) as error:
-            return f"{sample.path}: {error}"
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        problems = [p for p in pool.map(probe, samples) if p]
-    if problems:
-        shown = "; ".join(problems[:MAX_LISTED])
-        more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
-        raise DatasetError(f"{len(problems)} unreadable image(s): {shown}{more}")
-
-
-def prepare_splits(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int,
-                   min_per_class: int) -> tuple[dict[str, list[Sample]], list[str]]:
-    check_trainable(samples, min_per_class)
-    splits = split_samples(samples, val_fraction, test_fraction, seed)
-    if not splits["train"]:
-        raise DatasetError("no training images after the split")
-    if not splits["val"]:
-        raise DatasetError("no validation images after the split; add images or raise val_fraction")
-    labels = sorted({s.label for s in samples})
-    return splits, labels
 
 
 def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Random, hflip: bool,

@@ -43,13 +43,18 @@ class RunResult:
 
 def run(config: TrainConfig, progress: Progress | None = None, stop: threading.Event | None = None,
         resume: bool = False) -> RunResult:
+    started = time.monotonic()
+    progress = progress or Progress()
+    config.validate()
+    if config.is_instant():  # a head on a stored embedding: no torch, seconds
+        from models.instant import run_instant
+
+        result = run_instant(config, progress, stop)
+        return RunResult(result.version, result.report, [], result.seconds, result.seconds)
     from training.data import check_readable, load_dataset, prepare_splits
     from training.export import evaluate_export, export_model, held_out_images, publish, quantize_export
     from training.train import train
 
-    started = time.monotonic()
-    progress = progress or Progress()
-    config.validate()
     out = config.resolved_output_dir()
     out.mkdir(parents=True, exist_ok=True)
     if not resume:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.emit("failed", reason=str(error))
             return EXIT_BAD_INPUT
         from training.pipeline import run
-        from training.train import Cancelled
+        from models.errors import Cancelled
 
         try:
             result = run(config, progress, stop, resume=args.resume)

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.datasets import Sample
-from models.errors import TuneserveError
+from models.errors import Cancelled  # in models/ so torch-free jobs (instant heads) raise the same one
 from training.backbones import Built, ImageModel, build_source
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, class_weights, make_loader
@@ -29,12 +29,6 @@ log = logging.getLogger("tuneserve.training")
 LAST = "last.pt"
 BEST = "best.pt"
 METRICS = "metrics.jsonl"
-
-
-class Cancelled(TuneserveError):
-    """Raised inside the loop when the stop event is set (SIGTERM / job cancel)."""
-
-    status = 409
 
 
 @dataclass
