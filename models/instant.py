@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from models import store
-from models.datasets import Sample, check_readable, check_trainable, fingerprint, load_dataset, split_samples
+from models.datasets import Sample, check_readable, check_trainable, fingerprint, load_dataset, split_origins, split_samples
 from models.errors import Cancelled, DatasetError, ManifestError
 from models.evaluate import evaluate, run_samples
 from models.head_graph import attach_head
@@ -86,8 +86,10 @@ def instant_splits(config: TrainConfig) -> tuple[dict[str, list[Sample]], list[s
     missing = sorted(set(labels) - {s.label for s in splits["train"]})
     if missing:
         raise DatasetError(f"no training images for labels {missing}")
+    origins = split_origins(samples, splits)
     info = DatasetInfo(fingerprint=fingerprint(samples), num_train=len(splits["train"]), num_val=len(splits["val"]),
-                       num_test=len(splits["test"]), source=str(config.data))
+                       num_test=len(splits["test"]), source=str(config.data), splits_given=origins["given"],
+                       splits_derived=origins["derived"])
     return splits, labels, info
 
 
@@ -154,6 +156,7 @@ def run_instant(config: TrainConfig, progress=None, stop: threading.Event | None
     _step(progress, stop, "parity")
     write_manifest(manifest.model_copy(update={"parity_max_abs_diff": parity_check(source, staging, head, test)}), staging)
     if splits["val"]:
+        _step(progress, stop, "calibrating")
         calibrate_version(staging, config.name, splits["train"], splits["val"], source.options)
     _step(progress, stop, "evaluating")
     report = evaluate(OnnxClassifier(staging, config.name, "staging", source.options).load(), test, top_k=config.top_k)

@@ -124,7 +124,8 @@ def test_instant_strategy_through_the_fine_tune_job_api(tmp_path, bento_home):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from service.finetune import JobManager, build_router
+    from service.finetune import JobManager
+    from service.routes.finetune import build_router
     from service.finetune.settings import FinetuneSettings
     from tests.finetune_support import submit, wait_for, zip_dir
 
