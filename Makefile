@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 
-.PHONY: serve test test-fast bench clean-venv
+.PHONY: serve test test-fast bench clean-venv browser
 
 # The venv is created only when missing; the project is (re)installed when pyproject changes.
 $(BIN)/python:
@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 serve: $(STAMP)
 	$(BIN)/tuneserve serve --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# The console's browser tests drive Debian's chromium through chromedriver (nothing can download a
+# browser build here). Installed with apt when missing and we are root; otherwise a clear stop.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "the console tests need a browser: install the Debian packages 'chromium' and 'chromium-driver' (as root: apt-get install chromium chromium-driver)"; exit 1; fi
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"

@@ -15,6 +15,7 @@ import bentoml
 
 from service.app import create_app, mount_jobs
 from service.config import load_settings
+from service.console import mount_console
 from service.limits import BodyLimitMiddleware
 
 log = logging.getLogger("tuneserve.service")
@@ -24,6 +25,7 @@ SETTINGS = load_settings()
 
 
 app = create_app(SETTINGS)
+mount_console(app)
 
 
 @bentoml.service(
