@@ -38,11 +38,14 @@ class Prediction(BaseModel):
 
     model_config = ConfigDict(protected_namespaces=())
 
-    label: str = Field(description="The most probable label")
-    probability: float = Field(ge=0, le=1, description="Its probability")
+    label: str | None = Field(description="The most probable label; null when the model abstained")
+    probability: float = Field(ge=0, le=1, description="The top label's (calibrated) probability")
     predictions: list[RankedLabel] = Field(description="The top-k labels, most probable first")
-    abstained: bool = Field(False, description="True when the model's thresholds say it should not decide")
-    in_domain: float | None = Field(None, description="How much the image looks like the training data (0..1), if known")
+    abstained: bool = Field(False, description="True when the top probability is below `min_confidence` (or, with "
+                            "`auto`, below the label's threshold or the image is out of domain)")
+    in_domain: float | None = Field(None, description="How typical the image is of the training data: the share of "
+                                    "validation images that look less typical (0..1; below the model's "
+                                    "threshold, usually 0.05, it is out of domain); null for versions without it")
     model: str
     version: str
     variant: str = Field("fp32", description="Which ONNX file answered: fp32, fp16 or int8")

@@ -135,11 +135,11 @@ class FakeClassifier:
     def __init__(self, tag, fail=False):
         self.tag, self.name, self.fail, self.calls = tag, tag.split(":")[0], fail, []
 
-    def predict(self, batch):
+    def predict_scored(self, batch):
         self.calls.append(len(batch))
         if self.fail:
             raise RuntimeError("boom")
-        return batch.reshape(len(batch), -1)[:, :2].astype(np.float32)
+        return batch.reshape(len(batch), -1)[:, :2].astype(np.float32), batch.reshape(len(batch), -1)[:, 0] / 100
 
 
 def test_batcher_merges_requests_and_isolates_failures():
@@ -157,7 +157,8 @@ def test_batcher_merges_requests_and_isolates_failures():
         return good, bad, results
 
     good, bad, results = asyncio.run(main())
-    assert [int(r[0]) for r in results[:10]] == list(range(10))  # each request gets its own row
+    assert [int(r[0][0]) for r in results[:10]] == list(range(10))  # each request gets its own row
+    assert [r[1] for r in results[:10]] == [i / 100 for i in range(10)]  # and its own in-domain score
     assert isinstance(results[10], RuntimeError)  # the failing version fails only its own item
     assert max(good.calls) > 1 and sum(good.calls) == 10 and max(good.calls) <= 8
 

@@ -42,7 +42,8 @@ class Batcher:
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.task: asyncio.Task | None = None
 
-    async def submit(self, classifier: OnnxClassifier, array: np.ndarray) -> np.ndarray:
+    async def submit(self, classifier: OnnxClassifier, array: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Probabilities `[C]` of one prepared image and its in-domain score (None without OOD data)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.queue.put_nowait(_Item(classifier, array, future))
@@ -87,7 +88,7 @@ class Batcher:
             observe("queue", self.name, started - item.queued)
         try:
             batch = stack([item.array for item in group])
-            probabilities = await loop.run_in_executor(self.executor, classifier.predict, batch)
+            probabilities, in_domain = await loop.run_in_executor(self.executor, classifier.predict_scored, batch)
         except Exception as error:  # one failing batch fails only its own items, never the task
             log.exception("%s: inference failed for a batch of %d", classifier.tag, len(group))
             for item in group:
@@ -101,9 +102,10 @@ class Batcher:
             m["images"].labels(self.name).inc(len(group))
         except Exception:  # metrics must never strand the requests of a batch
             log.exception("could not record metrics for %s", self.name)
-        for item, row in zip(group, probabilities):
+        scores = in_domain if in_domain is not None else [None] * len(group)
+        for item, row, score in zip(group, probabilities, scores):
             if not item.future.done():
-                item.future.set_result(row)
+                item.future.set_result((row, None if score is None else float(score)))
 
     async def close(self) -> None:
         if self.task is not None:

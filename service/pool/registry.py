@@ -23,6 +23,7 @@ import numpy as np
 
 from models import store
 from models.preprocess import decode_image, resize_and_crop
+from models.decision import MinConfidence, decide
 from models.runtime import OnnxClassifier, RuntimeOptions, default_threads
 from service.pool.batching import Batcher
 from service.pool.devices import runtime_options, runtime_summary
@@ -194,6 +195,10 @@ class ModelPool:
 
     async def infer(self, classifier: OnnxClassifier, array: np.ndarray) -> np.ndarray:
         """Probabilities for one prepared image, computed in a micro-batch."""
+        return (await self.infer_scored(classifier, array))[0]
+
+    async def infer_scored(self, classifier: OnnxClassifier, array: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Probabilities and in-domain score (None for versions without one) of one prepared image."""
         batcher = self._batchers.get(classifier.name)
         if batcher is None:
             batcher = self._batchers[classifier.name] = Batcher(
@@ -204,11 +209,12 @@ class ModelPool:
             )
         return await batcher.submit(classifier, array)
 
-    async def classify(self, classifier: OnnxClassifier, data: bytes, top_k: int) -> Prediction:
-        """One upload → its `Prediction` (the one prediction shape of the API)."""
+    async def classify(self, classifier: OnnxClassifier, data: bytes, top_k: int,
+                       min_confidence: MinConfidence = None) -> Prediction:
+        """One upload → its `Prediction` (the one prediction shape of the API); abstains per `min_confidence`."""
         array = await self.prepare(data, classifier)
-        probabilities = await self.infer(classifier, array)
-        return prediction_of(classifier, probabilities, top_k)
+        probabilities, in_domain = await self.infer_scored(classifier, array)
+        return prediction_of(classifier, probabilities, top_k, min_confidence, in_domain)
 
     # ---- description -----------------------------------------------------------------------
     def loaded(self) -> dict[str, dict[str, Any]]:
@@ -221,7 +227,9 @@ class ModelPool:
         return runtime_summary(self.options, self.load_errors)
 
 
-def prediction_of(classifier: OnnxClassifier, probabilities: np.ndarray, top_k: int) -> Prediction:
-    """The `Prediction` for one image's probabilities `[C]`: the top-k labels and who answered."""
+def prediction_of(classifier: OnnxClassifier, probabilities: np.ndarray, top_k: int,
+                  min_confidence: MinConfidence = None, in_domain: float | None = None) -> Prediction:
+    """The `Prediction` for one image's probabilities `[C]`: the top-k labels, the decision, who answered."""
     ranked = classifier.top_k(probabilities[None, :], top_k)[0]
-    return Prediction.of(ranked, classifier.name, classifier.version, variant=classifier.variant)
+    decided = decide(classifier.manifest, ranked, min_confidence, in_domain)
+    return Prediction(**decided, model=classifier.name, version=classifier.version, variant=classifier.variant)
