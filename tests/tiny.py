@@ -1,7 +1,9 @@
 """Tiny ONNX classifiers built without torch, for fast tests of models/, service/ and scoring.
 
 The graph honours the contract: uint8 `image [N, S, S, 3]` → `logits`, `probabilities [N, C]`,
-and with `embedding=True` also `embedding [N, 3]` (the per-channel mean colour the head reads).
+and with `embedding=True` also `embedding [N, 3]` (the per-channel mean colour the head reads);
+`embedding=<[3, D] array>` gives `mean colour @ array` instead (a worse or better feature space,
+for tests that rank sources).
 Logits are a fixed linear map of the per-channel mean colour, so a red image is predictably
 "red" and tests can assert real answers.
 """
@@ -19,7 +21,7 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
 def tiny_graph(num_classes: int, weights: np.ndarray | None = None, opset: int = 18,
-               embedding: bool = False) -> onnx.ModelProto:
+               embedding: bool | np.ndarray = False) -> onnx.ModelProto:
     if weights is None:
         weights = np.zeros((3, num_classes), np.float32)
         for i in range(min(3, num_classes)):
@@ -34,7 +36,15 @@ def tiny_graph(num_classes: int, weights: np.ndarray | None = None, opset: int =
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes]),
         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", num_classes]),
     ]
-    if embedding:
+    initializers = [
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+        numpy_helper.from_array(weights.astype(np.float32), "w"),
+    ]
+    if isinstance(embedding, np.ndarray):
+        nodes.append(helper.make_node("MatMul", ["mean", "projection"], [EMBEDDING_OUTPUT]))
+        initializers.append(numpy_helper.from_array(embedding.astype(np.float32), "projection"))
+        outputs.append(helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["N", embedding.shape[1]]))
+    elif embedding:
         nodes.append(helper.make_node("Identity", ["mean"], [EMBEDDING_OUTPUT]))
         outputs.append(helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["N", 3]))
     graph = helper.make_graph(
@@ -42,10 +52,7 @@ def tiny_graph(num_classes: int, weights: np.ndarray | None = None, opset: int =
         "tiny",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", None, None, 3])],
         outputs,
-        initializer=[
-            numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
-            numpy_helper.from_array(weights.astype(np.float32), "w"),
-        ],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
@@ -59,7 +66,7 @@ def write_tiny_model(
     size: int = 16,
     weights: np.ndarray | None = None,
     accuracy: float | None = None,
-    embedding: bool = False,
+    embedding: bool | np.ndarray = False,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save(tiny_graph(len(labels), weights, embedding=embedding), str(directory / "model.onnx"))
@@ -70,7 +77,7 @@ def write_tiny_model(
         source="none",
         opset=18,
         parity_max_abs_diff=0.0,
-        embedding_output=EMBEDDING_OUTPUT if embedding else None,
+        embedding_output=EMBEDDING_OUTPUT if embedding is not False else None,
     )
     write_manifest(manifest, directory)
     if accuracy is not None:

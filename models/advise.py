@@ -1,0 +1,221 @@
+"""The transfer advisor: which stored model to start from, and would more labels help.
+
+For each candidate source (a stored version whose graph gives its `embedding`): embed the train
+split once, score it with LogME and a cross-validated logistic probe (models/logme.py), and time
+the embedding. Candidates are ranked by LogME. The best one also gets a learning curve: a probe
+fitted on 10/25/50/100 % of the train split, scored on the held-out (val + test) images.
+Torch-free: the CLI runs it in process, the service as a durable job (`python -m training.run`
+dispatches `"kind": "advise"` configs here).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from models.datasets import Sample, check_readable, check_trainable, load_dataset, split_samples
+from models.errors import Cancelled, EmbeddingUnavailable, TuneserveError
+from models.logme import logme, probe_accuracy
+
+log = logging.getLogger("tuneserve.advise")
+
+ADVICE_FILE = "advice.json"
+LINEAR_MARGIN = 0.01  # linear is enough when the probe is within 1 point of perfect
+CURVE = (0.1, 0.25, 0.5, 1.0)
+
+
+class AdviseConfigError(TuneserveError, ValueError):
+    status = 422
+
+
+@dataclass
+class AdviseConfig:
+    """An advise run. `candidates`: stored model refs (name or name:version); empty = every stored model."""
+
+    data: str = ""
+    candidates: list[str] = field(default_factory=list)
+    name: str = "advise"  # a label for the job listing
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    folds: int = 5
+    curve: list[float] = field(default_factory=lambda: list(CURVE))
+    min_images_per_class: int = 2
+    device: str = "auto"
+    output_dir: str = ""  # where advice.json goes; "" = do not write it
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdviseConfig":
+        if not isinstance(data, dict):
+            raise AdviseConfigError("advise config must be a JSON object")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known) - {"kind"})
+        if unknown:
+            raise AdviseConfigError(f"unknown advise config fields: {unknown}; known: {known}")
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "advise", **asdict(self)}
+
+    def validate(self, check_paths: bool = True) -> "AdviseConfig":
+        problems = []
+        if not self.data:
+            problems.append("data: required (folder per class, CSV/JSONL manifest, or zip of either)")
+        elif check_paths and not Path(self.data).exists():
+            problems.append(f"data: path does not exist: {self.data}")
+        if not isinstance(self.candidates, list) or not all(isinstance(c, str) and c for c in self.candidates):
+            problems.append(f"candidates: must be a list of stored model names, got {self.candidates!r}")
+        if not (isinstance(self.folds, int) and 2 <= self.folds <= 20):
+            problems.append(f"folds: must be an integer 2..20, got {self.folds!r}")
+        if not (isinstance(self.curve, list) and self.curve and all(isinstance(f, (int, float)) and 0 < f <= 1 for f in self.curve)):
+            problems.append(f"curve: must be a non-empty list of fractions in (0, 1], got {self.curve!r}")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and 0 <= value < 0.9):
+                problems.append(f"{key}: must be in [0, 0.9), got {value!r}")
+        if not (isinstance(self.min_images_per_class, int) and self.min_images_per_class >= 2):
+            problems.append(f"min_images_per_class: must be an integer >= 2, got {self.min_images_per_class!r}")
+        if problems:
+            raise AdviseConfigError("invalid advise config: " + "; ".join(problems))
+        return self
+
+
+@dataclass
+class Candidate:
+    model: str
+    logme: float
+    probe_accuracy: float
+    embed_seconds: float
+    images: int
+    dimensions: int
+    recommended_strategy: str = "full"
+    rank: int = 0
+
+
+def recommend(probe: float) -> str:
+    """linear when frozen features already classify (probe within 1 point of perfect), else full."""
+    return "linear" if probe >= 1.0 - LINEAR_MARGIN else "full"
+
+
+def default_candidates() -> list[str]:
+    from models import store
+
+    return [store.resolve(name).tag for name in sorted(store.list_models())]
+
+
+def _labels_of(samples: list[Sample], labels: list[str]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(labels)}
+    return np.array([index[s.label] for s in samples], dtype=np.int64)
+
+
+def score_candidate(ref: str, train: list[Sample], labels: list[str], folds: int, device: str) -> tuple[Candidate, np.ndarray]:
+    """Embed `train` with `ref` and score it; also returns the embeddings (the learning curve reuses them)."""
+    from models.instant import embed_samples, load_source
+    from models.runtime import RuntimeOptions
+
+    source = load_source(ref, RuntimeOptions(device=device))
+    started = time.monotonic()
+    features, targets = embed_samples(source, train, labels)
+    seconds = time.monotonic() - started
+    probe = probe_accuracy(features, targets, folds)
+    candidate = Candidate(source.tag, round(logme(features, targets), 6), round(probe, 4), round(seconds, 3),
+                          len(targets), int(features.shape[1]), recommend(probe))
+    return candidate, features
+
+
+def learning_curve(ref: str, train: list[Sample], held_out: list[Sample], labels: list[str], features: np.ndarray,
+                   fractions: list[float], seed: int, device: str) -> list[dict[str, Any]]:
+    """Probe accuracy on `held_out` when fitted on stratified fractions of `train` (≥ 1 image per class)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from models.instant import embed_samples, load_source
+    from models.runtime import RuntimeOptions
+
+    if not held_out:
+        return []
+    test_x, test_y = embed_samples(load_source(ref, RuntimeOptions(device=device)), held_out, labels)
+    train_y = _labels_of(train, labels)
+    rng = np.random.default_rng(seed)
+    order = {c: rng.permutation(np.flatnonzero(train_y == c)) for c in np.unique(train_y)}
+    points = []
+    for fraction in sorted(set(fractions)):
+        chosen = np.concatenate([idx[: max(1, math.ceil(fraction * len(idx)))] for idx in order.values()])
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(features[chosen], train_y[chosen])
+        points.append({"fraction": fraction, "images": int(len(chosen)),
+                       "accuracy": round(float((probe.predict(test_x) == test_y).mean()), 4)})
+    return points
+
+
+def _check(stop: threading.Event | None, what: str) -> None:
+    if stop is not None and stop.is_set():
+        raise Cancelled(f"cancelled {what}")
+
+
+def advise(config: AdviseConfig, on_progress: Callable[..., None] | None = None,
+           stop: threading.Event | None = None) -> dict[str, Any]:
+    """Rank the candidates for `config.data`; the returned dict is what advice.json holds."""
+    started = time.monotonic()
+    emit = on_progress or (lambda **_: None)
+    config.validate()
+    samples = load_dataset(config.data)
+    counts = check_trainable(samples, config.min_images_per_class)
+    check_readable(samples)
+    splits = split_samples(samples, config.val_fraction, config.test_fraction, config.seed)
+    labels = sorted(counts)
+    train, held_out = splits["train"], splits["val"] + splits["test"]
+    refs = config.candidates or default_candidates()
+    ranked, skipped, features = [], [], {}
+    for done, ref in enumerate(refs):
+        _check(stop, f"before candidate {ref}")
+        emit(step=done, steps=len(refs), candidate=ref)
+        try:
+            candidate, embedded = score_candidate(ref, train, labels, config.folds, config.device)
+        except EmbeddingUnavailable as error:
+            if config.candidates:  # asked for by name: say so loudly
+                raise
+            skipped.append({"model": ref, "reason": str(error)})
+            continue
+        ranked.append(candidate)
+        features[candidate.model] = embedded
+        log.info("advise: %s LogME %.3f probe %.3f (%.1fs)", candidate.model, candidate.logme, candidate.probe_accuracy,
+                 candidate.embed_seconds)
+    if not ranked:
+        raise EmbeddingUnavailable(f"no candidate can be embedded: {skipped}")
+    ranked.sort(key=lambda c: c.logme, reverse=True)
+    for rank, candidate in enumerate(ranked, 1):
+        candidate.rank = rank
+    best = ranked[0]
+    _check(stop, "before the learning curve")
+    emit(step=len(refs), steps=len(refs), candidate="learning curve")
+    curve = learning_curve(best.model, train, held_out, labels, features[best.model], config.curve, config.seed, config.device)
+    return {
+        "dataset": {"classes": len(labels), "images": len(samples), "train": len(train), "held_out": len(held_out),
+                    "per_class": counts},
+        "candidates": [asdict(c) for c in ranked],
+        "skipped": skipped,
+        "best": best.model,
+        "recommended_strategy": best.recommended_strategy,
+        "learning_curve": curve,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def write_advice(advice: dict[str, Any], directory: str | Path) -> Path:
+    path = Path(directory) / ADVICE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(advice, indent=2))
+    return path
+
+
+def read_advice(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / ADVICE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,66 @@
+"""The transfer advisor on tiny torch-free sources whose feature spaces differ in quality."""
+import json
+
+import numpy as np
+import pytest
+
+from models import store
+from models.advise import AdviseConfig, AdviseConfigError, advise, recommend
+from models.errors import EmbeddingUnavailable
+from tests.finetune_support import make_dataset
+from tests.tiny import write_tiny_model
+
+SEEING = np.eye(3)  # all three colour channels: red, green and blue are apart
+RED_ONLY = np.array([[1.0], [0.0], [0.0]])  # green and blue look the same
+
+
+@pytest.fixture
+def sources(tmp_path, bento_home):
+    good = store.publish("sees-colour", write_tiny_model(tmp_path / "good", embedding=SEEING))
+    poor = store.publish("sees-red", write_tiny_model(tmp_path / "poor", embedding=RED_ONLY))
+    old = store.publish("old", write_tiny_model(tmp_path / "old"))  # exported before the embedding output
+    return good, poor, old
+
+
+@pytest.fixture
+def colours(tmp_path):
+    return make_dataset(tmp_path / "data", classes=("red", "green", "blue"), per_class=12)
+
+
+def test_ranks_the_source_that_separates_the_classes_first(sources, colours):
+    good, poor, old = sources
+    advice = advise(AdviseConfig(data=str(colours), folds=3))
+    ranked = advice["candidates"]
+    assert [c["model"] for c in ranked] == [good.tag, poor.tag] and [c["rank"] for c in ranked] == [1, 2]
+    assert ranked[0]["logme"] > ranked[1]["logme"]
+    assert ranked[0]["probe_accuracy"] == 1.0 and ranked[1]["probe_accuracy"] < 0.9
+    assert ranked[0]["recommended_strategy"] == "linear" and ranked[1]["recommended_strategy"] == "full"
+    assert ranked[0]["dimensions"] == 3 and ranked[1]["dimensions"] == 1 and ranked[0]["embed_seconds"] >= 0
+    assert advice["best"] == good.tag and advice["recommended_strategy"] == "linear"
+    assert [s["model"] for s in advice["skipped"]] == [old.tag] and "re-export" in advice["skipped"][0]["reason"]
+    curve = advice["learning_curve"]
+    assert [p["fraction"] for p in curve] == [0.1, 0.25, 0.5, 1.0]
+    assert [p["images"] for p in curve] == sorted(p["images"] for p in curve) and curve[0]["images"] >= 3
+    assert curve[-1]["images"] == advice["dataset"]["train"] and curve[-1]["accuracy"] == 1.0
+    json.dumps(advice)  # what advice.json and the HTTP job hold
+
+
+def test_candidates_by_name_and_old_exports_refused_by_name(sources, colours):
+    good, poor, old = sources
+    advice = advise(AdviseConfig(data=str(colours), candidates=["sees-red"], folds=3))
+    assert [c["model"] for c in advice["candidates"]] == [poor.tag]
+    with pytest.raises(EmbeddingUnavailable, match="old.*re-export"):
+        advise(AdviseConfig(data=str(colours), candidates=["old"], folds=3))
+
+
+def test_config_problems_are_named():
+    with pytest.raises(AdviseConfigError, match="data: required.*folds.*curve"):
+        AdviseConfig(folds=1, curve=[0, 2]).validate()
+    with pytest.raises(AdviseConfigError, match="unknown advise config fields: \\['epochs'\\]"):
+        AdviseConfig.from_dict({"data": "x", "epochs": 3})
+    assert AdviseConfig.from_dict({"kind": "advise", "data": "x"}).to_dict()["kind"] == "advise"
+
+
+def test_recommendation_rule():
+    assert recommend(1.0) == recommend(0.99) == "linear"
+    assert recommend(0.98) == "full"
