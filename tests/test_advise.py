@@ -64,3 +64,16 @@ def test_config_problems_are_named():
 def test_recommendation_rule():
     assert recommend(1.0) == recommend(0.99) == "linear"
     assert recommend(0.98) == "full"
+
+
+def test_advise_command_prints_the_ranking_and_writes_json(sources, colours, tmp_path, capsys):
+    from tuneserve.cli import main
+
+    good, poor, _ = sources
+    assert main(["advise", str(colours), "--folds", "3", "--output", str(tmp_path / "advice.json")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:2] == ["1", good.tag] and table[2].split()[:2] == ["2", poor.tag]
+    assert "skipped" in table[3] and table[-1].startswith(f"best: {good.tag} (linear)")
+    assert json.loads((tmp_path / "advice.json").read_text())["best"] == good.tag
+    assert main(["advise", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
+    assert "data: path does not exist" in capsys.readouterr().err

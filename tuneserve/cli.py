@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "service.cli",
     "tuneserve.score",
     "tuneserve.quantize_commands",
+    "tuneserve.advise_commands",
 ]
 
 

@@ -1,0 +1,46 @@
+"""`tuneserve advise`: which stored model to start from, and would more labels help (local, torch-free)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    advise = subparsers.add_parser(
+        "advise", help="rank stored models as fine-tune sources for a dataset (LogME, probe accuracy, learning curve)")
+    advise.add_argument("data", type=Path, help="folder per class, CSV/JSONL manifest, or zip of either")
+    advise.add_argument("--candidates", nargs="+", metavar="MODEL", default=[],
+                        help="stored models (name or name:version) to compare; default: every stored model")
+    advise.add_argument("--folds", type=int, default=5, help="cross-validation folds of the probe (capped by the smallest class)")
+    advise.add_argument("--seed", type=int, default=0)
+    advise.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    advise.add_argument("--output", type=Path, help="also write the advice here (JSON)")
+    advise.add_argument("--json", action="store_true", help="print the full advice as JSON instead of a table")
+    advise.set_defaults(handler=run_advise)
+
+
+def table(advice: dict[str, Any]) -> str:
+    rows = [f"{'rank':>4}  {'model':<40} {'LogME':>8} {'probe':>6} {'embed s':>8}  strategy"]
+    for c in advice["candidates"]:
+        rows.append(f"{c['rank']:>4}  {c['model']:<40} {c['logme']:>8.3f} {c['probe_accuracy']:>6.3f} "
+                    f"{c['embed_seconds']:>8.2f}  {c['recommended_strategy']}")
+    for skipped in advice["skipped"]:
+        rows.append(f"   -  {skipped['model']:<40} skipped: {skipped['reason']}")
+    curve = ", ".join(f"{p['images']} img → {p['accuracy']:.3f}" for p in advice["learning_curve"])
+    rows.append(f"best: {advice['best']} ({advice['recommended_strategy']}); learning curve: {curve or 'no held-out images'}")
+    return "\n".join(rows)
+
+
+def run_advise(args: argparse.Namespace) -> int:
+    from models.advise import AdviseConfig, advise
+
+    config = AdviseConfig(data=str(args.data), candidates=list(args.candidates), folds=args.folds, seed=args.seed,
+                          device=args.device)
+    advice = advise(config)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(advice, indent=2))
+    print(json.dumps(advice, indent=2) if args.json else table(advice))
+    return 0
