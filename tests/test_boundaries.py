@@ -24,7 +24,7 @@ def _imported(modules: list[str]) -> list[str]:
 def test_models_does_not_import_torch():
     modules = ["models", "models.manifest", "models.store", "models.preprocess", "models.runtime",
                "models.datasets", "models.metrics", "models.evaluate", "models.errors", "models.train_config",
-               "models.logme", "models.heads", "models.head_graph", "models.instant"]
+               "models.logme", "models.heads", "models.head_graph", "models.instant", "models.advise"]
     assert _imported(modules) == []
 
 
