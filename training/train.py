@@ -176,6 +176,66 @@ def _tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Parts:
+    """The torch objects one run trains with, assembled once."""
+
+    built: Built
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    train_ds: ImageDataset
+    train_loader: Any
+    val_loader: Any
+    loader_kwargs: dict[str, Any]
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    steps: int  # per epoch
+    features: tuple[torch.Tensor, ...] | None = None  # cached (train_x, train_y, val_x, val_y): linear, no augment
+
+    @property
+    def model(self) -> ImageModel:
+        return self.built.model
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where the run is after `epoch` epochs: what resume restores and early stopping reads."""
+
+    epoch: int = 0
+    history: tuple[dict[str, Any], ...] = ()
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def last_val(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {"val_accuracy": last.get("val_accuracy"), "val_loss": last.get("val_loss")}
+
+
+class Pace:
+    """Time left, from the mean of the last 50 step times."""
+
+    def __init__(self, total_steps: int, done_steps: int):
+        self.total_steps, self.done_steps = total_steps, done_steps
+        self.step_times: list[float] = []
+        self.tick = time.monotonic()
+
+    def restart(self) -> None:
+        self.tick = time.monotonic()
+
+    def step(self) -> float:
+        """Count one step; returns the estimated seconds left."""
+        now = time.monotonic()
+        self.step_times.append(now - self.tick)
+        self.tick = now
+        self.done_steps += 1
+        recent = self.step_times[-50:]
+        return (sum(recent) / len(recent)) * (self.total_steps - self.done_steps)
+
+
 def train(
     config: TrainConfig,
     splits: dict[str, list[Sample]],
@@ -190,150 +250,169 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     seed_everything(config.seed)
+    parts = _assemble(config, splits, labels)
+    standing = _resume(out / LAST, config, labels, parts) if resume else Standing()
+    if config.strategy == "linear" and not config.use_augment() and standing.epoch < config.epochs:
+        parts.features = _cached_features(config, parts, stop)
+    pace = Pace(parts.steps * config.epochs, standing.epoch * parts.steps)
+    for epoch in range(standing.epoch, config.epochs):
+        train_loss = _train_epoch(config, parts, epoch, standing.last_val(), pace, progress, stop)
+        val_loss, val_acc = _validate(config, parts)
+        record = {"epoch": epoch + 1, "epochs": config.epochs, "train_loss": train_loss,
+                  "val_loss": val_loss, "val_accuracy": val_acc, "lr": parts.scheduler.get_last_lr()[-1],
+                  "seconds": round(time.monotonic() - started, 2)}
+        standing = _end_epoch(config, labels, parts, out, standing, record)
+        progress.emit("epoch", **{k: record[k] for k in ("epoch", "epochs", "train_loss", "val_accuracy", "val_loss")})
+        log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_accuracy %.4f", epoch + 1, config.epochs,
+                 train_loss, val_loss, val_acc)
+        if standing.stopped_early:
+            log.info("early stopping: no val improvement for %d epochs", standing.bad_epochs)
+            break
+    if (out / BEST).is_file():
+        parts.model.load_state_dict(torch.load(out / BEST, map_location=parts.device, weights_only=False)["model"])
+    parts.model.eval()
+    return TrainResult(built=parts.built, labels=labels, history=list(standing.history), best_epoch=standing.best_epoch,
+                       device=str(parts.device), seconds=time.monotonic() - started,
+                       stopped_early=standing.stopped_early)
+
+
+def _assemble(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str]) -> Parts:
+    """Source model on its device, datasets and loaders, loss, optimiser, cosine schedule, AMP scaler."""
     device = pick_device(config.device)
     cuda = device.type == "cuda"
-
     built = build_source(config, len(labels), labels)
-    model = built.model
-    spec = built.preprocessing
-    groups = configure_strategy(model, config)
+    groups = configure_strategy(built.model, config)
     if cuda:
-        model = model.to(device, memory_format=torch.channels_last)
-        built.model = model
+        built.model = built.model.to(device, memory_format=torch.channels_last)
     else:
-        model.to(device)
+        built.model.to(device)
 
-    augment = config.use_augment()
-    cache_features = config.strategy == "linear" and not augment
-    train_ds = ImageDataset(splits["train"], labels, spec, train=augment, hflip=config.hflip, seed=config.seed)
+    spec = built.preprocessing
+    train_ds = ImageDataset(splits["train"], labels, spec, train=config.use_augment(), hflip=config.hflip, seed=config.seed)
     val_ds = ImageDataset(splits["val"], labels, spec, train=False)
     num_classes = len(labels)
     weight = class_weights(train_ds.targets, num_classes).to(device) if config.class_balance == "loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss()
     loader_kwargs = dict(num_workers=config.num_workers, seed=config.seed, pin_memory=cuda)
     train_loader = make_loader(train_ds, config.batch_size, True, balance=config.class_balance,
                                num_classes=num_classes, **loader_kwargs)
     val_loader = make_loader(val_ds, config.batch_size, False, **loader_kwargs)
     steps = math.ceil(len(train_ds) / config.batch_size)
-    total_steps = steps * config.epochs
 
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps * config.epochs, 1))
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+    return Parts(built=built, device=device, amp_dtype=amp_dtype, train_ds=train_ds, train_loader=train_loader,
+                 val_loader=val_loader, loader_kwargs=loader_kwargs, criterion=criterion, optimizer=optimizer,
+                 scheduler=scheduler, scaler=scaler, steps=steps)
 
-    history: list[dict[str, Any]] = []
-    start_epoch, best_loss, best_epoch, bad_epochs = 0, math.inf, 0, 0
-    last_path, best_path = out / LAST, out / BEST
-    if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        if state.get("source") != config.source or state.get("strategy") != config.strategy or state.get("labels") != labels:
-            raise ConfigError(f"{last_path} was written by a different run (source/strategy/labels differ); cannot resume")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
-        if state.get("stopped_early"):
-            start_epoch = config.epochs
-        best_loss, best_epoch, bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
-        log.info("resuming from %s at epoch %d", last_path, start_epoch + 1)
-    elif resume:
+
+def _resume(last_path: Path, config: TrainConfig, labels: list[str], parts: Parts) -> Standing:
+    """Restore model, optimiser, schedule, scaler and RNGs from `last_path`; a fresh start when it is absent."""
+    if not last_path.is_file():
         log.info("no %s to resume from; starting at epoch 1", last_path)
+        return Standing()
+    state = torch.load(last_path, map_location=parts.device, weights_only=False)
+    if state.get("source") != config.source or state.get("strategy") != config.strategy or state.get("labels") != labels:
+        raise ConfigError(f"{last_path} was written by a different run (source/strategy/labels differ); cannot resume")
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    epoch = config.epochs if state.get("stopped_early") else state["epoch"]
+    log.info("resuming from %s at epoch %d", last_path, epoch + 1)
+    return Standing(epoch=epoch, history=tuple(state["history"]), best_loss=state["best_loss"],
+                    best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"],
+                    stopped_early=bool(state.get("stopped_early")))
 
-    features = None
-    if cache_features and start_epoch < config.epochs:
-        # train_ds does not augment here: its images are the evaluation preprocessing
-        train_x, train_y = _features(model, make_loader(train_ds, config.batch_size, False, **loader_kwargs), device, stop)
-        val_x, val_y = _features(model, val_loader, device, stop)
-        features = (train_x.to(device), train_y.to(device), val_x.to(device), val_y.to(device))
 
-    head = model.classifier.head
-    stopped_early = False
-    step_times: list[float] = []
-    last_val: dict[str, Any] = {"val_accuracy": history[-1]["val_accuracy"] if history else None,
-                                "val_loss": history[-1]["val_loss"] if history else None}
-    done_steps = start_epoch * steps
-    for epoch in range(start_epoch, config.epochs):
-        train_ds.set_epoch(epoch)
-        set_train_mode(model)
-        if features is not None:
-            generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-            batches = _tensor_batches(features[0], features[1], config.batch_size, generator)
-        else:
-            batches = train_loader
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None)
-        tick = time.monotonic()
-        for step, (x, y) in enumerate(bar, start=1):
-            if stop is not None and stop.is_set():
-                raise Cancelled(f"cancelled during epoch {epoch + 1}")
-            x = x.to(device, non_blocking=True)
-            y = torch.as_tensor(y).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = head(x) if features is not None else model.classifier(model.normalise(x))
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
-            seen += len(y)
-            done_steps += 1
-            now = time.monotonic()
-            step_times.append(now - tick)
-            tick = now
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-            if step % config.progress_every == 0 or step == steps:
-                recent = step_times[-50:]
-                eta = (sum(recent) / len(recent)) * (total_steps - done_steps)
-                progress.emit("progress", epoch=epoch + 1, epochs=config.epochs, step=step, steps=steps,
-                              train_loss=loss_sum / seen, eta_s=round(eta, 1), **last_val)
-        bar.close()
+def _cached_features(config: TrainConfig, parts: Parts, stop: threading.Event | None) -> tuple[torch.Tensor, ...]:
+    """Backbone features of train and val, computed once (linear strategy without augmentation)."""
+    # train_ds does not augment here: its images are the evaluation preprocessing
+    in_order = make_loader(parts.train_ds, config.batch_size, False, **parts.loader_kwargs)
+    train_x, train_y = _features(parts.model, in_order, parts.device, stop)
+    val_x, val_y = _features(parts.model, parts.val_loader, parts.device, stop)
+    return tuple(t.to(parts.device) for t in (train_x, train_y, val_x, val_y))
 
-        model.eval()
-        if features is not None:
-            val_loss, val_acc = _evaluate_batches(head, _tensor_batches(features[2], features[3], config.batch_size, None),
-                                                  val_criterion, device)
-        else:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                val_loss, val_acc = _evaluate_batches(lambda t: model(t)[0], val_loader, val_criterion, device)
-        record = {"epoch": epoch + 1, "epochs": config.epochs, "train_loss": loss_sum / max(seen, 1),
-                  "val_loss": val_loss, "val_accuracy": val_acc, "lr": scheduler.get_last_lr()[-1],
-                  "seconds": round(time.monotonic() - started, 2)}
-        history.append(record)
-        last_val = {"val_accuracy": val_acc, "val_loss": val_loss}
-        with (out / METRICS).open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if val_loss < best_loss - 1e-6:
-            best_loss, best_epoch, bad_epochs = val_loss, epoch + 1, 0
-            _save_atomic({"model": model.state_dict(), "epoch": epoch + 1}, best_path)
-        else:
-            bad_epochs += 1
-        if config.patience and bad_epochs >= config.patience:
-            stopped_early = True
-        _save_atomic(
-            {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch + 1, "history": history,
-                "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "source": config.source, "strategy": config.strategy, "labels": labels,
-                "stopped_early": stopped_early,
-            },
-            last_path,
-        )
-        progress.emit("epoch", **{k: record[k] for k in ("epoch", "epochs", "train_loss", "val_accuracy", "val_loss")})
-        log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_accuracy %.4f", epoch + 1, config.epochs,
-                 record["train_loss"], val_loss, val_acc)
-        if stopped_early:
-            log.info("early stopping: no val improvement for %d epochs", bad_epochs)
-            break
 
-    if best_path.is_file():
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
+def _train_epoch(config: TrainConfig, parts: Parts, epoch: int, last_val: dict[str, Any], pace: Pace,
+                 progress: Progress, stop: threading.Event | None) -> float:
+    """One pass over the training data; emits progress events; returns the mean training loss."""
+    parts.train_ds.set_epoch(epoch)
+    set_train_mode(parts.model)
+    if parts.features is not None:
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        batches = _tensor_batches(parts.features[0], parts.features[1], config.batch_size, generator)
+    else:
+        batches = parts.train_loader
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(batches, total=parts.steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None)
+    pace.restart()
+    for step, (x, y) in enumerate(bar, start=1):
+        if stop is not None and stop.is_set():
+            raise Cancelled(f"cancelled during epoch {epoch + 1}")
+        loss = _optimiser_step(parts, x, y)
+        loss_sum += loss * len(y)
+        seen += len(y)
+        eta = pace.step()
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        if step % config.progress_every == 0 or step == parts.steps:
+            progress.emit("progress", epoch=epoch + 1, epochs=config.epochs, step=step, steps=parts.steps,
+                          train_loss=loss_sum / seen, eta_s=round(eta, 1), **last_val)
+    bar.close()
+    return loss_sum / max(seen, 1)
+
+
+def _optimiser_step(parts: Parts, x: Any, y: Any) -> float:
+    """Forward (on cached features: the head only), backward, step; returns the batch loss."""
+    model, device = parts.model, parts.device
+    x = x.to(device, non_blocking=True)
+    y = torch.as_tensor(y).to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+        logits = model.classifier.head(x) if parts.features is not None else model.classifier(model.normalise(x))
+        loss = parts.criterion(logits.float(), y)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.scheduler.step()
+    return float(loss.detach())
+
+
+def _validate(config: TrainConfig, parts: Parts) -> tuple[float, float]:
+    """Validation (unweighted) loss and accuracy."""
+    model = parts.model
     model.eval()
-    return TrainResult(built=built, labels=labels, history=history, best_epoch=best_epoch,
-                       device=str(device), seconds=time.monotonic() - started, stopped_early=stopped_early)
+    criterion = nn.CrossEntropyLoss()
+    if parts.features is not None:
+        batches = _tensor_batches(parts.features[2], parts.features[3], config.batch_size, None)
+        return _evaluate_batches(model.classifier.head, batches, criterion, parts.device)
+    with torch.autocast(parts.device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+        return _evaluate_batches(lambda t: model(t)[0], parts.val_loader, criterion, parts.device)
+
+
+def _end_epoch(config: TrainConfig, labels: list[str], parts: Parts, out: Path, standing: Standing,
+               record: dict[str, Any]) -> Standing:
+    """Log the epoch's metrics, keep the best weights, checkpoint everything resume needs; the new standing."""
+    with (out / METRICS).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    best_loss, best_epoch, bad_epochs = standing.best_loss, standing.best_epoch, standing.bad_epochs + 1
+    if record["val_loss"] < standing.best_loss - 1e-6:
+        best_loss, best_epoch, bad_epochs = record["val_loss"], record["epoch"], 0
+        _save_atomic({"model": parts.model.state_dict(), "epoch": record["epoch"]}, out / BEST)
+    stopped_early = bool(config.patience and bad_epochs >= config.patience)
+    standing = Standing(epoch=record["epoch"], history=(*standing.history, record), best_loss=best_loss,
+                        best_epoch=best_epoch, bad_epochs=bad_epochs, stopped_early=stopped_early)
+    _save_atomic(
+        {
+            "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "rng": _rng_state(),
+            "epoch": standing.epoch, "history": list(standing.history), "best_loss": best_loss,
+            "best_epoch": best_epoch, "bad_epochs": bad_epochs, "source": config.source,
+            "strategy": config.strategy, "labels": labels, "stopped_early": stopped_early,
+        },
+        out / LAST,
+    )
+    return standing
