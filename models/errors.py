@@ -46,3 +46,9 @@ class Cancelled(TuneserveError):
     """Raised inside a job when its stop event is set (SIGTERM / job cancel)."""
 
     status = 409
+
+
+class StorageFull(TuneserveError, OSError):
+    """No space left where something had to be written; nothing partial was kept."""
+
+    status = 507

@@ -6,6 +6,7 @@ written and checked in a staging folder first, and BentoML moves `latest` after 
 """
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from models.errors import ManifestError, ModelNotFound
+from models.errors import ManifestError, ModelNotFound, StorageFull
 from models.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
 
 MODULE = "tuneserve"
@@ -138,14 +139,48 @@ def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None 
     summary = eval_summary(read_eval(staging_dir))
     if summary:
         info["accuracy"] = summary.get("accuracy")
-    with _bentoml().models.create(name, module=MODULE, labels=labels, metadata=info) as model:
-        for item in staging_dir.iterdir():
-            target = Path(model.path) / item.name
-            if item.is_dir():
-                shutil.copytree(item, target)
-            else:
-                shutil.copy2(item, target)
+    previous = latest_version(name)
+    model = None
+    try:
+        with _bentoml().models.create(name, module=MODULE, labels=labels, metadata=info) as model:
+            for item in staging_dir.iterdir():
+                target = Path(model.path) / item.name
+                if item.is_dir():
+                    shutil.copytree(item, target)
+                else:
+                    shutil.copy2(item, target)
+    except OSError as error:
+        if not _no_space(error):
+            raise
+        _undo_publish(name, model.tag.version if model is not None else None, previous)
+        free = shutil.disk_usage(_store_root()).free
+        raise StorageFull(
+            f"no space left on the model store's disk ({_store_root()}, {free} bytes free) while publishing "
+            f"{name!r}: nothing was published; {name}:latest is still {previous or 'absent'}"
+        ) from None
     return resolve(f"{name}:{model.tag.version}")
+
+
+def _no_space(error: OSError) -> bool:
+    # shutil.copytree gathers per-file errors into one shutil.Error without an errno
+    return error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error) or "quota exceeded" in str(error)
+
+
+def _undo_publish(name: str, version: str | None, previous: str | None) -> None:
+    """After a failed publish: no partial version folder, `latest` as it was."""
+    folder = _store_root() / name
+    if version:
+        shutil.rmtree(folder / version.lower(), ignore_errors=True)
+    pointer = folder / "latest"
+    if latest_version(name) != previous:
+        if previous is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            pointer.write_text(previous)  # room exists again: the partial version is gone
+    try:
+        folder.rmdir()  # only when no version is left (a first publish that failed)
+    except OSError:
+        pass
 
 
 def delete(ref: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from models.api_keys import KEYS_FILE_NAME, KeyFileError, parse_entry, service_home
 from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
 
 PREFIX = "TUNESERVE_"
@@ -19,10 +20,6 @@ PREFIX = "TUNESERVE_"
 
 class ConfigError(ValueError):
     """A TUNESERVE_* variable has a value the service cannot use."""
-
-
-def _bentoml_home(env: Mapping[str, str]) -> Path:
-    return Path(env.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser()
 
 
 @dataclass(frozen=True)
@@ -35,8 +32,11 @@ class Settings:
     preload: tuple[str, ...] = ()  # loaded at startup besides the default model
     poll_seconds: float = 2.0  # how often each worker checks the store for a new `latest`
     max_loaded_models: int = 8  # distinct model versions kept loaded per worker
-    # access
-    api_key: str | None = None  # when set, mutating routes need `Authorization: Bearer <key>`
+    # access (service/auth.py; README "Security")
+    auth: bool = True  # false (TUNESERVE_AUTH=off): every route is open, logged as a warning at each start
+    api_key: str | None = None  # one key, named "default"
+    api_keys: tuple[tuple[str, str], ...] = ()  # named keys: TUNESERVE_API_KEYS="alice:KEY,bob:KEY"
+    api_keys_file: Path | None = None  # default $TUNESERVE_HOME/api-keys; created with one key if no key is set
     protect_reads: bool = False  # when true, reading routes need the key too (health/metrics stay open)
     # limits
     max_body_mb: float = 20.0
@@ -71,6 +71,19 @@ class Settings:
     ray_address: str | None = None  # Ray dashboard URL (http://head:8265); default: Ray looks up RAY_ADDRESS, then a local cluster
     ray_num_cpus: float = 1.0
     ray_num_gpus: float = 0.0
+    # quotas (service/finetune/quotas.py)
+    max_jobs_per_key: int = 4  # queued + running jobs one key may have (429 beyond)
+    max_jobs_total: int = 16  # queued + running jobs in all (429 beyond)
+    finetune_disk_budget_mb: float = 20480.0  # uploads + job folders (507 beyond)
+    finetune_retention_hours: float = 168.0  # finished jobs' dataset copy and checkpoints are removed after this
+
+    @property
+    def keys_file(self) -> Path:
+        return self.api_keys_file or self.home / KEYS_FILE_NAME
+
+    @property
+    def finetune_disk_budget_bytes(self) -> int:
+        return int(self.finetune_disk_budget_mb * 1024 * 1024)
 
     @property
     def finetune_max_upload_bytes(self) -> int:
@@ -106,6 +119,7 @@ class Settings:
         """Settings as JSON-able values, with the API key hidden."""
         data = asdict(self)
         data["api_key"] = "set" if self.api_key else None
+        data["api_keys"] = [name for name, _ in self.api_keys]
         data["allowed_formats"] = sorted(self.allowed_formats)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
@@ -183,6 +197,18 @@ def _text(name: str, raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _key_list(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for number, entry in enumerate((e for e in raw.split(",") if e.strip()), 1):
+        try:
+            pairs.append(parse_entry(entry, f"{name} entry {number}"))
+        except KeyFileError as error:
+            raise ConfigError(str(error)) from None
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise ConfigError(f"{name}: a key name appears twice")
+    return tuple(pairs)
+
+
 def _python(name: str, raw: str) -> str:
     if not raw.strip():
         raise ConfigError(f"{name} is empty")
@@ -196,7 +222,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "preload": _names,
     "poll_seconds": _number(float, positive=True),
     "max_loaded_models": _number(int, minimum=1),
+    "auth": _bool,
     "api_key": _text,
+    "api_keys": _key_list,
+    "api_keys_file": _path,
     "protect_reads": _bool,
     "max_body_mb": _number(float, positive=True),
     "max_pixels": _number(int, minimum=1),
@@ -226,6 +255,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "ray_address": _text,
     "ray_num_cpus": _number(float, minimum=0),
     "ray_num_gpus": _number(float, minimum=0),
+    "max_jobs_per_key": _number(int, minimum=1),
+    "max_jobs_total": _number(int, minimum=1),
+    "finetune_disk_budget_mb": _number(float, positive=True),
+    "finetune_retention_hours": _number(float, positive=True),
 }
 
 
@@ -247,7 +280,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if raw is not None:
             values[name] = parse(env_name(name), raw)
     if "home" not in values:
-        values["home"] = (_bentoml_home(env) / "tuneserve").resolve()
+        values["home"] = service_home(env)
     if "data_root" not in values:
         values["data_root"] = values["home"] / "data"
     settings = Settings(**values)
@@ -268,6 +301,8 @@ def describe_variables() -> list[tuple[str, str]]:
             default = "$BENTOML_HOME/tuneserve"
         elif name == "data_root":
             default = "$TUNESERVE_HOME/data"
+        elif name == "api_keys_file":
+            default = "$TUNESERVE_HOME/api-keys"
         elif name == "training_python":
             default = "the serving Python (sys.executable)"
         elif name == "training_command":

@@ -48,7 +48,7 @@ def main() -> int:
     epochs, steps = int(config.get("epochs", 2)), 4
     start = 1
     if args.resume:
-        done = sorted(int(p.stem.split("-")[1]) for p in out.glob("epoch-*.ckpt"))
+        done = sorted(int(p.stem.split("-")[1]) for p in out.glob("epoch-*.pt"))
         start = (done[-1] + 1) if done else 1
         print(f"resuming after epoch {start - 1}", flush=True)
     (out / "resumed_from.txt").write_text(str(start - 1)) if args.resume else None
@@ -59,7 +59,7 @@ def main() -> int:
             remaining = ((epochs - epoch) * steps + (steps - step)) * step_s
             emit(event="progress", epoch=epoch, epochs=epochs, step=step, steps=steps,
                  train_loss=1.0 / (epoch * steps + step), eta_s=remaining)
-        (out / f"epoch-{epoch}.ckpt").write_text("x")
+        (out / f"epoch-{epoch}.pt").write_text("x")
         emit(event="epoch", epoch=epoch, epochs=epochs, train_loss=0.5 / epoch, val_accuracy=0.5 + 0.1 * epoch, val_loss=0.4)
     emit(event="phase", phase="exporting")
     from tests.tiny import write_tiny_model

@@ -30,6 +30,7 @@ def ft_settings(tmp_path, bento_home):
         home=tmp_path / "home",
         data_root=(tmp_path / "data").resolve(),
         api_key=None,
+        auth=False,  # keys are tested in test_api_key_guards_mutating_routes and tests/test_auth.py
         grace_seconds=2.0,
         poll_seconds=0.1,
         training_command=tuple(shlex.split(FAKE_COMMAND)),
@@ -99,7 +100,7 @@ def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_setti
     version = store.resolve(final["model"])
     assert version.manifest().labels == ["green", "red"]
     work = ft_settings.jobs_dir / job_id  # the upload copy and checkpoints go after success; logs stay
-    assert not (work / "dataset").exists() and not list((work / "output").glob("*.ckpt.pt")) and (work / "train.log").exists()
+    assert not (work / "dataset").exists() and not list((work / "output").glob("*.pt")) and (work / "train.log").exists()
     listing = client.get("/finetune", params={"state": "succeeded"}).json()["jobs"]
     assert [j["job_id"] for j in listing] == [job_id]
     assert "fake training pid" in client.get(f"/finetune/{job_id}/log").text
@@ -213,7 +214,7 @@ def test_two_workers_each_job_once(make_client, dataset_zip, ft_settings, monkey
 
 
 def test_api_key_guards_mutating_routes(make_client, ft_settings, dataset_zip):
-    client, _ = make_client(dataclasses.replace(ft_settings, api_key="sekrit"), start=False)
+    client, _ = make_client(dataclasses.replace(ft_settings, auth=True, api_key="sekrit"), start=False)
     missing = submit(client, dataset_zip)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"  # service/auth.py's check
     assert submit(client, dataset_zip, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -223,7 +224,7 @@ def test_api_key_guards_mutating_routes(make_client, ft_settings, dataset_zip):
     assert client.get(f"/finetune/{job_id}").status_code == 200  # reads stay open
     assert client.post(f"/finetune/{job_id}/cancel").status_code == 401
     assert client.post(f"/finetune/{job_id}/cancel", headers={"Authorization": "Bearer sekrit"}).status_code == 200
-    guarded, _ = make_client(dataclasses.replace(ft_settings, api_key="sekrit", protect_reads=True), start=False)
+    guarded, _ = make_client(dataclasses.replace(ft_settings, auth=True, api_key="sekrit", protect_reads=True), start=False)
     assert guarded.get(f"/finetune/{job_id}").status_code == 401  # TUNESERVE_PROTECT_READS guards reads too
     assert guarded.get("/finetune", headers={"Authorization": "Bearer sekrit"}).status_code == 200
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from models.api_keys import client_key
 from tests.finetune_support import FAKE_COMMAND, make_dataset, png, wait_for, zip_dir
 from tests.tiny import write_tiny_model
 
@@ -56,6 +57,10 @@ def serve(env_extra: dict[str, str], log_path: Path, kill_at_exit=True):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready: {log_path.read_text()[-3000:]}")
             time.sleep(0.3)
+        # keys are on by default: the server created one under TUNESERVE_HOME; read it as a local client does
+        key = client_key(str(client.base_url), env)
+        assert key, "the server should have written its default key file"
+        client.headers["Authorization"] = f"Bearer {key}"
         yield client, process
     finally:
         client.close()
@@ -219,7 +224,7 @@ def test_real_training_interrupted_then_resumed(tmp_path, bento_home):
     from service.routes.finetune import build_router
     from service.finetune.settings import FinetuneSettings
 
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, grace_seconds=10, poll_seconds=0.2,
+    settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, auth=False, grace_seconds=10, poll_seconds=0.2,
                                 training_command=tuple(shlex.split(f"nice -n 5 {sys.executable} -m training.run")), min_per_class=3)
     data = zip_dir(make_dataset(tmp_path / "colours", per_class=8))
     config = {"name": "resumed", "source": "simple_cnn:none", "strategy": "full", "epochs": 5, "batch_size": 8, "image_size": 16}

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("job_id", nargs="?", help="job id (status, cancel, resume, log)")
     p.add_argument("--server", default=os.environ.get("TUNESERVE_SERVER", "http://127.0.0.1:3000"),
                    help="server URL (default $TUNESERVE_SERVER or http://127.0.0.1:3000)")
-    p.add_argument("--api-key", default=os.environ.get("TUNESERVE_API_KEY"), help="API key (default $TUNESERVE_API_KEY)")
+    p.add_argument("--api-key", help="API key (default $TUNESERVE_API_KEY, else the server's key file when the server is on this machine)")
     p.add_argument("--data", type=Path, help="dataset: folder per class / manifest folder (zipped for you) or a .zip")
     p.add_argument("--data-path", help="a dataset path inside the server's data root instead of an upload")
     p.add_argument("--name", help="target model name (a new version if it exists)")
@@ -202,7 +202,9 @@ def _summary(job: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = Client(args.server, args.api_key, args.timeout)
+    from models.api_keys import client_key
+
+    client = Client(args.server, args.api_key or client_key(args.server), args.timeout)
     try:
         return _run(client, args)
     except ClientError as error:

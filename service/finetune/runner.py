@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -23,13 +24,28 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
+from service.finetune.quotas import expire_scratch, remove_scratch
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
 
 log = logging.getLogger("tuneserve.finetune")
 
+RETENTION_CHECK_S = 600.0  # how often the loop removes the scratch of jobs past the retention period
+MAX_RECORD_RETRY_S = 8.0
+FULL_DISK_BYTES = 1024**2  # less free than this when a job fails: the failure notes the full disk
 PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "train_loss", "val_accuracy", "val_loss", "eta_s")
 HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss")
+
+
+def _with_disk_note(error: str | None, job_dir: Path) -> str | None:
+    """A failure on a (nearly) full disk says so: the log and progress file may be cut short."""
+    try:
+        free = shutil.disk_usage(job_dir).free
+    except OSError:
+        return error
+    if free >= FULL_DISK_BYTES:
+        return error
+    return f"{error}; the disk holding the job folder has only {free} bytes free (full disk?)"
 
 
 def _signal_name(number: int) -> str:
@@ -238,12 +254,16 @@ class JobManager:
     # -- the loop --------------------------------------------------------------------------
     def _run_loop(self) -> None:
         last_recover = time.monotonic()
+        last_retention = float("-inf")
         while not self._stop.is_set():
             try:
                 self.store.heartbeat(self.worker_id)
                 if time.monotonic() - last_recover > 5:
                     self.recover()
                     last_recover = time.monotonic()
+                if time.monotonic() - last_retention > RETENTION_CHECK_S:
+                    last_retention = time.monotonic()
+                    expire_scratch(self.store, self.settings)
                 while not self._stop.is_set() and len(self.running_here) < self.settings.max_concurrent_jobs:
                     job = self.store.claim(self.worker_id, self.host, self.settings.max_concurrent_jobs)
                     if job is None:
@@ -292,7 +312,7 @@ class JobManager:
             self._run_job(job)
         except Exception as error:
             log.exception("job %s", job.id)
-            self.store.finish(job.id, "failed", owner=self.worker_id, error=f"job supervisor error: {error}")
+            self._finish(job.id, "failed", error=f"job supervisor error: {error}")
         finally:
             with self._lock:
                 self._jobs.pop(job.id, None)
@@ -313,11 +333,11 @@ class JobManager:
         try:
             process = self.backend.start(launch)
         except BackendError as error:
-            self.store.finish(job.id, "failed", owner=self.worker_id, error=str(error))
+            self._finish(job.id, "failed", error=str(error))
             log.warning("job %s: %s", job.id, error)
             return None
         if isinstance(process, LocalProcess):
-            self.store.set_pid(job.id, process.pid)
+            self._try_write("record the pid of", job.id, self.store.set_pid, job.id, process.pid)
         log.info("job %s: started %s (attempt %d)", job.id, process.label, job.attempts)
         return process
 
@@ -367,31 +387,39 @@ class JobManager:
     def _store_progress(self, job: Job, trace: JobTrace, events: list[dict[str, Any]]) -> None:
         if trace.apply(events):
             trace.progress["updated"] = time.time()
-            self.store.update_progress(job.id, trace.progress, trace.phase)
+            self._try_write("record progress of", job.id, self.store.update_progress, job.id, trace.progress, trace.phase)
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         state, model, error = outcome.state, outcome.model, outcome.error
-        if self.store.finish(job.id, state, owner=self.worker_id, model=model, eval=outcome.eval, error=error):
+        if state == "failed":
+            error = _with_disk_note(error, Path(job.job_dir))
+        if self._finish(job.id, state, model=model, eval=outcome.eval, error=error):
             log.info("job %s: %s%s", job.id, state, f" ({error})" if error else f" → {model}")
             if state == "succeeded":
-                self._cleanup(job)
+                remove_scratch(job)  # the published version has its own checkpoint.pt
         else:
             log.warning("job %s: finished as %s but the store no longer had it running", job.id, state)
 
-    @staticmethod
-    def _cleanup(job: Job) -> None:
-        """After success: drop the uploaded dataset copy and the trainer's checkpoints (the
-        published version has its own checkpoint.pt); keep config, logs, progress and metrics."""
-        job_dir = Path(job.job_dir)
-        dataset = Path(job.dataset_dir)
-        if dataset.resolve().is_relative_to((job_dir / "dataset").resolve()):
-            shutil.rmtree(job_dir / "dataset", ignore_errors=True)
-        output = job_dir / "output"
-        for item in list(output.glob("*.pt")) + [output / "export", output / "staging"]:
-            if item.is_dir():
-                shutil.rmtree(item, ignore_errors=True)
-            else:
-                item.unlink(missing_ok=True)
+    def _try_write(self, what: str, job_id: str, write, *args) -> None:
+        """A job-store write the job can do without (progress, pid): a failure is logged, not fatal."""
+        try:
+            write(*args)
+        except sqlite3.Error as error:
+            log.warning("job %s: cannot %s it in the job database (%s); continuing", job_id, what, error)
+
+    def _finish(self, job_id: str, state: str, **fields: Any) -> bool:
+        """Write a job's outcome, retrying while the database cannot be written (a full disk):
+        the outcome is never dropped. Gives up only when the worker stops; the job is then still
+        `running` in the database and the next start marks it `interrupted` (resumable)."""
+        delay = 0.5
+        while True:
+            try:
+                return self.store.finish(job_id, state, owner=self.worker_id, **fields)
+            except sqlite3.Error as error:
+                log.error("job %s: cannot record %s in the job database (%s); retrying in %.1fs", job_id, state, error, delay)
+            if self._stop.wait(delay) and delay >= MAX_RECORD_RETRY_S:
+                return False
+            delay = min(delay * 2, MAX_RECORD_RETRY_S)
 
     @staticmethod
     def _outcome(returncode: int | None, trace: JobTrace, stopping: Stopping, log_path: Path) -> Outcome:

@@ -15,6 +15,9 @@ class FinetuneSettings:
     data_root: Path | None
     api_key: str | None
     protect_reads: bool = False  # reading routes need the key too (service/auth.py)
+    auth: bool = True  # False: every route open (TUNESERVE_AUTH=off)
+    api_keys: tuple[tuple[str, str], ...] = ()  # named keys from the environment
+    api_keys_file: Path | None = None  # default home/api-keys
     max_concurrent_jobs: int = 1
     grace_seconds: float = 10.0
     poll_seconds: float = 1.0
@@ -30,6 +33,10 @@ class FinetuneSettings:
     ray_address: str | None = None  # Ray dashboard URL for job submission, or "auto"
     ray_num_cpus: float = 1.0  # resources a Ray job asks for
     ray_num_gpus: float = 0.0  # with device=cuda at least 1
+    max_jobs_per_key: int = 4  # queued + running jobs per key (429 beyond)
+    max_jobs_total: int = 16  # queued + running jobs in all (429 beyond)
+    disk_budget_bytes: int = 20 * 1024**3  # uploads + job folders (507 beyond)
+    retention_seconds: float = 7 * 86400.0  # finished jobs' dataset copy and checkpoints go after this
 
     @property
     def root(self) -> Path:
@@ -59,6 +66,9 @@ class FinetuneSettings:
             data_root=Path(settings.data_root).expanduser().resolve() if settings.data_root else None,
             api_key=settings.api_key or None,
             protect_reads=settings.protect_reads,
+            auth=settings.auth,
+            api_keys=settings.api_keys,
+            api_keys_file=settings.api_keys_file,
             max_concurrent_jobs=settings.max_concurrent_jobs,
             grace_seconds=settings.job_grace_seconds,
             poll_seconds=settings.poll_seconds,
@@ -73,4 +83,8 @@ class FinetuneSettings:
             ray_address=settings.ray_address,
             ray_num_cpus=settings.ray_num_cpus,
             ray_num_gpus=settings.ray_num_gpus,
+            max_jobs_per_key=settings.max_jobs_per_key,
+            max_jobs_total=settings.max_jobs_total,
+            disk_budget_bytes=settings.finetune_disk_budget_bytes,
+            retention_seconds=settings.finetune_retention_hours * 3600.0,
         )

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from service.finetune.quotas import check_job_counts, retry_after
+
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 RESUMABLE_STATES = frozenset({"interrupted", "failed", "cancelled"})
@@ -44,7 +46,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     resume INTEGER NOT NULL DEFAULT 0,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    submitted_by TEXT,
+    scratch_removed REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS workers (
@@ -58,6 +62,8 @@ CREATE TABLE IF NOT EXISTS workers (
 """
 
 _JSON_COLUMNS = ("config", "progress", "eval")
+# Columns added after the first release: (name, type) added to an older database on open.
+_ADDED_COLUMNS = (("submitted_by", "TEXT"), ("scratch_removed", "REAL"))
 
 
 @dataclass
@@ -83,6 +89,8 @@ class Job:
     resume: bool = False
     seq: int = 0
     updated: float = 0.0
+    submitted_by: str | None = None  # the API key name (service/auth.py)
+    scratch_removed: float | None = None  # when retention removed the dataset copy and checkpoints
 
     @property
     def final(self) -> bool:
@@ -106,6 +114,8 @@ class Job:
             "error": self.error,
             "attempts": self.attempts,
             "cancel_requested": self.cancel_requested,
+            "submitted_by": self.submitted_by,
+            "scratch_removed": self.scratch_removed,
         }
 
 
@@ -169,6 +179,10 @@ class JobStore:
             conn.execute("PRAGMA journal_mode=WAL")
         conn = self._conn()
         conn.executescript(_SCHEMA)
+        present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _ADDED_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -203,17 +217,56 @@ class JobStore:
             self._local.conn = None
 
     # -- jobs --------------------------------------------------------------------------------
-    def create(self, config: dict[str, Any], dataset_dir: str | Path, job_dir: str | Path, job_id: str | None = None) -> Job:
+    def create(
+        self,
+        config: dict[str, Any],
+        dataset_dir: str | Path,
+        job_dir: str | Path,
+        job_id: str | None = None,
+        submitted_by: str | None = None,
+        quota: Any = None,
+    ) -> Job:
+        """Queue a job; with `quota` (max_jobs_per_key, max_jobs_total) the counts are checked in
+        the same transaction, so concurrent submits cannot pass a limit together (QuotaExceeded)."""
         job_id = job_id or new_job_id()
         now = time.time()
         with self._tx() as conn:
+            if quota is not None:
+                self._check_quota(conn, submitted_by, quota)
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             conn.execute(
-                "INSERT INTO jobs (id, seq, state, config, dataset_dir, job_dir, created, updated)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (job_id, seq, json.dumps(config), str(dataset_dir), str(job_dir), now, now),
+                "INSERT INTO jobs (id, seq, state, config, dataset_dir, job_dir, created, updated, submitted_by)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, seq, json.dumps(config), str(dataset_dir), str(job_dir), now, now, submitted_by),
             )
         return self.get(job_id)
+
+    def active(self, submitted_by: str | None = None) -> list[Job]:
+        """Queued and running jobs (of one key, if given)."""
+        query = "SELECT * FROM jobs WHERE state IN ('queued', 'running')"
+        values: tuple = ()
+        if submitted_by is not None:
+            query, values = query + " AND submitted_by IS ?", (submitted_by,)
+        return [_row_to_job(r) for r in self._conn().execute(query, values).fetchall()]
+
+    def _check_quota(self, conn: sqlite3.Connection, submitted_by: str | None, quota: Any) -> None:
+        count = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
+        total = conn.execute(count).fetchone()[0]
+        per_key = conn.execute(count + " AND submitted_by IS ?", (submitted_by,)).fetchone()[0]
+        if per_key >= quota.max_jobs_per_key or total >= quota.max_jobs_total:
+            check_job_counts(per_key, total, submitted_by or "anonymous", quota, retry_after(self.active()))
+
+    def ended_before(self, cutoff: float) -> list[Job]:
+        """Jobs that ended (final or interrupted) before `cutoff` and still have their scratch."""
+        rows = self._conn().execute(
+            "SELECT * FROM jobs WHERE state NOT IN ('queued', 'running') AND finished < ? AND scratch_removed IS NULL",
+            (cutoff,),
+        ).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def mark_scratch_removed(self, job_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET scratch_removed = ? WHERE id = ?", (time.time(), job_id))
 
     def get(self, job_id: str) -> Job | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -308,10 +361,14 @@ class JobStore:
         row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def requeue_for_resume(self, job_id: str) -> bool:
+    def requeue_for_resume(self, job_id: str, quota: Any = None) -> bool:
+        """Resumable → queued; with `quota`, counted against the submitting key like a new job."""
         now = time.time()
         marks = ",".join("?" * len(RESUMABLE_STATES))
         with self._tx() as conn:
+            if quota is not None:
+                row = conn.execute("SELECT submitted_by FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                self._check_quota(conn, row["submitted_by"] if row else None, quota)
             return (
                 conn.execute(
                     "UPDATE jobs SET state = 'queued', resume = 1, cancel_requested = 0, pid = NULL, owner = NULL,"

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from models.errors import DatasetError, ModelNotFound, TuneserveError
 from models.train_config import TrainConfig
 from service.auth import require_api_key, require_read_access
+from service.finetune import quotas
 from service.finetune.runner import JobManager, _tail
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import FINAL_STATES, RESUMABLE_STATES, STATES, new_job_id
@@ -133,7 +134,25 @@ def resolve_data_path(value: str, settings: FinetuneSettings) -> Path:
 
 # -- the router -------------------------------------------------------------------------------
 def _error(error: TuneserveError) -> JSONResponse:
-    return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400))
+    return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400), headers=getattr(error, "headers", None))
+
+
+def _precheck(request: Request, ft: FinetuneSettings, store, key_name: str) -> int:
+    """Quotas (429) and the disk budget (507), before a byte of the upload is read; → bytes left in the budget."""
+    per_key, everyone = store.active(key_name), store.active()
+    quotas.check_job_counts(len(per_key), len(everyone), key_name, ft, quotas.retry_after(everyone))
+    length = request.headers.get("content-length")
+    return quotas.check_disk(ft, int(length) if length and length.isdigit() else 0)
+
+
+def _zip_unpacked_bytes(archive: Path) -> int:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            return sum(info.file_size for info in bundle.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return 0  # safe_extract_zip names the problem
 
 
 def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
@@ -149,22 +168,28 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
             raise HTTPException(404, f"no fine-tune job {job_id!r}")
         return job
 
-    @router.post("/finetune", status_code=202, dependencies=[Depends(require_write)])
-    async def submit(request: Request):
+    @router.post("/finetune", status_code=202)
+    async def submit(request: Request, key_name: str = Depends(require_write)):
         job_id = new_job_id()
         job_dir = ft.jobs_dir / job_id
         try:
-            return await _submit(request, job_id, job_dir)
+            room = await run_in_threadpool(_precheck, request, ft, store, key_name)
+            return await _submit(request, job_id, job_dir, key_name, room)
         except TuneserveError as error:
             shutil.rmtree(job_dir, ignore_errors=True)
             return _error(error)
+        except Exception as error:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            if quotas.is_disk_full(error):  # the upload, the unpacking or the job database write
+                return _error(quotas.InsufficientStorage(f"no space left to store this submission ({error}); nothing was queued"))
+            raise
         except BaseException:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         finally:
             (ft.uploads_dir / f"{job_id}.zip").unlink(missing_ok=True)
 
-    async def _submit(request: Request, job_id: str, job_dir: Path):
+    async def _submit(request: Request, job_id: str, job_dir: Path, key_name: str, room: int):
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > ft.max_upload_bytes:
             raise SubmitError(f"upload is {int(length)} bytes; limit is {ft.max_upload_bytes}", 413)
@@ -178,6 +203,8 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
             received += len(message.get("body", b""))
             if received > ft.max_upload_bytes:
                 raise SubmitError(f"upload exceeds the limit of {ft.max_upload_bytes} bytes", 413)
+            if received > room:  # a body sent without Content-Length
+                raise quotas.InsufficientStorage(f"upload passes the fine-tune disk budget: {room} bytes are left")
             return message
 
         try:
@@ -203,7 +230,7 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
         finally:
             await form.close()
         job_dir.mkdir(parents=True, exist_ok=True)
-        job = store.create(config, dataset_dir, job_dir, job_id)
+        job = store.create(config, dataset_dir, job_dir, job_id, submitted_by=key_name, quota=ft)
         (job_dir / "dataset.json").write_text(json.dumps(summary, indent=2))
         manager.wake()
         body = {"job_id": job.id, "state": job.state, "dataset": summary, "config": config}
@@ -220,6 +247,7 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
                 if written > ft.max_upload_bytes:
                     raise SubmitError(f"dataset exceeds the upload limit of {ft.max_upload_bytes} bytes", 413)
                 out.write(chunk)
+        quotas.check_disk(ft, _zip_unpacked_bytes(archive))  # the archive is counted already
         limits = ZipLimits(max_archive_bytes=ft.max_upload_bytes, max_entries=ft.max_entries, max_unpacked_bytes=ft.max_unpacked_bytes)
         job_dir.mkdir(parents=True, exist_ok=True)
         return safe_extract_zip(archive, job_dir / "dataset", limits)
@@ -256,7 +284,11 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
             )
         if not Path(job.dataset_dir).exists():
             return JSONResponse({"error": f"job {job_id}: its dataset is gone ({job.dataset_dir})"}, status_code=409)
-        if not store.requeue_for_resume(job_id):
+        try:
+            requeued = store.requeue_for_resume(job_id, quota=ft)
+        except quotas.QuotaExceeded as error:
+            return _error(error)
+        if not requeued:
             return JSONResponse({"error": f"job {job_id} changed state; try again"}, status_code=409)
         manager.wake()
         return store.get(job_id).public()
