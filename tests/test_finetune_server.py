@@ -148,16 +148,18 @@ def test_jobs_on_real_server(home, tmp_path):
         # the CLI client: zips the folder, submits, follows with a progress bar to the end
         server = str(client.base_url)
         cli = [sys.executable, "-m", "tuneserve", "finetune", "--server", server]
+        cli_env = {**os.environ, **home}  # the server's home: the CLI finds the key file there by itself
+        cli_env.pop("TUNESERVE_API_KEY", None)
         done = subprocess.run([*cli, "--data", str(tmp_path / "colours"), "--name", "viacli", "--source", "simple_cnn:none",
                                "--epochs", "1", "--set", "hflip=false", "--follow", "--interval", "0.3"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+                              cwd=ROOT, capture_output=True, text=True, timeout=120, env=cli_env)
         assert done.returncode == 0, done.stderr
         assert "succeeded → viacli:" in done.stdout and "100%" in done.stderr
-        listing = subprocess.run([*cli, "list", "--state", "cancelled"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        listing = subprocess.run([*cli, "list", "--state", "cancelled"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env)
         assert doomed in listing.stdout
-        status = subprocess.run([*cli, "status", victim], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        status = subprocess.run([*cli, "status", victim], cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env)
         assert json.loads(status.stdout)["state"] == "failed"
-        again = subprocess.run([*cli, "cancel", victim], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        again = subprocess.run([*cli, "cancel", victim], cwd=ROOT, capture_output=True, text=True, timeout=60, env=cli_env)
         assert again.returncode == 2 and "409" in again.stderr
 
 
