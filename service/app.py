@@ -55,7 +55,9 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneserveError)
     async def _tuneserve_error(request: Request, error: TuneserveError):
         _count_refusal(request)
-        return _error(error.status, str(error))
+        response = _error(error.status, str(error))
+        response.headers.update(getattr(error, "headers", None) or {})  # e.g. Retry-After on a 429
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException):

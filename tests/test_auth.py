@@ -1,7 +1,7 @@
 """API keys (service/auth.py, models/api_keys.py): on by default with a generated key file, the
 opt-out, named keys, revocation by editing the key file (no restart), and clients finding the key.
 
-In process: the real FastAPI app from service/api.py; `POST /models/{name}/reload` is a mutating
+In process: the real FastAPI app from service/app.py; `POST /models/{name}/reload` is a mutating
 route, and without a loaded model pool it answers 503, so 503 means "the key was accepted".
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.api_keys import client_key, parse_keys
-from service.api import create_app
+from service.app import create_app
 from service.auth import AuthConfig, KeyRing
 from service.config import ConfigError, load_settings
 

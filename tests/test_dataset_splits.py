@@ -226,10 +226,11 @@ def _finetune_client(tmp_path, command: str):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from service.finetune import JobManager, build_router
+    from service.finetune import JobManager
+    from service.routes.finetune import build_router
     from service.finetune.settings import FinetuneSettings
 
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, grace_seconds=10, poll_seconds=0.2,
+    settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, auth=False, grace_seconds=10, poll_seconds=0.2,
                                 training_command=tuple(shlex.split(command)), min_per_class=2)
     manager = JobManager(settings)
     app = FastAPI()

@@ -13,7 +13,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.finetune import JobManager, build_router
+from service.finetune import JobManager
+from service.routes.finetune import build_router
 from service.finetune.quotas import expire_scratch
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import JobStore
