@@ -131,7 +131,7 @@ def test_instant_strategy_through_the_fine_tune_job_api(tmp_path, bento_home):
 
     source = store.publish("colours", write_tiny_model(tmp_path / "src", embedding=True))
     (tmp_path / "root").mkdir()
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None,
+    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None, auth=False,
                                 poll_seconds=0.1, min_per_class=3, training_command=(sys.executable, "-m", "training.run"))
     manager = JobManager(settings)
     manager.start()
