@@ -286,7 +286,8 @@ def test_cli_quantize_without_data_says_what_to_pass(bento_home, tmp_path, capsy
 
 def test_score_precision_names_the_variant_in_every_row(bento_home, tmp_path):
     from models import store
-    from tuneserve.score import read_rows, score
+    from tuneserve.score import score
+    from tuneserve.score_output import read_rows
 
     store.publish("gated", write_gated_model(tmp_path / "stage", accuracy_delta=-0.02))
     images = tmp_path / "images"

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from tests.tiny import write_tiny_model
-from tuneserve.score import Journal, journal_path, read_rows, report_path, score
+from tuneserve.score import score
+from tuneserve.score_output import Journal, journal_path, read_rows, report_path
 
 CLASSES = ("red", "green", "blue")
 

@@ -12,7 +12,7 @@ COMMAND_MODULES = [
     "tuneserve.finetune_client",
     "tuneserve.train_commands",
     "service.cli",
-    "tuneserve.score",
+    "tuneserve.score_commands",
     "tuneserve.quantize_commands",
     "tuneserve.advise_commands",
 ]

@@ -15,20 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
-from tuneserve.score import (
-    Journal,
-    ScoreResult,
-    _prepare_one,
-    attach_report,
-    columns_for,
-    make_row,
-    plan,
-    progress_bar,
-    relative_key,
-    rows_for,
-)
+from typing import Any
+
+from tuneserve.score_core import Plan, ScoreResult, columns_for, make_row, prepare_one, relative_key, rows_for, run_engine
+from tuneserve.score_output import Journal, _arrow_schema
 
 log = logging.getLogger("tuneserve.ray_score")
 
@@ -70,11 +61,10 @@ class _RayScorer:
         import pyarrow as pa
 
         from models.preprocess import DEFAULT_MAX_PIXELS
-        from tuneserve.score_output import _arrow_schema
 
         spec = self.model.manifest.preprocessing
         keys = [relative_key(path, self.root) for path in batch.column("path").to_pylist()]
-        prepared = [_prepare_one(blob, spec, DEFAULT_MAX_PIXELS) for blob in batch.column("bytes").to_pylist()]
+        prepared = [prepare_one(blob, spec, DEFAULT_MAX_PIXELS) for blob in batch.column("bytes").to_pylist()]
         rows = rows_for(self.model, keys, prepared, self.top_k, [None] * len(keys), False, self.min_confidence)
         return pa.Table.from_pylist(rows, schema=_arrow_schema(columns_for(self.top_k, False)))
 
@@ -90,6 +80,78 @@ def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+class RayEngine:
+    """Ray Data over the planned files: one actor pool of `_RayScorer`s; images missing here get error rows."""
+
+    def __init__(self, version, manifest, batch_size: int, concurrency: int, num_gpus: float, cpus_per_actor: float,
+                 address: str | None, device: str, precision: str, num_cpus: int | None, min_confidence=None):
+        self.version, self.manifest = version, manifest
+        self.batch_size, self.concurrency, self.num_gpus, self.cpus_per_actor = batch_size, concurrency, num_gpus, cpus_per_actor
+        self.address, self.device, self.precision, self.num_cpus = address, device, precision, num_cpus
+        self.min_confidence = min_confidence
+        self.tag, self.labels = version.tag, manifest.labels
+        self.description = f"ray, {max(1, concurrency)} actors"
+
+    def run(self, plan: Plan, journal: Journal, bar: Any) -> int:
+        readable, missing = [], []
+        for sample in plan.todo:  # one stat per image
+            (readable if sample.path.is_file() else missing).append(sample)
+        if missing:
+            journal.append([
+                make_row(plan.data.key(s), self.version.name, self.version.version, None, plan.k,
+                         f"no such file: {s.path}", s.label, plan.data.labelled)
+                for s in missing
+            ])
+            bar.update(len(missing))
+        return len(missing) + (self._score_files(plan, readable, journal, bar) if readable else 0)
+
+    def _score_files(self, plan: Plan, samples: list, journal: Journal, bar: Any) -> int:
+        ray = import_ray()
+        by_key = {plan.data.key(s): s for s in samples}
+        started = _connect(ray, self.address, self.num_cpus)
+        errors = 0
+        try:
+            for table in self._scored(ray, plan, [str(s.path) for s in samples]).iter_batches(
+                    batch_size=None, batch_format="pyarrow"):
+                rows = table.to_pylist()
+                for row in rows:
+                    errors += row["error"] is not None
+                    if plan.data.labelled:
+                        row["true_label"] = by_key[row["path"]].label
+                journal.append(rows)
+                bar.update(len(rows))
+        finally:
+            if started:
+                ray.shutdown()
+        return errors
+
+    def _scored(self, ray, plan: Plan, paths: list[str]):
+        """The lazy Ray dataset of output rows (model files shipped through the object store)."""
+        from models.manifest import MANIFEST_FILE, ONNX_FILE
+
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False
+        manifest, version = self.manifest, self.version
+        graphs = [v.file for v in manifest.variants.values()]  # the actor picks one
+        ood = (manifest.ood.file,) if manifest.ood else ()
+        files = {name: (version.path / name).read_bytes() for name in (ONNX_FILE, MANIFEST_FILE, *graphs, *ood)}
+        device_for_actor = self.device if self.num_gpus > 0 or self.device == "cpu" else "cpu"
+        return ray.data.read_binary_files(paths, include_paths=True).map_batches(
+            _RayScorer,
+            fn_constructor_kwargs=dict(
+                model_files=ray.put(files), name=version.name, version=version.version, device=device_for_actor,
+                threads=max(1, int(self.cpus_per_actor)), top_k=plan.k, root=str(plan.data.root),
+                precision=self.precision, min_confidence=self.min_confidence,
+            ),
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=max(1, self.concurrency)),
+            num_gpus=self.num_gpus or None,
+            num_cpus=self.cpus_per_actor,
+        )
 
 
 def score_ray(
@@ -111,80 +173,16 @@ def score_ray(
 ) -> ScoreResult:
     """Score `source` into `output` with Ray Data; same rows, resume and report as `score.score`."""
     from models import store
-    from models.manifest import MANIFEST_FILE, ONNX_FILE, read_manifest
-
     from models.decision import check_supported
     from models.errors import TuneserveError
+    from models.manifest import read_manifest
 
-    ray = import_ray()
+    import_ray()
     if device == "cuda" and not num_gpus:
         raise TuneserveError("--engine ray --device cuda needs --num-gpus (GPUs per actor, e.g. 1 or 0.5)")
-    output = Path(output)
-    start = time.perf_counter()
     version = store.resolve(model)
     manifest = read_manifest(version.path)
-    labels = manifest.labels
     check_supported(min_confidence, manifest, version.tag)
-    data, k, columns, todo = plan(source, output, labels, top_k, use_labels)
-    by_key = {data.key(s): s for s in todo}
-    journal = Journal(output)
-    errors = 0
-    readable, missing = [], []  # one stat per image
-    for s in todo:
-        if s.path.is_file():
-            readable.append(str(s.path))
-        else:
-            missing.append(s)
-    if missing:
-        rows = [
-            make_row(data.key(s), version.name, version.version, None, k, f"no such file: {s.path}", s.label, data.labelled)
-            for s in missing
-        ]
-        journal.append(rows)
-        errors += len(rows)
-    bar = progress_bar(len(todo), progress)
-    bar.update(len(missing))
-    started = False
-    try:
-        if readable:
-            started = _connect(ray, address, num_cpus)
-            context = ray.data.DataContext.get_current()
-            context.execution_options.preserve_order = True
-            context.enable_progress_bars = False
-            graphs = [v.file for v in manifest.variants.values()]  # the actor picks one
-            ood = (manifest.ood.file,) if manifest.ood else ()
-            files = {name: (version.path / name).read_bytes() for name in (ONNX_FILE, MANIFEST_FILE, *graphs, *ood)}
-            device_for_actor = device if num_gpus > 0 or device == "cpu" else "cpu"
-            dataset = ray.data.read_binary_files(readable, include_paths=True)
-            scored = dataset.map_batches(
-                _RayScorer,
-                fn_constructor_kwargs=dict(
-                    model_files=ray.put(files), name=version.name, version=version.version, device=device_for_actor,
-                    threads=max(1, int(cpus_per_actor)), top_k=k, root=str(data.root), precision=precision,
-                    min_confidence=min_confidence,
-                ),
-                batch_size=batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=max(1, concurrency)),
-                num_gpus=num_gpus or None,
-                num_cpus=cpus_per_actor,
-            )
-            for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-                rows = table.to_pylist()
-                for row in rows:
-                    errors += row["error"] is not None
-                    if data.labelled:
-                        row["true_label"] = by_key[row["path"]].label
-                journal.append(rows)
-                bar.update(len(rows))
-    finally:
-        bar.close()
-        if started:
-            ray.shutdown()
-    seconds = time.perf_counter() - start
-    total = journal.finish(columns)
-    result = ScoreResult(output, total, len(todo), len(data.samples) - len(todo), errors, seconds)
-    if data.labelled:
-        attach_report(result, labels, k, version.tag)
-    return result
-
+    engine = RayEngine(version, manifest, batch_size, concurrency, num_gpus, cpus_per_actor, address, device, precision,
+                       num_cpus, min_confidence)
+    return run_engine(engine, source, output, top_k, use_labels, progress)
