@@ -219,3 +219,26 @@ def write_advice(advice: dict[str, Any], directory: str | Path) -> Path:
 def read_advice(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / ADVICE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_advise_job(config_path: str | Path, progress, stop: threading.Event | None = None) -> int:
+    """The job child's body for `"kind": "advise"`: progress events, advice.json, an exit code like training's."""
+    from models.errors import DatasetError, ImageError
+
+    try:
+        config = AdviseConfig.from_dict(json.loads(Path(config_path).read_text())).validate()
+        progress.phase("loading")
+        # epoch 1 of 1: the job runner turns step/steps into a percentage
+        advice = advise(config, lambda **fields: progress.emit("progress", epoch=1, epochs=1, **fields), stop)
+    except Cancelled as error:
+        progress.emit("failed", reason=f"cancelled (SIGTERM): {error}", cancelled=True)
+        return 143
+    except (AdviseConfigError, DatasetError, ImageError, EmbeddingUnavailable) as error:
+        progress.emit("failed", reason=str(error))
+        return 2
+    if config.output_dir:
+        write_advice(advice, config.output_dir)
+    ranking = [c["model"] for c in advice["candidates"]]
+    progress.emit("succeeded", advice={"best": advice["best"], "recommended_strategy": advice["recommended_strategy"],
+                                       "ranking": ranking, "seconds": advice["seconds"]})
+    return 0

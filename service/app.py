@@ -95,6 +95,9 @@ def mount_jobs(app: FastAPI, settings: Settings):
         log.warning("fine-tune jobs unavailable: %s", reason)
         app.include_router(unavailable_router(reason))
         return None
+    from service.routes import advise
+
     manager = JobManager(settings)
     app.include_router(build_router(manager, settings))
+    app.include_router(advise.build_router(manager, settings))  # same job store and runner, kind "advise"
     return manager

@@ -77,3 +77,93 @@ def test_advise_command_prints_the_ranking_and_writes_json(sources, colours, tmp
     assert json.loads((tmp_path / "advice.json").read_text())["best"] == good.tag
     assert main(["advise", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
     assert "data: path does not exist" in capsys.readouterr().err
+
+
+# ---- over HTTP: a durable job in the fine-tune job store ------------------------------------------
+
+
+@pytest.fixture
+def jobs_client(tmp_path, bento_home):
+    import sys
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.finetune import JobManager
+    from service.finetune.settings import FinetuneSettings
+    from service.routes import advise as advise_routes
+    from service.routes import finetune as finetune_routes
+
+    (tmp_path / "root").mkdir()
+    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None,
+                                poll_seconds=0.1, min_per_class=3, training_command=(sys.executable, "-m", "training.run"))
+    managers = []
+
+    def make(start=True):
+        manager = JobManager(settings)
+        if start:
+            manager.start()
+        app = FastAPI()
+        app.include_router(finetune_routes.build_router(manager, settings))
+        app.include_router(advise_routes.build_router(manager, settings))
+        managers.append(manager)
+        return TestClient(app)
+
+    yield make
+    for manager in managers:
+        manager.stop(timeout=10)
+
+
+def post_advise(client, data_dir, config):
+    from tests.finetune_support import zip_dir
+
+    return client.post("/advise", data={"config": json.dumps(config)},
+                       files={"dataset": ("data.zip", zip_dir(data_dir), "application/zip")})
+
+
+@pytest.mark.slow
+def test_advise_job_over_http_ranks_and_keeps_the_advice(jobs_client, sources, colours):
+    from tests.finetune_support import wait_for
+
+    good, poor, old = sources
+    client = jobs_client()
+    response = post_advise(client, colours, {"folds": 3})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["kind"] == "advise" and body["job_id"].startswith("adv-") and body["dataset"]["classes"] == 3
+    job_id = body["job_id"]
+    done = wait_for(lambda: (j := client.get(f"/advise/{job_id}").json())["state"] in ("succeeded", "failed") and j,
+                    timeout=120, what="the advise job")
+    assert done["state"] == "succeeded", done
+    assert done["progress"]["percent"] == 100.0 and done["model"] is None
+    assert done["eval"]["ranking"] == [good.tag, poor.tag] and done["eval"]["best"] == good.tag
+    advice = done["advice"]
+    assert [c["model"] for c in advice["candidates"]] == [good.tag, poor.tag]
+    assert advice["skipped"][0]["model"] == old.tag and len(advice["learning_curve"]) == 4
+    assert [j["job_id"] for j in client.get("/advise").json()["jobs"]] == [job_id]
+    assert client.get("/finetune").json()["jobs"] == []  # one store, listed by kind
+    assert client.get(f"/finetune/{job_id}").status_code == 404
+
+
+@pytest.mark.parametrize("case,config,status,message", [
+    ("one class", {}, 422, "at least 2 classes"),
+    ("unknown candidate", {"candidates": ["nope"]}, 422, "'nope' is not a stored model"),
+    ("old export", {"candidates": ["old"]}, 409, "without an 'embedding' output"),
+    ("unknown field", {"epochs": 3}, 422, "unknown advise config fields"),
+    ("server field", {"output_dir": "/tmp"}, 422, "set by the server"),
+])
+def test_bad_advise_requests_are_refused_at_submit(case, config, status, message, jobs_client, sources, tmp_path):
+    classes = ("red",) if case == "one class" else ("red", "green")
+    data = make_dataset(tmp_path / "bad", classes=classes, per_class=4)
+    response = post_advise(jobs_client(start=False), data, config)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_queued_advise_job_can_be_cancelled(jobs_client, sources, colours):
+    client = jobs_client(start=False)  # no worker: the job stays queued
+    job_id = post_advise(client, colours, {"candidates": ["sees-colour"]}).json()["job_id"]
+    cancelled = client.post(f"/advise/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    assert client.post(f"/advise/{job_id}/cancel").status_code == 409
+    assert client.get(f"/advise/{job_id}").json()["advice"] is None

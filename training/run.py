@@ -1,5 +1,7 @@
 """Job entry point: `python -m training.run --config CONFIG.json --progress PROGRESS.jsonl [--resume]`.
 
+A config with `"kind": "advise"` runs the (torch-free) advisor instead of a fine-tune.
+
 Exit codes: 0 published; 2 bad config or bad data; 143 SIGTERM (nothing published); 1 anything else.
 Every outcome is also the last line of the progress file (`succeeded` or `failed`).
 """
@@ -13,6 +15,16 @@ import threading
 import traceback
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TERMINATED = 0, 1, 2, 143
+
+
+def _kind(config_path: str) -> str:
+    """Which long task a job config is for (the job store's `kind`); unreadable files fail later, named."""
+    import json
+
+    try:
+        return str(json.loads(open(config_path).read()).get("kind") or "finetune")
+    except (OSError, ValueError, AttributeError):
+        return "finetune"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from models.errors import DatasetError, ImageError
         from training.config import ConfigError, TrainConfig
 
+        if _kind(args.config) == "advise":
+            from models.advise import run_advise_job
+
+            return run_advise_job(args.config, progress, stop)
         try:
             config = TrainConfig.load(args.config).validate()
         except ConfigError as error:

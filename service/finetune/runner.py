@@ -425,13 +425,13 @@ class JobManager:
     def _outcome(returncode: int | None, trace: JobTrace, stopping: Stopping, log_path: Path) -> Outcome:
         """The job's final state from the exit status, the last events and whether this worker stopped it."""
         final, why_stopped = trace.succeeded, stopping.why
-        if final is not None and final.get("model"):
+        if final is not None and (final.get("model") or final.get("advice")):  # a version published, or advice written
             note = None
             if why_stopped == "cancel":
                 note = "cancel arrived after the model version was published; it stays published"
             elif returncode != 0:
                 note = f"training exited with {returncode} after publishing"
-            return Outcome("succeeded", str(final["model"]), final.get("eval"), note)
+            return Outcome("succeeded", final.get("model"), final.get("eval") or final.get("advice"), note)
         if why_stopped == "shutdown":
             return Outcome.unfinished("interrupted", "the server stopped during the job; resume with POST /finetune/<job_id>/resume")
         if why_stopped == "cancel":

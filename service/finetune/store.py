@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from service.finetune.quotas import check_job_counts, retry_after
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+KINDS = ("finetune", "advise")  # one store and state machine for every long task; the child dispatches on it
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 RESUMABLE_STATES = frozenset({"interrupted", "failed", "cancelled"})
 
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     resume INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
     submitted_by TEXT,
-    scratch_removed REAL
+    scratch_removed REAL,
+    kind TEXT NOT NULL DEFAULT 'finetune'
 );
 CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS workers (
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS workers (
 
 _JSON_COLUMNS = ("config", "progress", "eval")
 # Columns added after the first release: (name, type) added to an older database on open.
-_ADDED_COLUMNS = (("submitted_by", "TEXT"), ("scratch_removed", "REAL"))
+_ADDED_COLUMNS = (("submitted_by", "TEXT"), ("scratch_removed", "REAL"),
+                  ("kind", "TEXT NOT NULL DEFAULT 'finetune'"))  # jobs made before kinds were fine-tunes
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Job:
     updated: float = 0.0
     submitted_by: str | None = None  # the API key name (service/auth.py)
     scratch_removed: float | None = None  # when retention removed the dataset copy and checkpoints
+    kind: str = "finetune"  # KINDS
 
     @property
     def final(self) -> bool:
@@ -100,6 +104,7 @@ class Job:
         """What the HTTP API answers: no host paths beyond the job's own, ISO-ish timestamps kept as epoch seconds."""
         return {
             "job_id": self.id,
+            "kind": self.kind,
             "state": self.state,
             "name": self.config.get("name"),
             "source": self.config.get("source"),
@@ -225,9 +230,11 @@ class JobStore:
         job_id: str | None = None,
         submitted_by: str | None = None,
         quota: Any = None,
+        kind: str = "finetune",
     ) -> Job:
         """Queue a job; with `quota` (max_jobs_per_key, max_jobs_total) the counts are checked in
         the same transaction, so concurrent submits cannot pass a limit together (QuotaExceeded)."""
+        assert kind in KINDS, kind
         job_id = job_id or new_job_id()
         now = time.time()
         with self._tx() as conn:
@@ -235,9 +242,9 @@ class JobStore:
                 self._check_quota(conn, submitted_by, quota)
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             conn.execute(
-                "INSERT INTO jobs (id, seq, state, config, dataset_dir, job_dir, created, updated, submitted_by)"
-                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (job_id, seq, json.dumps(config), str(dataset_dir), str(job_dir), now, now, submitted_by),
+                "INSERT INTO jobs (id, seq, state, config, dataset_dir, job_dir, created, updated, submitted_by, kind)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, seq, json.dumps(config), str(dataset_dir), str(job_dir), now, now, submitted_by, kind),
             )
         return self.get(job_id)
 
@@ -272,13 +279,13 @@ class JobStore:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _row_to_job(row) if row else None
 
-    def list(self, state: str | None = None, limit: int = 100) -> list[Job]:
-        if state:
-            rows = self._conn().execute(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit)
-            ).fetchall()
-        else:
-            rows = self._conn().execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+    def list(self, state: str | None = None, limit: int = 100, kind: str | None = None) -> list[Job]:
+        """Newest first; `state` and `kind` filter when given."""
+        where = [(column, value) for column, value in (("state", state), ("kind", kind)) if value]
+        clause = (" WHERE " + " AND ".join(f"{column} = ?" for column, _ in where)) if where else ""
+        rows = self._conn().execute(
+            f"SELECT * FROM jobs{clause} ORDER BY seq DESC LIMIT ?", (*[value for _, value in where], limit)
+        ).fetchall()
         return [_row_to_job(r) for r in rows]
 
     def claim(self, owner: str, host: str, max_concurrent: int) -> Job | None:
@@ -429,8 +436,8 @@ class JobStore:
         return orphans
 
 
-def new_job_id() -> str:
-    return "ft-" + time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+def new_job_id(prefix: str = "ft") -> str:
+    return f"{prefix}-" + time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 def hostname() -> str:

@@ -15,7 +15,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -132,6 +132,102 @@ def resolve_data_path(value: str, settings: FinetuneSettings) -> Path:
     return inside_root(settings.data_root, value)
 
 
+# -- submission (shared by every job kind: service/routes/advise.py uses it too) ---------------
+Validator = Callable[[Any], dict[str, Any]]
+
+
+async def submit_job(request: Request, manager: JobManager, kind: str, validate: Validator, key_name: str) -> JSONResponse:
+    """Check quotas and disk, parse, check and queue one job of `kind`; every refusal is a 4xx (or 507)
+    naming the problem and leaves nothing behind."""
+    ft = manager.settings
+    job_id = new_job_id("ft" if kind == "finetune" else kind[:3])
+    job_dir = ft.jobs_dir / job_id
+    try:
+        room = await run_in_threadpool(_precheck, request, ft, manager.store, key_name)
+        config, dataset_dir, summary = await receive_submission(request, ft, job_id, job_dir, validate, room)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        job = manager.store.create(config, dataset_dir, job_dir, job_id, submitted_by=key_name, quota=ft, kind=kind)
+        (job_dir / "dataset.json").write_text(json.dumps(summary, indent=2))
+        manager.wake()
+        body = {"job_id": job.id, "kind": kind, "state": job.state, "dataset": summary, "config": config}
+        return JSONResponse(body, status_code=202, headers={"Location": f"/{kind}/{job.id}"})
+    except TuneserveError as error:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        return _error(error)
+    except Exception as error:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        if quotas.is_disk_full(error):  # the upload, the unpacking or the job database write
+            return _error(quotas.InsufficientStorage(f"no space left to store this submission ({error}); nothing was queued"))
+        raise
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    finally:
+        (ft.uploads_dir / f"{job_id}.zip").unlink(missing_ok=True)
+
+
+async def receive_submission(request: Request, ft: FinetuneSettings, job_id: str, job_dir: Path, validate: Validator,
+                             room: int) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """multipart `config` + (`dataset` zip | `data_path`) → (validated config, dataset folder, dataset summary)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > ft.max_upload_bytes:
+        raise SubmitError(f"upload is {int(length)} bytes; limit is {ft.max_upload_bytes}", 413)
+    if "multipart/form-data" not in request.headers.get("content-type", ""):
+        raise SubmitError("send multipart/form-data with `config` and either `dataset` (zip) or `data_path`", 415)
+    received = 0
+
+    async def limited_receive():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > ft.max_upload_bytes:
+            raise SubmitError(f"upload exceeds the limit of {ft.max_upload_bytes} bytes", 413)
+        if received > room:  # a body sent without Content-Length
+            raise quotas.InsufficientStorage(f"upload passes the fine-tune disk budget: {room} bytes are left")
+        return message
+
+    try:
+        form = await Request(request.scope, limited_receive).form(max_files=2, max_fields=20)
+    except TuneserveError:
+        raise
+    except Exception as error:
+        raise SubmitError(f"cannot parse the multipart body: {error}", 400) from None
+    try:
+        config = validate(form.get("config") or "{}")
+        dataset = form.get("dataset")
+        data_path = form.get("data_path")
+        if dataset is not None and isinstance(dataset, str):
+            raise SubmitError("`dataset` must be a file upload (a zip); use `data_path` for a folder on the server", 400)
+        if (dataset is None) == (not data_path):
+            raise SubmitError("send exactly one of `dataset` (zip upload) or `data_path` (inside the data root)", 400)
+        if dataset is not None:
+            dataset_dir = await run_in_threadpool(save_and_extract, ft, dataset.file, job_id, job_dir)
+        else:
+            dataset_dir = resolve_data_path(str(data_path), ft)
+        min_per_class = max(ft.min_per_class, int(config.get("min_images_per_class") or 2))
+        summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class, config)
+    finally:
+        await form.close()
+    return config, dataset_dir, summary
+
+
+def save_and_extract(ft: FinetuneSettings, upload, job_id: str, job_dir: Path) -> Path:
+    from models.datasets import ZipLimits, safe_extract_zip
+
+    archive = ft.uploads_dir / f"{job_id}.zip"
+    written = 0
+    with archive.open("wb") as out:
+        while chunk := upload.read(1024 * 1024):
+            written += len(chunk)
+            if written > ft.max_upload_bytes:
+                raise SubmitError(f"dataset exceeds the upload limit of {ft.max_upload_bytes} bytes", 413)
+            out.write(chunk)
+    quotas.check_disk(ft, _zip_unpacked_bytes(archive))  # the archive is counted already
+    limits = ZipLimits(max_archive_bytes=ft.max_upload_bytes, max_entries=ft.max_entries, max_unpacked_bytes=ft.max_unpacked_bytes)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    return safe_extract_zip(archive, job_dir / "dataset", limits)
+
+
 # -- the router -------------------------------------------------------------------------------
 def _error(error: TuneserveError) -> JSONResponse:
     return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400), headers=getattr(error, "headers", None))
@@ -164,99 +260,19 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
 
     def get_job(job_id: str):
         job = store.get(job_id)
-        if job is None:
+        if job is None or job.kind != "finetune":
             raise HTTPException(404, f"no fine-tune job {job_id!r}")
         return job
 
     @router.post("/finetune", status_code=202)
     async def submit(request: Request, key_name: str = Depends(require_write)):
-        job_id = new_job_id()
-        job_dir = ft.jobs_dir / job_id
-        try:
-            room = await run_in_threadpool(_precheck, request, ft, store, key_name)
-            return await _submit(request, job_id, job_dir, key_name, room)
-        except TuneserveError as error:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            return _error(error)
-        except Exception as error:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            if quotas.is_disk_full(error):  # the upload, the unpacking or the job database write
-                return _error(quotas.InsufficientStorage(f"no space left to store this submission ({error}); nothing was queued"))
-            raise
-        except BaseException:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            raise
-        finally:
-            (ft.uploads_dir / f"{job_id}.zip").unlink(missing_ok=True)
-
-    async def _submit(request: Request, job_id: str, job_dir: Path, key_name: str, room: int):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > ft.max_upload_bytes:
-            raise SubmitError(f"upload is {int(length)} bytes; limit is {ft.max_upload_bytes}", 413)
-        if "multipart/form-data" not in request.headers.get("content-type", ""):
-            raise SubmitError("send multipart/form-data with `config` and either `dataset` (zip) or `data_path`", 415)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await request.receive()
-            received += len(message.get("body", b""))
-            if received > ft.max_upload_bytes:
-                raise SubmitError(f"upload exceeds the limit of {ft.max_upload_bytes} bytes", 413)
-            if received > room:  # a body sent without Content-Length
-                raise quotas.InsufficientStorage(f"upload passes the fine-tune disk budget: {room} bytes are left")
-            return message
-
-        try:
-            form = await Request(request.scope, limited_receive).form(max_files=2, max_fields=20)
-        except TuneserveError:
-            raise
-        except Exception as error:
-            raise SubmitError(f"cannot parse the multipart body: {error}", 400) from None
-        try:
-            config = validate_config(form.get("config") or "{}")
-            dataset = form.get("dataset")
-            data_path = form.get("data_path")
-            if dataset is not None and isinstance(dataset, str):
-                raise SubmitError("`dataset` must be a file upload (a zip); use `data_path` for a folder on the server", 400)
-            if (dataset is None) == (not data_path):
-                raise SubmitError("send exactly one of `dataset` (zip upload) or `data_path` (inside the data root)", 400)
-            if dataset is not None:
-                dataset_dir = await run_in_threadpool(_save_and_extract, dataset.file, job_id, job_dir)
-            else:
-                dataset_dir = resolve_data_path(str(data_path), ft)
-            min_per_class = max(ft.min_per_class, int(config.get("min_images_per_class") or 2))
-            summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class, config)
-        finally:
-            await form.close()
-        job_dir.mkdir(parents=True, exist_ok=True)
-        job = store.create(config, dataset_dir, job_dir, job_id, submitted_by=key_name, quota=ft)
-        (job_dir / "dataset.json").write_text(json.dumps(summary, indent=2))
-        manager.wake()
-        body = {"job_id": job.id, "state": job.state, "dataset": summary, "config": config}
-        return JSONResponse(body, status_code=202, headers={"Location": f"/finetune/{job.id}"})
-
-    def _save_and_extract(upload, job_id: str, job_dir: Path) -> Path:
-        from models.datasets import ZipLimits, safe_extract_zip
-
-        archive = ft.uploads_dir / f"{job_id}.zip"
-        written = 0
-        with archive.open("wb") as out:
-            while chunk := upload.read(1024 * 1024):
-                written += len(chunk)
-                if written > ft.max_upload_bytes:
-                    raise SubmitError(f"dataset exceeds the upload limit of {ft.max_upload_bytes} bytes", 413)
-                out.write(chunk)
-        quotas.check_disk(ft, _zip_unpacked_bytes(archive))  # the archive is counted already
-        limits = ZipLimits(max_archive_bytes=ft.max_upload_bytes, max_entries=ft.max_entries, max_unpacked_bytes=ft.max_unpacked_bytes)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        return safe_extract_zip(archive, job_dir / "dataset", limits)
+        return await submit_job(request, manager, "finetune", validate_config, key_name)
 
     @router.get("/finetune", dependencies=[Depends(require_read)])
     def list_jobs(state: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)):
         if state is not None and state not in STATES:
             raise HTTPException(422, f"state must be one of {list(STATES)}, got {state!r}")
-        return {"jobs": [job.public() for job in store.list(state, limit)]}
+        return {"jobs": [job.public() for job in store.list(state, limit, kind="finetune")]}
 
     @router.get("/finetune/{job_id}", dependencies=[Depends(require_read)])
     def show(job_id: str):
@@ -308,14 +324,15 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     return router
 
 
-def unavailable_router(reason: str) -> APIRouter:
-    """Every /finetune route answers 501 with `reason` (a serve-only server, or jobs turned off),
-    instead of a 404 that would hide why."""
+def unavailable_router(reason: str, prefixes: tuple[str, ...] = ("/finetune", "/advise")) -> APIRouter:
+    """Every job route (/finetune, /advise) answers 501 with `reason` (a serve-only server, or jobs
+    turned off), instead of a 404 that would hide why."""
     router = APIRouter()
 
-    @router.api_route("/finetune", methods=["GET", "POST"], include_in_schema=False)
-    @router.api_route("/finetune/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
     async def _unavailable() -> JSONResponse:
         return JSONResponse({"error": reason}, status_code=501)
 
+    for prefix in prefixes:
+        router.add_api_route(prefix, _unavailable, methods=["GET", "POST"], include_in_schema=False)
+        router.add_api_route(prefix + "/{rest:path}", _unavailable, methods=["GET", "POST", "DELETE"], include_in_schema=False)
     return router

@@ -1,0 +1,117 @@
+"""REST routes for the transfer advisor, run as durable jobs in the fine-tune job store (kind "advise").
+
+POST /advise                 multipart: `dataset` (zip) or `data_path`, `config` JSON (candidates, folds, ...) → 202
+GET  /advise?state=&limit=   advise jobs, newest first
+GET  /advise/{job_id}        state, progress, and when it succeeded the full advice: ranked candidates
+                             (LogME, probe accuracy, embedding time, recommended strategy) and the learning curve
+POST /advise/{job_id}/cancel stop a queued or running advise job
+
+The job child is the fine-tune entry point (`python -m training.run`), which hands `"kind": "advise"`
+configs to the torch-free models/advise.py. Bad datasets, unknown or embedding-less candidates and
+bad fields are refused at submit time with a 4xx naming the problem.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+
+from models.advise import AdviseConfig, read_advice
+from models.errors import ModelNotFound, TuneserveError
+from service.auth import require_api_key, require_read_access
+from service.finetune.runner import JobManager
+from service.finetune.store import FINAL_STATES, STATES
+from service.routes.finetune import SERVER_FIELDS, SubmitError, submit_job
+
+KIND = "advise"
+
+
+def _parse(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw or "{}")
+        except json.JSONDecodeError as error:
+            raise SubmitError(f"config: not valid JSON ({error.msg} at position {error.pos})") from None
+    if not isinstance(raw, dict):
+        raise SubmitError('config: must be a JSON object such as {"candidates": ["imagenet"]}')
+    given = [key for key in SERVER_FIELDS if key in raw]
+    if given:
+        raise SubmitError(f"config: {given} are set by the server (send the data as `dataset` or `data_path`)")
+    return raw
+
+
+def _pin(ref: str) -> str:
+    """A stored candidate → its exact version tag; refused when missing or exported without an embedding."""
+    from models import store
+
+    try:
+        version = store.resolve(ref)
+    except ModelNotFound as error:
+        raise SubmitError(f"candidates: {ref!r} is not a stored model: {error}", 422) from None
+    if not version.manifest().embedding_output:
+        raise SubmitError(f"candidates: model {version.tag} was exported without an 'embedding' output, so the advisor "
+                          "cannot use it; fine-tune or re-export it with this tuneserve", 409)
+    return version.tag
+
+
+def validate_advise_config(raw: Any) -> dict[str, Any]:
+    """The submitted `config` → a normalised advise config (candidates pinned to versions), or SubmitError."""
+    from models import store
+
+    try:
+        config = AdviseConfig.from_dict({**_parse(raw), "data": "<uploaded>"}).validate(check_paths=False)
+    except TypeError as error:
+        raise SubmitError(f"config: {error}") from None
+    except TuneserveError as error:
+        raise SubmitError(str(error), 422) from None
+    if config.candidates:
+        config.candidates = [_pin(ref) for ref in config.candidates]
+    elif not any(store.resolve(name).manifest().embedding_output for name in store.list_models()):
+        raise SubmitError("no stored model has an 'embedding' output to compare; fine-tune one or run "
+                          "`tuneserve bootstrap` (the imagenet model has one)", 409)
+    normalised = config.to_dict()
+    for key in SERVER_FIELDS:
+        normalised.pop(key, None)
+    return normalised
+
+
+def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
+    auth = settings if settings is not None else manager.settings
+    require_write, require_read = require_api_key(auth), require_read_access(auth)
+    router = APIRouter(tags=["advise"])
+    store = manager.store
+
+    def get_job(job_id: str):
+        job = store.get(job_id)
+        if job is None or job.kind != KIND:
+            raise HTTPException(404, f"no advise job {job_id!r}")
+        return job
+
+    @router.post("/advise", status_code=202)
+    async def submit(request: Request, key_name: str = Depends(require_write)):
+        return await submit_job(request, manager, KIND, validate_advise_config, key_name)
+
+    @router.get("/advise", dependencies=[Depends(require_read)])
+    def list_jobs(state: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)):
+        if state is not None and state not in STATES:
+            raise HTTPException(422, f"state must be one of {list(STATES)}, got {state!r}")
+        return {"jobs": [job.public() for job in store.list(state, limit, kind=KIND)]}
+
+    @router.get("/advise/{job_id}", dependencies=[Depends(require_read)])
+    def show(job_id: str):
+        job = get_job(job_id)
+        advice = read_advice(Path(job.job_dir) / "output") if job.state == "succeeded" else None
+        return {**job.public(), "advice": advice}
+
+    @router.post("/advise/{job_id}/cancel", dependencies=[Depends(require_write)])
+    def cancel(job_id: str):
+        job = get_job(job_id)
+        if job.state in FINAL_STATES or job.state == "interrupted":
+            return JSONResponse({"error": f"job {job_id} is already {job.state}", **job.public()}, status_code=409)
+        job = store.request_cancel(job_id)
+        return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
+
+    return router
