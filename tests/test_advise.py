@@ -95,7 +95,7 @@ def jobs_client(tmp_path, bento_home):
     from service.routes import finetune as finetune_routes
 
     (tmp_path / "root").mkdir()
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None,
+    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None, auth=False,
                                 poll_seconds=0.1, min_per_class=3, training_command=(sys.executable, "-m", "training.run"))
     managers = []
 
