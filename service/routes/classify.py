@@ -12,7 +12,7 @@ from service.auth import require_read_access
 from service.config import Settings
 from service.pool import count_request
 from service.schemas import BatchItem, BatchItemError, BatchResult, Classification
-from service.routes.forms import pool_of, read_form, text_field, top_k_field, upload_field
+from service.routes.forms import min_confidence_field, pool_of, read_form, text_field, top_k_field, upload_field
 
 
 def build_router(settings: Settings) -> APIRouter:
@@ -20,14 +20,16 @@ def build_router(settings: Settings) -> APIRouter:
 
     @router.post("/classify", response_model=Classification)
     async def classify(request: Request) -> Classification:
-        """One multipart `image`; optional `model` (name or name:version) and `top_k`."""
+        """One multipart `image`; optional `model` (name or name:version), `top_k` and `min_confidence`
+        (a probability, or `auto`: below it the answer abstains with `label` null)."""
         pool = pool_of(request)
         form = await read_form(request, max_files=1)
         upload = upload_field(form.get("image"), "image")
         top_k = top_k_field(form, request, settings)
         classifier = await pool.get(text_field(form, request, "model"))
         request.state.model = classifier.name
-        prediction = await pool.classify(classifier, await upload.read(), top_k)
+        min_confidence = min_confidence_field(form, request, classifier)
+        prediction = await pool.classify(classifier, await upload.read(), top_k, min_confidence)
         count_request("classify", classifier.name, "ok")
         return prediction
 
@@ -46,12 +48,13 @@ def build_router(settings: Settings) -> APIRouter:
         top_k = top_k_field(form, request, settings)
         classifier = await pool.get(text_field(form, request, "model"))
         request.state.model = classifier.name
+        min_confidence = min_confidence_field(form, request, classifier)
 
         async def one(value: Any) -> BatchItem | BatchItemError:
             name = value.filename if isinstance(value, UploadFile) else None
             try:
                 upload = upload_field(value, "images")
-                prediction = await pool.classify(classifier, await upload.read(), top_k)
+                prediction = await pool.classify(classifier, await upload.read(), top_k, min_confidence)
                 return BatchItem(filename=name, **prediction.model_dump())
             except (ImageError, HTTPException) as error:
                 status = error.status if isinstance(error, ImageError) else error.status_code

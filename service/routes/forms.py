@@ -7,6 +7,8 @@ from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models.decision import MinConfidence, check_supported, parse_min_confidence
+from models.runtime import OnnxClassifier
 from service.config import Settings
 from service.pool import ModelPool
 
@@ -51,6 +53,13 @@ def top_k_field(form, request: Request, settings: Settings) -> int:
         raise HTTPException(422, f"top_k must be an integer, got {raw!r}") from None
     if not 1 <= value <= settings.max_top_k:
         raise HTTPException(422, f"top_k must be between 1 and {settings.max_top_k}, got {value}")
+    return value
+
+
+def min_confidence_field(form, request: Request, classifier: OnnxClassifier) -> MinConfidence:
+    """`min_confidence`: a probability, or `auto` (needs the version's per-label thresholds); 422 otherwise."""
+    value = parse_min_confidence(text_field(form, request, "min_confidence"))
+    check_supported(value, classifier.manifest, classifier.tag)
     return value
 
 
