@@ -37,11 +37,17 @@ class Sample:
     split: str | None = None
 
 
+MIB = 1024**2
+
+
 @dataclass(frozen=True)
 class ZipLimits:
-    max_archive_bytes: int = 500 * 1024**2
+    """What an uploaded dataset archive may hold. These defaults are the only ones: the service's
+    settings (service/config.py, service/finetune/settings.py) start from them."""
+
+    max_archive_bytes: int = 500 * MIB
     max_entries: int = 50_000
-    max_unpacked_bytes: int = 2 * 1024**3
+    max_unpacked_bytes: int = 2048 * MIB
 
 
 def safe_extract_zip(archive: str | Path, destination: str | Path, limits: ZipLimits = ZipLimits()) -> Path:

@@ -140,7 +140,7 @@ class Manifest(BaseModel):
     variants: dict[VariantName, Variant] = Field(
         default_factory=dict, description="other precisions of the graph; empty: fp32 only")
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-    # Optional sections (round 2); None means "exported before they existed".
+    # Optional sections; None means "absent" (a version exported without them is served as before).
     calibration: Calibration | None = None
     thresholds: dict[str, float] | None = Field(
         default=None, description="per-label best-F1 probability cut-offs on val, used by min_confidence=auto")

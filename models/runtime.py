@@ -33,7 +33,7 @@ class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda
     device_id: int = 0
     enable_tensorrt: bool = False
-    fp16: bool = False  # older switch: the same as precision="fp16"
+    fp16: bool = False  # kept for existing callers: the same as precision="fp16"
     precision: str = "auto"  # auto | fp32 | int8 | fp16: see models.variants
     intra_op_threads: int = 0  # 0 lets ONNX Runtime decide
     inter_op_threads: int = 1

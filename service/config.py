@@ -1,6 +1,6 @@
 """All service settings in one place, read from `TUNESERVE_*` environment variables.
 
-`load_settings()` reads the environment once; an invalid value raises `ConfigError` naming the
+`load_settings()` reads the environment once; an invalid value raises `SettingsError` naming the
 variable, the value and what is expected. README.md (Serving → Configuration) lists every variable.
 """
 from __future__ import annotations
@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from models.api_keys import KEYS_FILE_NAME, KeyFileError, parse_entry, service_home
+from models.datasets import MIB, ZipLimits
 from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
 
 PREFIX = "TUNESERVE_"
+ZIP_LIMITS = ZipLimits()  # archive limits: the defaults live in models/datasets.py
 
 
-class ConfigError(ValueError):
+class SettingsError(ValueError):
     """A TUNESERVE_* variable has a value the service cannot use."""
 
 
@@ -45,12 +47,12 @@ class Settings:
     max_top_k: int = 100
     default_top_k: int = 5
     allowed_formats: frozenset[str] = ALLOWED_FORMATS
-    max_zip_entries: int = 50_000
-    max_unpacked_mb: float = 2048.0
+    max_zip_entries: int = ZIP_LIMITS.max_entries
+    max_unpacked_mb: float = ZIP_LIMITS.max_unpacked_bytes / MIB
     # runtime
     device: str = "auto"  # auto | cpu | cuda
     tensorrt: bool = False
-    fp16: bool = False  # older switch: the same as precision=fp16
+    fp16: bool = False  # kept for existing deployments: the same as precision=fp16
     precision: str = "auto"  # auto | fp32 | int8 | fp16 (models/variants.py: auto = int8 on CPU if it passed its gate, fp16 on GPU)
     threads: int = 0  # ONNX Runtime intra-op threads per worker; 0 = cores / workers
     workers: int = 0  # BentoML worker processes; 0 = one per GPU, or one per core without a GPU
@@ -64,7 +66,7 @@ class Settings:
     job_grace_seconds: float = 10.0
     training_python: str = field(default_factory=lambda: sys.executable)
     training_command: str | None = None  # shlex string; default `<training_python> -m training.run`
-    finetune_max_upload_mb: float = 500.0  # body limit for /finetune uploads instead of max_body_mb
+    finetune_max_upload_mb: float = ZIP_LIMITS.max_archive_bytes / MIB  # body limit for /finetune uploads instead of max_body_mb
     finetune_min_per_class: int = 5
     # where jobs train (service/finetune/backends.py): local child process, Ray cluster, or off (501)
     job_backend: str = "local"
@@ -83,11 +85,11 @@ class Settings:
 
     @property
     def finetune_disk_budget_bytes(self) -> int:
-        return int(self.finetune_disk_budget_mb * 1024 * 1024)
+        return int(self.finetune_disk_budget_mb * MIB)
 
     @property
     def finetune_max_upload_bytes(self) -> int:
-        return int(self.finetune_max_upload_mb * 1024 * 1024)
+        return int(self.finetune_max_upload_mb * MIB)
 
     @property
     def worker_count(self) -> int:
@@ -104,11 +106,11 @@ class Settings:
 
     @property
     def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 1024 * 1024)
+        return int(self.max_body_mb * MIB)
 
     @property
     def max_unpacked_bytes(self) -> int:
-        return int(self.max_unpacked_mb * 1024 * 1024)
+        return int(self.max_unpacked_mb * MIB)
 
     @property
     def models_to_load(self) -> list[str]:
@@ -129,11 +131,11 @@ def _number(kind: Callable[[str], Any], minimum: float | None = None, positive: 
         try:
             value = kind(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
+            raise SettingsError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
         if positive and value <= 0:
-            raise ConfigError(f"{name}={raw!r}: must be greater than 0")
+            raise SettingsError(f"{name}={raw!r}: must be greater than 0")
         if minimum is not None and value < minimum:
-            raise ConfigError(f"{name}={raw!r}: must be at least {minimum}")
+            raise SettingsError(f"{name}={raw!r}: must be at least {minimum}")
         return value
 
     return parse
@@ -145,14 +147,14 @@ def _bool(name: str, raw: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{name}={raw!r}: expected true/false (1/0, yes/no, on/off)")
+    raise SettingsError(f"{name}={raw!r}: expected true/false (1/0, yes/no, on/off)")
 
 
 def _choice(*choices: str):
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
         if value not in choices:
-            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+            raise SettingsError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
         return value
 
     return parse
@@ -166,30 +168,30 @@ def _names(name: str, raw: str) -> tuple[str, ...]:
         try:
             split_ref(item)
         except ValueError as error:
-            raise ConfigError(f"{name}: {error}") from None
+            raise SettingsError(f"{name}: {error}") from None
     return items
 
 
 def _model_ref(name: str, raw: str) -> str:
     refs = _names(name, raw)
     if len(refs) != 1:
-        raise ConfigError(f"{name}={raw!r}: expected one model name")
+        raise SettingsError(f"{name}={raw!r}: expected one model name")
     return refs[0]
 
 
 def _formats(name: str, raw: str) -> frozenset[str]:
     items = frozenset(item.strip().upper() for item in raw.split(",") if item.strip())
     if not items:
-        raise ConfigError(f"{name}={raw!r}: expected a comma-separated list such as JPEG,PNG")
+        raise SettingsError(f"{name}={raw!r}: expected a comma-separated list such as JPEG,PNG")
     unknown = items - ALLOWED_FORMATS
     if unknown:
-        raise ConfigError(f"{name}: unsupported formats {sorted(unknown)}; choose from {sorted(ALLOWED_FORMATS)}")
+        raise SettingsError(f"{name}: unsupported formats {sorted(unknown)}; choose from {sorted(ALLOWED_FORMATS)}")
     return items
 
 
 def _path(name: str, raw: str) -> Path:
     if not raw.strip():
-        raise ConfigError(f"{name} is empty")
+        raise SettingsError(f"{name} is empty")
     return Path(raw).expanduser().resolve()
 
 
@@ -203,15 +205,15 @@ def _key_list(name: str, raw: str) -> tuple[tuple[str, str], ...]:
         try:
             pairs.append(parse_entry(entry, f"{name} entry {number}"))
         except KeyFileError as error:
-            raise ConfigError(str(error)) from None
+            raise SettingsError(str(error)) from None
     if len({n for n, _ in pairs}) != len(pairs):
-        raise ConfigError(f"{name}: a key name appears twice")
+        raise SettingsError(f"{name}: a key name appears twice")
     return tuple(pairs)
 
 
 def _python(name: str, raw: str) -> str:
     if not raw.strip():
-        raise ConfigError(f"{name} is empty")
+        raise SettingsError(f"{name} is empty")
     return raw.strip()
 
 
@@ -267,10 +269,11 @@ def env_name(field_name: str) -> str:
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from `env` (default: os.environ); raises ConfigError on an invalid value."""
+    """Settings from `env` (default: os.environ); raises SettingsError on an invalid value."""
     env = os.environ if env is None else env
     known = {env_name(f.name) for f in fields(Settings)}
-    # A typo such as TUNESERVE_MAX_BODYMB would otherwise go unnoticed (other areas may add their own).
+    # A typo such as TUNESERVE_MAX_BODYMB would otherwise go unnoticed; a warning, not an error, because
+    # other processes read TUNESERVE_* variables of their own (the training child: TUNESERVE_JOB_ID).
     unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
     if unknown:
         logging.getLogger("tuneserve.config").warning("ignoring unknown setting(s) %s", unknown)
@@ -285,7 +288,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         values["data_root"] = values["home"] / "data"
     settings = Settings(**values)
     if settings.default_top_k > settings.max_top_k:
-        raise ConfigError(
+        raise SettingsError(
             f"TUNESERVE_DEFAULT_TOP_K ({settings.default_top_k}) exceeds TUNESERVE_MAX_TOP_K ({settings.max_top_k})"
         )
     return settings

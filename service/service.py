@@ -45,7 +45,7 @@ class TuneServe:
         self.settings = SETTINGS
         self.pool = ModelPool(SETTINGS)
         app.state.pool = self.pool
-        # ---- fine-tune jobs (service/finetune, owned by the jobs helper) -------------------
+        # ---- fine-tune jobs (service/finetune) ------------------------------------------
         # One JobManager per worker; its routes join the REST app. Absent package → no /finetune.
         self.jobs = getattr(app.state, "jobs", None)
         if self.jobs is None:

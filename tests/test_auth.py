@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from models.api_keys import client_key, parse_keys
 from service.app import create_app
 from service.auth import AuthConfig, KeyRing
-from service.config import ConfigError, load_settings
+from service.config import SettingsError, load_settings
 
 RELOAD = "/models/imagenet/reload"
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
@@ -91,7 +91,7 @@ def test_protect_reads_guards_reading_routes(tmp_path):
      (f"a:{ALICE},a:{BOB}", "appears twice")],
 )
 def test_bad_key_lists_are_refused_at_start(value, words):
-    with pytest.raises(ConfigError, match=words):
+    with pytest.raises(SettingsError, match=words):
         load_settings({"TUNESERVE_API_KEYS": value})
 
 

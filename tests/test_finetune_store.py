@@ -134,6 +134,14 @@ def test_resume_requeues_only_resumable(tmp_path):
     assert again.attempts == 2 and again.resume
 
 
+def test_client_and_store_agree_on_ended_states():
+    from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES
+    from tuneserve.finetune_client import ENDED_STATES as CLIENT_ENDED
+
+    assert CLIENT_ENDED == ENDED_STATES == set(STATES) - {"queued", "running"}
+    assert RESUMABLE_STATES < ENDED_STATES
+
+
 def test_log_tail_reads_as_many_lines_as_asked(tmp_path):
     from service.finetune.runner import _tail
 

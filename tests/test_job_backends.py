@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.config import ConfigError, load_settings
+from service.config import SettingsError, load_settings
 from service.finetune import backends
 from service.finetune.backends import Launch, LocalBackend, RayBackend, make_backend, ray_entrypoint, ray_env_vars, ray_exit_code
 from service.finetune.runner import JobManager, JobTrace, Stopping
@@ -85,7 +85,7 @@ def test_launch_asks_for_the_gpus_the_job_needs(tmp_path, device, setting, gpus)
 def test_backend_choice_and_bad_values():
     assert isinstance(make_backend("local"), LocalBackend)
     assert load_settings({"TUNESERVE_JOB_BACKEND": "RAY", "TUNESERVE_RAY_NUM_GPUS": "1"}).job_backend == "ray"
-    with pytest.raises(ConfigError, match="TUNESERVE_JOB_BACKEND='k8s': expected one of local, ray, none"):
+    with pytest.raises(SettingsError, match="TUNESERVE_JOB_BACKEND='k8s': expected one of local, ray, none"):
         load_settings({"TUNESERVE_JOB_BACKEND": "k8s"})
     with pytest.raises(ValueError, match="known: local, ray, none"):
         make_backend("k8s")

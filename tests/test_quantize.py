@@ -248,10 +248,10 @@ def test_service_responses_name_the_variant(bento_home, tmp_path, precision, gat
 
 
 def test_settings_precision_is_checked():
-    from service.config import ConfigError, load_settings
+    from service.config import SettingsError, load_settings
 
     assert load_settings({"TUNESERVE_PRECISION": "INT8"}).precision == "int8"
-    with pytest.raises(ConfigError, match="TUNESERVE_PRECISION"):
+    with pytest.raises(SettingsError, match="TUNESERVE_PRECISION"):
         load_settings({"TUNESERVE_PRECISION": "int4"})
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.runtime import CPU, CUDA, TENSORRT, RuntimeOptions, select_providers
-from service.config import ConfigError, load_settings
+from service.config import SettingsError, load_settings
 
 
 # ---- settings --------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def test_settings_from_environment(tmp_path):
     ],
 )
 def test_settings_refuse_invalid_values(name, value, words):
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(SettingsError) as error:
         load_settings({name: value})
     assert name in str(error.value) and words in str(error.value)
 

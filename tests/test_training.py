@@ -123,7 +123,7 @@ def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_dat
     assert manifest.parity_max_abs_diff <= 1e-4 and manifest.opset
     report = read_eval(version.path)
     assert report["samples"] == 6
-    # trust sections (issue 12): T fitted on val and baked, thresholds, in-domain data; eval has before/after
+    # trust sections: T fitted on val and baked, thresholds, in-domain data; eval has before/after
     assert manifest.calibration.fitted_on == "val" and manifest.calibration.samples == manifest.dataset.num_val
     assert set(manifest.thresholds) == set(manifest.labels) and (version.path / manifest.ood.file).is_file()
     assert report["calibration"]["temperature"] == manifest.temperature

@@ -24,7 +24,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
-FINAL = ("succeeded", "failed", "cancelled", "interrupted")
+# The server's ENDED_STATES (service/finetune/store.py; tests/test_finetune_store.py keeps them equal):
+# nothing changes after these until a resume.
+ENDED_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 ACTIONS = ("submit", "status", "list", "cancel", "resume", "log")
 
 
@@ -183,7 +185,7 @@ def follow(client: Client, job_id: str, interval: float = 1.0, out=sys.stderr) -
             if progress.get("eta_s") is not None:
                 postfix["eta"] = f"{progress['eta_s']:.0f}s"
             bar.set_postfix(postfix, refresh=True)
-            if job["state"] in FINAL:
+            if job["state"] in ENDED_STATES:
                 if job["state"] == "succeeded" and shown < 100:
                     bar.update(100 - shown)
                 return job
@@ -228,7 +230,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
             print(client.request("GET", path + "/log?lines=200", timeout=30))
             return 0
         job = client.request("POST", f"{path}/{args.action}", b"", timeout=30) if args.action != "status" else client.job(args.job_id)
-        if args.follow and job["state"] not in FINAL:
+        if args.follow and job["state"] not in ENDED_STATES:
             job = follow(client, args.job_id, args.interval)
         print(json.dumps(job, indent=2) if args.action == "status" and not args.follow else _summary(job))
         return 0 if job["state"] != "failed" else 1

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
 from service.finetune.quotas import expire_scratch, remove_scratch
+from service.config import Settings
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
 
@@ -184,7 +185,8 @@ class Outcome(NamedTuple):
 
 
 class JobManager:
-    def __init__(self, settings: Any = None):
+    def __init__(self, settings: Settings | FinetuneSettings):
+        """`settings`: the service Settings (service/config.py) or the FinetuneSettings view of them."""
         self.settings = FinetuneSettings.from_settings(settings)
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.uploads_dir.mkdir(parents=True, exist_ok=True)

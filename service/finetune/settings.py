@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.datasets import ZipLimits
 from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
+
+ZIP_LIMITS = ZipLimits()  # archive limits: the defaults live in models/datasets.py
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,9 @@ class FinetuneSettings:
     grace_seconds: float = 10.0
     poll_seconds: float = 1.0
     training_command: tuple[str, ...] = ()
-    max_upload_bytes: int = 500 * 1024**2
-    max_entries: int = 50_000
-    max_unpacked_bytes: int = 2 * 1024**3
+    max_upload_bytes: int = ZIP_LIMITS.max_archive_bytes
+    max_entries: int = ZIP_LIMITS.max_entries
+    max_unpacked_bytes: int = ZIP_LIMITS.max_unpacked_bytes
     min_per_class: int = 5
     max_pixels: int = DEFAULT_MAX_PIXELS
     allowed_formats: frozenset[str] = ALLOWED_FORMATS
@@ -55,7 +58,7 @@ class FinetuneSettings:
         return self.root / "uploads"
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "FinetuneSettings":
+    def from_settings(cls, settings: Settings | FinetuneSettings) -> "FinetuneSettings":
         """The fields jobs need, from the service `Settings` (service/config.py reads the environment)."""
         if isinstance(settings, FinetuneSettings):
             return settings

@@ -22,7 +22,8 @@ from service.finetune.quotas import check_job_counts, retry_after
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 KINDS = ("finetune", "advise")  # one store and state machine for every long task; the child dispatches on it
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+# No process behind the job any more; only a resume (RESUMABLE_STATES) moves it on.
+ENDED_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 RESUMABLE_STATES = frozenset({"interrupted", "failed", "cancelled"})
 
 _SCHEMA = """
@@ -97,8 +98,8 @@ class Job:
     kind: str = "finetune"  # KINDS
 
     @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
 
     def public(self) -> dict[str, Any]:
         """What the HTTP API answers: no host paths beyond the job's own, ISO-ish timestamps kept as epoch seconds."""

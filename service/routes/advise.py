@@ -23,7 +23,7 @@ from models.advise import AdviseConfig, read_advice
 from models.errors import ModelNotFound, TuneserveError
 from service.auth import require_api_key, require_read_access
 from service.finetune.runner import JobManager
-from service.finetune.store import FINAL_STATES, STATES
+from service.finetune.store import ENDED_STATES, STATES
 from service.routes.finetune import SERVER_FIELDS, SubmitError, submit_job
 
 KIND = "advise"
@@ -109,7 +109,7 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     @router.post("/advise/{job_id}/cancel", dependencies=[Depends(require_write)])
     def cancel(job_id: str):
         job = get_job(job_id)
-        if job.state in FINAL_STATES or job.state == "interrupted":
+        if job.state in ENDED_STATES:
             return JSONResponse({"error": f"job {job_id} is already {job.state}", **job.public()}, status_code=409)
         job = store.request_cancel(job_id)
         return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)

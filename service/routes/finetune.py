@@ -27,7 +27,7 @@ from service.auth import require_api_key, require_read_access
 from service.finetune import quotas
 from service.finetune.runner import JobManager, _tail
 from service.finetune.settings import FinetuneSettings
-from service.finetune.store import FINAL_STATES, RESUMABLE_STATES, STATES, new_job_id
+from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES, JobStore, new_job_id
 from service.limits import inside_root
 
 # Fields the server fills in itself; a client must not point training at arbitrary paths.
@@ -45,7 +45,7 @@ class SubmitError(TuneserveError):
 # -- config validation ------------------------------------------------------------------------
 def validate_config(raw: Any) -> dict[str, Any]:
     """The submitted `config` → a normalised dict of training config fields, or SubmitError(422/404)."""
-    from models import store
+    from models import store as model_store
 
     if isinstance(raw, (str, bytes)):
         try:
@@ -80,7 +80,7 @@ def validate_config(raw: Any) -> dict[str, Any]:
         normalised.pop(key, None)
     if not is_registry:
         try:
-            version = store.resolve(normalised["source"])
+            version = model_store.resolve(normalised["source"])
         except ModelNotFound as error:
             raise SubmitError(f"source: {normalised['source']!r} is neither a known backbone nor a stored model: {error}", 422) from None
         except TuneserveError as error:
@@ -233,9 +233,9 @@ def _error(error: TuneserveError) -> JSONResponse:
     return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400), headers=getattr(error, "headers", None))
 
 
-def _precheck(request: Request, ft: FinetuneSettings, store, key_name: str) -> int:
+def _precheck(request: Request, ft: FinetuneSettings, jobs: JobStore, key_name: str) -> int:
     """Quotas (429) and the disk budget (507), before a byte of the upload is read; → bytes left in the budget."""
-    per_key, everyone = store.active(key_name), store.active()
+    per_key, everyone = jobs.active(key_name), jobs.active()
     quotas.check_job_counts(len(per_key), len(everyone), key_name, ft, quotas.retry_after(everyone))
     length = request.headers.get("content-length")
     return quotas.check_disk(ft, int(length) if length and length.isdigit() else 0)
@@ -256,10 +256,10 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     auth = settings if settings is not None else ft  # the service Settings or FinetuneSettings: both carry the key
     require_write, require_read = require_api_key(auth), require_read_access(auth)
     router = APIRouter(tags=["finetune"])
-    store = manager.store
+    jobs = manager.store
 
     def get_job(job_id: str):
-        job = store.get(job_id)
+        job = jobs.get(job_id)
         if job is None or job.kind != "finetune":
             raise HTTPException(404, f"no fine-tune job {job_id!r}")
         return job
@@ -272,7 +272,7 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     def list_jobs(state: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)):
         if state is not None and state not in STATES:
             raise HTTPException(422, f"state must be one of {list(STATES)}, got {state!r}")
-        return {"jobs": [job.public() for job in store.list(state, limit, kind="finetune")]}
+        return {"jobs": [job.public() for job in jobs.list(state, limit, kind="finetune")]}
 
     @router.get("/finetune/{job_id}", dependencies=[Depends(require_read)])
     def show(job_id: str):
@@ -286,9 +286,9 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     @router.post("/finetune/{job_id}/cancel", dependencies=[Depends(require_write)])
     def cancel(job_id: str):
         job = get_job(job_id)
-        if job.state in FINAL_STATES or job.state == "interrupted":
+        if job.state in ENDED_STATES:
             return JSONResponse({"error": f"job {job_id} is already {job.state}", **job.public()}, status_code=409)
-        job = store.request_cancel(job_id)
+        job = jobs.request_cancel(job_id)
         return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
 
     @router.post("/finetune/{job_id}/resume", status_code=202, dependencies=[Depends(require_write)])
@@ -301,20 +301,20 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
         if not Path(job.dataset_dir).exists():
             return JSONResponse({"error": f"job {job_id}: its dataset is gone ({job.dataset_dir})"}, status_code=409)
         try:
-            requeued = store.requeue_for_resume(job_id, quota=ft)
+            requeued = jobs.requeue_for_resume(job_id, quota=ft)
         except quotas.QuotaExceeded as error:
             return _error(error)
         if not requeued:
             return JSONResponse({"error": f"job {job_id} changed state; try again"}, status_code=409)
         manager.wake()
-        return store.get(job_id).public()
+        return jobs.get(job_id).public()
 
     @router.delete("/finetune/{job_id}", dependencies=[Depends(require_write)])
     def delete(job_id: str):
         """Forget a finished, failed, cancelled or interrupted job and free its disk (dataset copy,
         checkpoints, logs). Published model versions are not touched."""
         job = get_job(job_id)
-        if not store.delete(job_id):
+        if not jobs.delete(job_id):
             return JSONResponse({"error": f"job {job_id} is {job.state}; cancel it first"}, status_code=409)
         job_dir = Path(job.job_dir).resolve()
         if job_dir.is_relative_to(ft.jobs_dir.resolve()):
