@@ -45,10 +45,10 @@ def _parse(raw: Any) -> dict[str, Any]:
 
 def _pin(ref: str) -> str:
     """A stored candidate → its exact version tag; refused when missing or exported without an embedding."""
-    from models import store
+    from models import store as model_store
 
     try:
-        version = store.resolve(ref)
+        version = model_store.resolve(ref)
     except ModelNotFound as error:
         raise SubmitError(f"candidates: {ref!r} is not a stored model: {error}", 422) from None
     if not version.manifest().embedding_output:
@@ -59,7 +59,7 @@ def _pin(ref: str) -> str:
 
 def validate_advise_config(raw: Any) -> dict[str, Any]:
     """The submitted `config` → a normalised advise config (candidates pinned to versions), or SubmitError."""
-    from models import store
+    from models import store as model_store
 
     try:
         config = AdviseConfig.from_dict({**_parse(raw), "data": "<uploaded>"}).validate(check_paths=False)
@@ -69,7 +69,7 @@ def validate_advise_config(raw: Any) -> dict[str, Any]:
         raise SubmitError(str(error), 422) from None
     if config.candidates:
         config.candidates = [_pin(ref) for ref in config.candidates]
-    elif not any(store.resolve(name).manifest().embedding_output for name in store.list_models()):
+    elif not any(model_store.resolve(name).manifest().embedding_output for name in model_store.list_models()):
         raise SubmitError("no stored model has an 'embedding' output to compare; fine-tune one or run "
                           "`tuneserve bootstrap` (the imagenet model has one)", 409)
     normalised = config.to_dict()
@@ -82,10 +82,10 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     auth = settings if settings is not None else manager.settings
     require_write, require_read = require_api_key(auth), require_read_access(auth)
     router = APIRouter(tags=["advise"])
-    store = manager.store
+    jobs = manager.store
 
     def get_job(job_id: str):
-        job = store.get(job_id)
+        job = jobs.get(job_id)
         if job is None or job.kind != KIND:
             raise HTTPException(404, f"no advise job {job_id!r}")
         return job
@@ -98,7 +98,7 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     def list_jobs(state: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)):
         if state is not None and state not in STATES:
             raise HTTPException(422, f"state must be one of {list(STATES)}, got {state!r}")
-        return {"jobs": [job.public() for job in store.list(state, limit, kind=KIND)]}
+        return {"jobs": [job.public() for job in jobs.list(state, limit, kind=KIND)]}
 
     @router.get("/advise/{job_id}", dependencies=[Depends(require_read)])
     def show(job_id: str):
@@ -111,7 +111,7 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
         job = get_job(job_id)
         if job.state in ENDED_STATES:
             return JSONResponse({"error": f"job {job_id} is already {job.state}", **job.public()}, status_code=409)
-        job = store.request_cancel(job_id)
+        job = jobs.request_cancel(job_id)
         return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
 
     return router
