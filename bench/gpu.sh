@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU path check on a CUDA machine, in under 8 minutes:
+# GPU path check on a CUDA machine, in under 10 minutes:
 #   1. a venv with the serving dependencies (no torch) unless one exists, 2. the `imagenet` model
 #      (carried in $BENTOML_HOME, else exported here with torch),
 #   3. which providers ONNX Runtime really uses (and why others were skipped),
-#   4. parity of CUDA, CUDA fp16, TensorRT (fp32/fp16) against CPU on the same images,
+#   4. parity of CUDA, CUDA fp16, TensorRT (fp32/fp16) and the static INT8 variant (CPU, CUDA,
+#      TensorRT) against CPU fp32 on the same images,
 #   5. throughput with IO binding (uint8 input) at several batch sizes.
+# Every row names the precision variant really served (models/variants.py).
 # Usage: bash bench/gpu.sh            (VENV=.venv BENTOML_HOME=/tmp/tuneserve-gpu by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,8 +43,15 @@ if ! "$PY" -c "from models import store; store.resolve('imagenet')" 2>/dev/null;
   timeout 180 "$PY" -m tuneserve bootstrap || { echo "bootstrap failed"; exit 1; }
 fi
 
+echo "== int8 variant of imagenet (calibrated on CPU, on scikit-image crops that exclude the checked photos)"
+if ! "$PY" -c "from models import store; assert 'int8' in store.resolve('imagenet').manifest().variants" 2>/dev/null; then
+  timeout 60 "$PY" bench/calibration_photos.py /tmp/tuneserve-calibration --count 400 \
+    && timeout 240 "$PY" -m tuneserve quantize imagenet --data /tmp/tuneserve-calibration \
+    || echo "(quantization failed: the int8 rows will say why)"
+fi
+
 echo "== providers, parity, throughput"
-timeout 240 "$PY" - <<'EOF'
+timeout 300 "$PY" - <<'EOF'
 import io, time, traceback
 import numpy as np
 import onnxruntime as ort
@@ -61,12 +70,16 @@ def jpeg(p):
     b = io.BytesIO(); p.save(b, format="JPEG", quality=90); return b.getvalue()
 payloads = [jpeg(p) for p in photos]
 
-configs = {
-    "cpu": RuntimeOptions(device="cpu"),
-    "cuda": RuntimeOptions(device="cuda"),
-    "cuda-fp16": RuntimeOptions(device="cuda", fp16=True),
-    "tensorrt": RuntimeOptions(device="cuda", enable_tensorrt=True, trt_cache_dir="/tmp/tuneserve-trt"),
-    "tensorrt-fp16": RuntimeOptions(device="cuda", enable_tensorrt=True, fp16=True, trt_cache_dir="/tmp/tuneserve-trt"),
+trt = dict(enable_tensorrt=True, trt_cache_dir="/tmp/tuneserve-trt")
+configs = {  # precision explicit: auto would pick fp16 on the GPU and int8 on CPU
+    "cpu": RuntimeOptions(device="cpu", precision="fp32"),
+    "cpu-int8": RuntimeOptions(device="cpu", precision="int8"),
+    "cuda": RuntimeOptions(device="cuda", precision="fp32"),
+    "cuda-fp16": RuntimeOptions(device="cuda", precision="fp16"),
+    "cuda-int8": RuntimeOptions(device="cuda", precision="int8"),
+    "tensorrt": RuntimeOptions(device="cuda", precision="fp32", **trt),
+    "tensorrt-fp16": RuntimeOptions(device="cuda", precision="fp16", **trt),
+    "tensorrt-int8": RuntimeOptions(device="cuda", precision="int8", **trt),
 }
 reference = None
 rows = []
@@ -90,15 +103,16 @@ for name, options in configs.items():
             while time.perf_counter() - t0 < (1.0 if name == "cpu" else 2.0):
                 model.predict(x); n += batch
             speeds[batch] = n / (time.perf_counter() - t0)
-        print(f"{name}: providers={model.active_providers} skipped={model.skipped_providers} load={load_s:.1f}s")
-        rows.append((name, model.active_providers[0], diff, agree, speeds))
+        print(f"{name}: variant={model.variant} ({model.variant_reason}) providers={model.active_providers} "
+              f"skipped={model.skipped_providers} load={load_s:.1f}s")
+        rows.append((name, model.variant, model.active_providers[0], diff, agree, speeds))
     except Exception as error:
         print(f"{name}: FAILED {type(error).__name__}: {error}")
         traceback.print_exc(limit=1)
 
-print("\n| config | provider | max abs diff vs CPU | top-1 agreement | img/s b=1 | b=32 | b=128 |")
-print("|---|---|---|---|---|---|---|")
-for name, provider, diff, agree, s in rows:
-    print(f"| {name} | {provider} | {diff:.2e} | {agree:.3f} | {s[1]:.0f} | {s[32]:.0f} | {s[128]:.0f} |")
+print("\n| config | variant | provider | max abs diff vs CPU fp32 | top-1 agreement | img/s b=1 | b=32 | b=128 |")
+print("|---|---|---|---|---|---|---|---|")
+for name, variant, provider, diff, agree, s in rows:
+    print(f"| {name} | {variant} | {provider} | {diff:.2e} | {agree:.3f} | {s[1]:.0f} | {s[32]:.0f} | {s[128]:.0f} |")
 EOF
 echo "== done in $(( $(date +%s) - start )) s"

@@ -5,7 +5,9 @@
 - model-only: preprocessed uint8 batches straight into the ONNX Runtime session;
 - end-to-end: `tuneserve.score.score` on a folder of JPEGs (500x375, noise and texture so decode
   costs what a photo costs): listing, decode, resize/crop, model, output file;
-- their ratio (goal >= 0.8).
+- their ratio (goal >= 0.8);
+- when the model has a static INT8 variant (`tuneserve quantize`, or bench/serve.py's first run),
+  the same two measures with it, in the same alternating rounds: int8 ÷ fp32.
 
 Model: `--model`, else the `imagenet` model that `tuneserve bootstrap` stores, else an
 EfficientNet-Lite0-shaped graph with random weights built here without torch (same layers
@@ -150,6 +152,24 @@ def pick_model(ref: str | None, scratch: Path) -> str:
     return publish_lite0(scratch / "staging").tag
 
 
+def measure_round(classifier, ref: str, folder: Path, batch, batches: int, output: Path, args) -> tuple[float, ...]:
+    """One model-only run and one end-to-end run: (model img/s, model CPU s/img, e2e img/s, e2e CPU s/img)."""
+    from tuneserve.score import score
+
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        classifier.predict(batch)
+    model_rate = batches * args.batch_size / (time.perf_counter() - t)
+    model_cpu = (time.process_time() - c) / (batches * args.batch_size)
+    t, c = time.perf_counter(), time.process_time()
+    result = score(ref, folder, output, top_k=5, batch_size=args.batch_size, workers=args.workers,
+                   pool=args.pool, progress=False, classifier=classifier)
+    e2e_rate = result.scored / (time.perf_counter() - t)
+    e2e_cpu = (time.process_time() - c) / result.scored
+    assert result.scored == args.images and result.errors == 0, result.summary_line()
+    return model_rate, model_cpu, e2e_rate, e2e_cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
@@ -163,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from models.preprocess import prepare, stack
-    from tuneserve.score import default_workers, load_model, score
+    from tuneserve.score import default_workers, load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -171,7 +191,10 @@ def main() -> None:
         folder = make_jpegs(args.data / f"{args.images}", args.images)
         print(f"images: {args.images} JPEGs 500x375 in {folder} ({time.perf_counter() - t:.1f}s to prepare)")
         ref = pick_model(args.model, scratch)
-        classifier = load_model(ref, args.device)
+        classifier = load_model(ref, args.device, "fp32")
+        classifiers = {"fp32": classifier}
+        if "int8" in classifier.manifest.variants:
+            classifiers["int8"] = load_model(ref, args.device, "int8")
         spec = classifier.manifest.preprocessing
         print(f"model: {classifier.tag} on {classifier.active_providers[0]}, input {spec.size}px, "
               f"cores: {default_workers()}, batch {args.batch_size}, {args.pool} pool x{args.workers or default_workers()}")
@@ -185,7 +208,8 @@ def main() -> None:
 
         # model only: distinct preprocessed images, already batched, straight into the session
         batch = stack([prepare(p, spec) for p in jpegs[: args.batch_size]])
-        classifier.predict(batch)  # warm-up
+        for each in classifiers.values():
+            each.predict(batch)  # warm-up
         batches = -(-args.images // args.batch_size)
 
         # Rounds alternate model-only and end-to-end so both see the same machine load (the
@@ -193,25 +217,17 @@ def main() -> None:
         # image (all threads of this process) is reported too: other users' load barely moves
         # it, and on a machine where both runs keep every core busy, the throughput ratio equals
         # the ratio of CPU time per image.
-        model_rates, e2e_rates, model_cpu, e2e_cpu = [], [], [], []
+        runs: dict[str, list[tuple[float, ...]]] = {precision: [] for precision in classifiers}
         for round_ in range(args.rounds):
-            t, c = time.perf_counter(), time.process_time()
-            for _ in range(batches):
-                classifier.predict(batch)
-            model_rates.append(batches * args.batch_size / (time.perf_counter() - t))
-            model_cpu.append((time.process_time() - c) / (batches * args.batch_size))
-            output = scratch / f"scores-{round_}.parquet"
-            t, c = time.perf_counter(), time.process_time()
-            result = score(ref, folder, output, top_k=5, batch_size=args.batch_size, workers=args.workers,
-                           pool=args.pool, progress=False, classifier=classifier)
-            e2e_rates.append(result.scored / (time.perf_counter() - t))
-            e2e_cpu.append((time.process_time() - c) / result.scored)
-            assert result.scored == args.images and result.errors == 0, result.summary_line()
-            print(f"round {round_ + 1}: model only {model_rates[-1]:.1f} images/s ({1000 * model_cpu[-1]:.1f} ms CPU/image), "
-                  f"end-to-end {e2e_rates[-1]:.1f} images/s ({1000 * e2e_cpu[-1]:.1f} ms CPU/image), "
-                  f"load average {os.getloadavg()[0]:.1f}")
-        model_rate, e2e_rate = max(model_rates), max(e2e_rates)
-        model_ms, e2e_ms = 1000 * min(model_cpu), 1000 * min(e2e_cpu)
+            for precision, each in classifiers.items():
+                output = scratch / f"scores-{precision}-{round_}.parquet"
+                runs[precision].append(measure_round(each, ref, folder, batch, batches, output, args))
+                m, mc, e, ec = runs[precision][-1]
+                print(f"round {round_ + 1} {precision}: model only {m:.1f} images/s ({1000 * mc:.1f} ms CPU/image), "
+                      f"end-to-end {e:.1f} images/s ({1000 * ec:.1f} ms CPU/image), load average {os.getloadavg()[0]:.1f}")
+        best = {p: (max(r[0] for r in rs), 1000 * min(r[1] for r in rs), max(r[2] for r in rs), 1000 * min(r[3] for r in rs))
+                for p, rs in runs.items()}
+        model_rate, model_ms, e2e_rate, e2e_ms = best["fp32"]
 
     print(f"decode+preprocess, 1 thread: {decode_rate:8.1f} images/s")
     print(f"model only:                  {model_rate:8.1f} images/s")
@@ -219,6 +235,14 @@ def main() -> None:
     print(f"ratio end-to-end / model:    {e2e_rate / model_rate:8.2f}  (goal >= 0.8; wall clock, best rounds)")
     print(f"CPU time per image:          {model_ms:8.1f} ms model only, {e2e_ms:.1f} ms end-to-end "
           f"-> CPU-bound ratio {model_ms / e2e_ms:.2f}")
+    if "int8" in best:
+        q_model, q_model_ms, q_e2e, q_e2e_ms = best["int8"]
+        print(f"int8 model only:             {q_model:8.1f} images/s  (int8 / fp32 {q_model / model_rate:.2f}x; "
+              f"CPU {q_model_ms:.1f} ms/image)")
+        print(f"int8 end-to-end score:       {q_e2e:8.1f} images/s  (int8 / fp32 {q_e2e / e2e_rate:.2f}x; "
+              f"CPU {q_e2e_ms:.1f} ms/image, fp32 {e2e_ms:.1f})")
+    else:
+        print("(no int8 variant of this model: `tuneserve quantize` it, or run bench/serve.py once, for the int8 rows)")
 
 
 if __name__ == "__main__":

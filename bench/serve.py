@@ -5,6 +5,10 @@
 Uses the `imagenet` EfficientNet-Lite0 model (224 px, 1000 classes) from `tuneserve bootstrap`
 in a private BentoML store (built there on first run), on JPEG photos from scikit-image.
 Prints a markdown table (the README's Serving → Benchmark table) and writes bench/serve.json.
+
+Then INT8 against fp32 (skip with --skip-int8): the model's static INT8 variant (quantized here on
+first run, calibrated on bench/calibration_photos.py crops that exclude the photos measured), in
+process at batch 16 on the same images, model only, over HTTP, and the top-5 of the photos.
 This script may import torch and training/ (the service never does).
 """
 from __future__ import annotations
@@ -59,11 +63,19 @@ def ensure_model(name: str):
     return bootstrap(name)
 
 
-def in_process(version, jpegs: list[bytes], threads: int, seconds: float) -> dict:
-    from models.preprocess import prepare, stack
+def load(version, threads: int, precision: str):
     from models.runtime import OnnxClassifier, RuntimeOptions
 
-    model = OnnxClassifier(version.path, version.name, version.version, RuntimeOptions(device="cpu", intra_op_threads=threads)).load()
+    options = RuntimeOptions(device="cpu", intra_op_threads=threads, precision=precision)
+    model = OnnxClassifier(version.path, version.name, version.version, options).load()
+    assert model.variant == precision, (model.variant, model.variant_reason)
+    return model
+
+
+def in_process(version, jpegs: list[bytes], threads: int, seconds: float) -> dict:
+    from models.preprocess import prepare, stack
+
+    model = load(version, threads, "fp32")
     spec = model.manifest.preprocessing
     pool = ThreadPoolExecutor(threads)
     model.predict(stack([prepare(jpegs[0], spec)]))  # warm up
@@ -121,6 +133,78 @@ def torch_vs_onnx(model, jpegs: list[bytes], threads: int, batch: int = 16, repe
         torch_ips = timed(lambda: net(tensor))
     onnx_ips = timed(lambda: model.predict(images))
     return {"batch": batch, "torch_eager": torch_ips, "onnxruntime": onnx_ips, "ratio": onnx_ips / torch_ips}
+
+
+# ---- INT8 against fp32 ---------------------------------------------------------------------------
+
+
+def ensure_int8(version):
+    """`version` with its static INT8 variant, quantized here on first run (torch-free)."""
+    if "int8" in version.manifest().variants:
+        return version
+    sys.path.insert(0, str(ROOT / "bench"))
+    from calibration_photos import write_photos
+    from models.datasets import load_samples
+    from models.quantize import QuantizeConfig, data_from_samples, quantize_version
+
+    folder = Path(os.environ["BENTOML_HOME"]) / "calibration-photos"
+    write_photos(folder, 400)
+    started = time.perf_counter()
+    config = QuantizeConfig()
+    data = data_from_samples(load_samples(folder, require_labels=False), version.manifest(), config)
+    variant = quantize_version(version.path, data, config)
+    print(f"quantized {version.tag} in {time.perf_counter() - started:.0f} s: {variant}", file=sys.stderr)
+    return version
+
+
+def int8_vs_fp32(version, jpegs: list[bytes], threads: int, seconds: float, batch: int = 16, rounds: int = 2) -> dict:
+    """Throughput at `batch` on the same images, fp32 and int8 alternating; best round of each."""
+    from models.preprocess import prepare, stack
+
+    models = {precision: load(version, threads, precision) for precision in ("fp32", "int8")}
+    spec = models["fp32"].manifest.preprocessing
+    pool = ThreadPoolExecutor(threads)
+    batches = [[jpegs[(i * batch + j) % len(jpegs)] for j in range(batch)] for i in range(len(jpegs))]
+    prepared = stack([prepare(b, spec) for b in batches[0]])
+    measured: dict[str, dict[str, list[float]]] = {"in_process": {}, "model_only": {}}
+
+    def rate(step) -> float:
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 4:
+            step(done)
+            done += 1
+        return done * batch / (time.perf_counter() - started)
+
+    for _ in range(rounds):
+        for precision, model in models.items():
+            model.predict(prepared)  # warm up
+            measured["in_process"].setdefault(precision, []).append(rate(
+                lambda i: model.predict(stack(list(pool.map(lambda b: prepare(b, spec), batches[i % len(batches)]))))))
+            measured["model_only"].setdefault(precision, []).append(rate(lambda i: model.predict(prepared)))
+    pool.shutdown()
+    best = {kind: {p: max(v) for p, v in runs.items()} for kind, runs in measured.items()}
+    return {"batch": batch, **best, "rounds": measured,
+            "ratio_in_process": best["in_process"]["int8"] / best["in_process"]["fp32"],
+            "ratio_model_only": best["model_only"]["int8"] / best["model_only"]["fp32"]}
+
+
+def top5_check(version, threads: int) -> dict:
+    """fp32 and int8 top-5 for the scikit-image photos (never used for calibration)."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from models.preprocess import prepare, stack
+
+    models = {precision: load(version, threads, precision) for precision in ("fp32", "int8")}
+    spec = models["fp32"].manifest.preprocessing
+    checked = {}
+    for name in ("chelsea", "astronaut", "coffee", "rocket"):
+        image = stack([prepare(Image.fromarray(getattr(skdata, name)()).convert("RGB"), spec)])
+        top = {p: m.top_k(m.predict(image), 5)[0] for p, m in models.items()}
+        labels = {p: [r["label"] for r in rows] for p, rows in top.items()}
+        checked[name] = {**labels, "same_top5": labels["fp32"] == labels["int8"],
+                         "top1_probability": {p: round(rows[0]["probability"], 4) for p, rows in top.items()}}
+    return checked
 
 
 def free_port() -> int:
@@ -230,6 +314,40 @@ def start_server(env: dict, port: int) -> subprocess.Popen:
     raise RuntimeError("server not ready in 120 s")
 
 
+def http_run(env: dict, jpegs: list[bytes], seconds: float, precision: str) -> dict:
+    """HTTP throughput with TUNESERVE_PRECISION=`precision`, and the variant the responses name."""
+    import httpx
+
+    port = free_port()
+    server = start_server({**env, "TUNESERVE_PRECISION": precision}, port)
+    try:
+        answer = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("p.jpg", jpegs[0], "image/jpeg")}, timeout=60)
+        result = asyncio.run(http_bench(port, jpegs, seconds))
+        result["variant"] = answer.json()["variant"]
+        return result
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def int8_rows(int8: dict) -> list[tuple[str, ...]]:
+    speed, http, top5 = int8["throughput"], int8["http"], int8["top5"]
+    same = sum(v["same_top5"] for v in top5.values())
+    variant = int8["variant"]
+    return [
+        (f"in process, batch {speed['batch']} (decode+preprocess+ORT)", f"{speed['in_process']['fp32']:.1f}",
+         f"{speed['in_process']['int8']:.1f}", f"**{speed['ratio_in_process']:.2f}×**"),
+        (f"model only, batch {speed['batch']}", f"{speed['model_only']['fp32']:.1f}", f"{speed['model_only']['int8']:.1f}",
+         f"{speed['ratio_model_only']:.2f}×"),
+        ("HTTP /classify, 32 clients (variant named by the response)", f"{http['fp32']['throughput']:.1f} ({http['fp32']['variant']})",
+         f"{http['int8']['throughput']:.1f} ({http['int8']['variant']})",
+         f"**{http['int8']['throughput'] / http['fp32']['throughput']:.2f}×**"),
+        ("top-5 of chelsea, astronaut, coffee, rocket identical", "", "", f"{same}/{len(top5)}"),
+        (f"held-out crops ({variant['samples']}): top-1 agreement, max |Δp| ({variant['calibration']} calibration)",
+         "", "", f"{variant['agreement']:.3f}, {variant['max_probability_diff']:.3f}"),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default="/tmp/tuneserve-bench", help="private BENTOML_HOME")
@@ -240,6 +358,7 @@ def main() -> int:
     parser.add_argument("--batch-max-size", type=int, default=32)
     parser.add_argument("--batch-max-latency-ms", type=float, default=0.0)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true", help="no INT8 against fp32 section")
     args = parser.parse_args()
 
     os.environ["BENTOML_HOME"] = args.home
@@ -249,6 +368,8 @@ def main() -> int:
     workers = args.workers or cores
     threads = args.threads or max(1, cores // workers)
     version = ensure_model(args.model)
+    if not args.skip_int8:
+        version = ensure_int8(version)
     jpegs = make_jpegs()
     print(f"model {version.tag}; {len(jpegs)} JPEGs ~{sum(map(len, jpegs)) // len(jpegs) // 1024} KB; {cores} cores", file=sys.stderr)
 
@@ -256,7 +377,6 @@ def main() -> int:
     model = local.pop("model")
     compare = None if args.skip_torch else torch_vs_onnx(model, jpegs, max(1, cores))
 
-    port = free_port()
     env = {
         **os.environ,
         "TUNESERVE_DEFAULT_MODEL": args.model,
@@ -266,12 +386,13 @@ def main() -> int:
         "TUNESERVE_BATCH_MAX_LATENCY_MS": str(args.batch_max_latency_ms),
         "TUNESERVE_HOME": str(Path(args.home) / "tuneserve"),
     }
-    server = start_server(env, port)
-    try:
-        remote = asyncio.run(http_bench(port, jpegs, args.seconds))
-    finally:
-        server.terminate()
-        server.wait(30)
+    remote = http_run(env, jpegs, args.seconds, "fp32")
+    int8 = None
+    if not args.skip_int8:  # right after the fp32 server, so both see the same machine
+        int8 = {"http": {"fp32": remote, "int8": http_run(env, jpegs, args.seconds, "int8")},
+                "throughput": int8_vs_fp32(version, jpegs, max(1, cores), args.seconds),
+                "top5": top5_check(version, max(1, cores)),
+                "variant": version.manifest().variants["int8"].model_dump()}
 
     ratio = remote["throughput"] / local["throughput"]
     rows = [
@@ -293,8 +414,15 @@ def main() -> int:
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
+    if int8:
+        print("\nINT8 (static QDQ) against fp32, img/s, same images, alternating rounds (best of each)\n")
+        print("| measure | fp32 | int8 | int8 ÷ fp32 |\n|---|---|---|---|")
+        for row in int8_rows(int8):
+            print("| " + " | ".join(row) + " |")
+        for name, check in int8["top5"].items():
+            print(f"  {name}: fp32 {check['fp32']} / int8 {check['int8']}", file=sys.stderr)
     result = {"model": version.tag, "cores": cores, "workers": workers, "threads": threads,
-              "in_process": local, "http": remote, "ratio": ratio, "torch_vs_onnx": compare,
+              "in_process": local, "http": remote, "ratio": ratio, "torch_vs_onnx": compare, "int8": int8,
               "batching": {"max_size": args.batch_max_size, "max_latency_ms": args.batch_max_latency_ms}}
     (ROOT / "bench" / "serve.json").write_text(json.dumps(result, indent=2, default=float))
     return 0
