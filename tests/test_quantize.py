@@ -229,7 +229,7 @@ def test_service_responses_name_the_variant(bento_home, tmp_path, precision, gat
 
     store.publish("fails", write_gated_model(tmp_path / "fails", accuracy_delta=-0.02))
     store.publish("passes", write_gated_model(tmp_path / "passes", accuracy_delta=-0.003))
-    settings = load_settings({"BENTOML_HOME": str(bento_home), "TUNESERVE_DEVICE": "cpu",
+    settings = load_settings({"BENTOML_HOME": str(bento_home), "TUNESERVE_DEVICE": "cpu", "TUNESERVE_AUTH": "off",
                               "TUNESERVE_PRECISION": precision, "TUNESERVE_DEFAULT_MODEL": gated})
 
     async def requests(client):
