@@ -1,4 +1,7 @@
 """Errors the contract raises; the service maps each to an HTTP status."""
+from __future__ import annotations
+
+import errno
 
 
 class TuneserveError(Exception):
@@ -46,6 +49,13 @@ class Cancelled(TuneserveError):
     """Raised inside a job when its stop event is set (SIGTERM / job cancel)."""
 
     status = 409
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT (also inside shutil.copytree's gathered shutil.Error) or SQLite's 'database or disk is full'."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error) or "quota exceeded" in str(error)
+    return type(error).__module__ == "sqlite3" and "full" in str(error).lower()
 
 
 class StorageFull(TuneserveError, OSError):

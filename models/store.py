@@ -6,7 +6,6 @@ written and checked in a staging folder first, and BentoML moves `latest` after 
 """
 from __future__ import annotations
 
-import errno
 import re
 import shutil
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from models.errors import ManifestError, ModelNotFound, StorageFull
+from models.errors import ManifestError, ModelNotFound, StorageFull, is_disk_full
 from models.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
 
 MODULE = "tuneserve"
@@ -150,7 +149,7 @@ def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None 
                 else:
                     shutil.copy2(item, target)
     except OSError as error:
-        if not _no_space(error):
+        if not is_disk_full(error):
             raise
         _undo_publish(name, model.tag.version if model is not None else None, previous)
         free = shutil.disk_usage(_store_root()).free
@@ -159,11 +158,6 @@ def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None 
             f"{name!r}: nothing was published; {name}:latest is still {previous or 'absent'}"
         ) from None
     return resolve(f"{name}:{model.tag.version}")
-
-
-def _no_space(error: OSError) -> bool:
-    # shutil.copytree gathers per-file errors into one shutil.Error without an errno
-    return error.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error) or "quota exceeded" in str(error)
 
 
 def _undo_publish(name: str, version: str | None, previous: str | None) -> None:

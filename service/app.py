@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import TuneserveError
+from models.errors import TuneserveError, is_disk_full
 from service.config import Settings
 from service.pool import count_request
 from service.routes import classify, evaluate, models
@@ -74,6 +74,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception):
+        if is_disk_full(error):  # e.g. the job database on a full disk: nothing was changed
+            log.error("disk full: %s", error)
+            return _error(507, f"the server's disk is full ({error}); nothing was changed, try again once space is freed")
         log.exception("unexpected error")
         return _error(500, f"internal error: {type(error).__name__}")
 

@@ -4,7 +4,8 @@ Used by tests/test_finetune*.py through TUNESERVE_TRAINING_COMMAND. Steps sleep
 FAKE_TRAIN_STEP_S seconds (default 0.1); 4 steps per epoch; a checkpoint file per epoch in
 output_dir; `--resume` continues after the last one; publishes a tests/tiny.py model named
 `config.name` whose labels are the dataset's class folders. A name starting with `fail` fails
-with exit code 2; SIGTERM exits 143 without publishing.
+with exit code 2; SIGTERM exits 143 without publishing. FAKE_TRAIN_PAD_KB adds a file of that size to
+the version; FAKE_TRAIN_PUBLISH_GATE=PATH waits for PATH to exist before publishing.
 """
 import argparse
 import json
@@ -76,11 +77,20 @@ def main() -> int:
     manifest["lineage"] = [config["source"]]
     manifest["training"] = {k: config.get(k) for k in ("strategy", "epochs")}
     manifest_path.write_text(json.dumps(manifest))
+    if os.environ.get("FAKE_TRAIN_PAD_KB"):  # a bigger version, for the full-disk test
+        (staging / "padding.bin").write_bytes(os.urandom(int(os.environ["FAKE_TRAIN_PAD_KB"]) * 1024))
     emit(event="phase", phase="publishing")
     time.sleep(float(os.environ.get("FAKE_TRAIN_PUBLISH_S", "0")))
+    gate = os.environ.get("FAKE_TRAIN_PUBLISH_GATE")
+    while gate and not os.path.exists(gate):  # the test opens the gate once the disk is full
+        time.sleep(0.05)
     from models import store
 
-    version = store.publish(config["name"], staging, {"job": os.environ.get("TUNESERVE_JOB_ID")})
+    try:
+        version = store.publish(config["name"], staging, {"job": os.environ.get("TUNESERVE_JOB_ID")})
+    except Exception as error:  # as training.run does: the job ends with a failed event naming the cause
+        emit(event="failed", reason=f"{type(error).__name__}: {error}")
+        return 1
     emit(event="succeeded", model=version.tag, eval={"accuracy": 0.9, "top_k_accuracy": 1.0, "samples": 3, "macro_f1": 0.9})
     return 0
 

@@ -70,8 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # -- HTTP -------------------------------------------------------------------------------------
 class Client:
     def __init__(self, server: str, api_key: str | None = None, timeout: float = 600.0):
+        from models.api_keys import client_key
+
         self.server = server.rstrip("/")
-        self.api_key = api_key
+        self.api_key = api_key or client_key(self.server)  # a server on this machine: its key file
         self.timeout = timeout
 
     def request(self, method: str, path: str, body=None, headers: dict[str, str] | None = None, timeout: float | None = None) -> Any:
@@ -204,9 +206,7 @@ def _summary(job: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.api_keys import client_key
-
-    client = Client(args.server, args.api_key or client_key(args.server), args.timeout)
+    client = Client(args.server, args.api_key, args.timeout)
     try:
         return _run(client, args)
     except ClientError as error:

@@ -4,11 +4,9 @@ live in the model store, outside these folders, and are never removed here.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -98,15 +96,6 @@ def check_disk(settings: Any, incoming: int) -> int:
             f"{FREE_SPACE_MARGIN} kept free. Free some space and submit again."
         )
     return min(budget - used, free - FREE_SPACE_MARGIN)
-
-
-def is_disk_full(error: BaseException) -> bool:
-    """An OSError ENOSPC/EDQUOT or SQLite's 'database or disk is full'."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(error, sqlite3.OperationalError):
-        return "full" in str(error).lower()
-    return False
 
 
 def remove_scratch(job: Any) -> None:

@@ -406,7 +406,7 @@ class JobManager:
         """A job-store write the job can do without (progress, pid): a failure is logged, not fatal."""
         try:
             write(*args)
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:  # OSError: StorageFull, the database on a full disk
             log.warning("job %s: cannot %s it in the job database (%s); continuing", job_id, what, error)
 
     def _finish(self, job_id: str, state: str, **fields: Any) -> bool:
@@ -417,7 +417,7 @@ class JobManager:
         while True:
             try:
                 return self.store.finish(job_id, state, owner=self.worker_id, **fields)
-            except sqlite3.Error as error:
+            except (sqlite3.Error, OSError) as error:  # OSError: StorageFull, the database on a full disk
                 log.error("job %s: cannot record %s in the job database (%s); retrying in %.1fs", job_id, state, error, delay)
             if self._stop.wait(delay) and delay >= MAX_RECORD_RETRY_S:
                 return False

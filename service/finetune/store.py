@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from models.errors import StorageFull, is_disk_full
 from service.finetune.quotas import check_job_counts, retry_after
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -211,10 +212,13 @@ class JobStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("COMMIT")  # on a full disk the COMMIT itself fails: roll back, or the connection stays stuck
+        except BaseException as error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if is_disk_full(error):  # a clear 507 for HTTP callers; nothing was changed
+                raise StorageFull(f"the job database {self.path} cannot be written: {error}; nothing was changed") from error
             raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from models.errors import DatasetError, ModelNotFound, TuneserveError
+from models.errors import DatasetError, ModelNotFound, TuneserveError, is_disk_full
 from models.train_config import TrainConfig
 from service.auth import require_api_key, require_read_access
 from service.finetune import quotas
@@ -156,7 +156,7 @@ async def submit_job(request: Request, manager: JobManager, kind: str, validate:
         return _error(error)
     except Exception as error:
         shutil.rmtree(job_dir, ignore_errors=True)
-        if quotas.is_disk_full(error):  # the upload, the unpacking or the job database write
+        if is_disk_full(error):  # the upload, the unpacking or the job database write
             return _error(quotas.InsufficientStorage(f"no space left to store this submission ({error}); nothing was queued"))
         raise
     except BaseException:
