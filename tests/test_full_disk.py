@@ -5,7 +5,8 @@ that stops before publishing while the test fills the disk. Then: the publish fa
 `failed` naming the full disk, no partial version, `latest` unchanged, the old version still
 served); on a completely full disk the job database cannot be written and a resume is refused
 with 507, changing nothing; once space is freed the job resumes to success and the new version
-is served. Needs root (mount); skipped with the reason otherwise.
+is served. Needs root (mount); skipped with the reason otherwise. A second test runs anywhere:
+the copy into the store fails with ENOSPC part-way and the store stays as it was.
 """
 from __future__ import annotations
 
@@ -110,3 +111,30 @@ def test_full_disk_publish_fails_cleanly_and_resumes(disk, tmp_path, monkeypatch
             wait_for(lambda: _classify(client)["version"] == second, 30, 0.3, "the new version served")
     finally:
         _point_bentoml_at(None)
+
+
+def test_publish_out_of_space_keeps_the_store_as_it_was(bento_home, tmp_path, monkeypatch):
+    """Without a tmpfs (any user): the copy into the store fails with ENOSPC part-way, and the
+    store is as before: no version folder, `latest` where it was, an error that says so."""
+    import errno
+    import shutil
+
+    from models import store
+    from models.errors import StorageFull
+
+    first = store.publish("colours", write_tiny_model(tmp_path / "v1"))
+    real_copytree = shutil.copytree
+
+    def copytree_until_full(source, target, *args, **kwargs):
+        if not str(target).startswith(str(bento_home / "models")):
+            return real_copytree(source, target, *args, **kwargs)
+        (Path(target) / "manifest.json").write_text("{")  # a partial copy, then the disk is full
+        error = OSError(errno.ENOSPC, "No space left on device")
+        raise shutil.Error([(str(Path(source) / "model.onnx"), str(Path(target) / "model.onnx"), str(error))])
+
+    monkeypatch.setattr(shutil, "copytree", copytree_until_full)
+    with pytest.raises(StorageFull, match=f"nothing was published; colours:latest is still {first.version}"):
+        store.publish("colours", write_tiny_model(tmp_path / "v2"))
+    assert sorted(p.name for p in (bento_home / "models" / "colours").iterdir()) == sorted([first.version, "latest"])
+    assert store.latest_version("colours") == first.version
+    assert [v.version for v in store.list_models()["colours"]] == [first.version]
