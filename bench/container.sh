@@ -66,5 +66,136 @@ build_base_image() {
 }
 
 setup() { start_dockerd; build_base_image; }
+# -- inputs: a model to bake, a photo, a small dataset (built on the host, offline) ---------------
+prepare_inputs() {
+    export BENTOML_HOME="$WORK/bentoml" BENTOML_DO_NOT_TRACK=true
+    SEVEN="$WORK/inputs/seven.png"
+    mkdir -p "$WORK/inputs"
+    if ! "$PY" -m tuneserve models show imagenet >/dev/null 2>&1; then
+        log "bootstrap: the ImageNet EfficientNet-Lite0 → model 'imagenet' (baked into both images)"
+        "$PY" -m tuneserve bootstrap >"$WORK/bootstrap.log" 2>&1
+    fi
+    if [ ! -f "$WORK/inputs/cat.jpg" ]; then
+        "$PY" -c "from skimage import data; from PIL import Image; Image.fromarray(data.chelsea()).save('$WORK/inputs/cat.jpg')"
+    fi
+    if [ ! -f "$WORK/inputs/digits.zip" ]; then
+        rm -rf "$WORK/inputs/digits"
+        "$PY" -m tuneserve demo-data digits "$WORK/inputs/digits-all" --size 32 >/dev/null
+        # 12 images per class: enough for a real (small) fine-tune inside the container
+        for d in "$WORK/inputs/digits-all"/*/; do
+            mkdir -p "$WORK/inputs/digits/$(basename "$d")"
+            ls "$d" | head -12 | while read -r f; do cp "$d/$f" "$WORK/inputs/digits/$(basename "$d")/"; done
+        done
+        (cd "$WORK/inputs/digits" && zip -qr ../digits.zip .)
+        cp "$(ls "$WORK/inputs/digits-all/7/"* | tail -1)" "$WORK/inputs/seven.png"  # not in the training subset
+        rm -rf "$WORK/inputs/digits-all"
+    fi
+}
 
-if [ "${1:-all}" = setup ]; then setup; exit 0; fi
+# -- one image: build, run, check, restart, check ---------------------------------------------
+json() { "$PY" -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1], {}, {'d': d}))" "$1"; }
+url() { echo "http://127.0.0.1:$PORT$1"; }
+
+wait_ready() {  # seconds from $1 until /readyz answers 200 (or fail after 600 s)
+    local started=$1
+    for _ in $(seq 1200); do
+        if [ "$(curl -s -o /dev/null -w '%{http_code}' "$(url /readyz)")" = 200 ]; then elapsed "$started"; return; fi
+        if [ "$(docker inspect -f '{{.State.Running}}' "$CONTAINER" 2>/dev/null)" != true ]; then
+            docker logs --tail 50 "$CONTAINER" >&2; log "container exited"; return 1
+        fi
+        sleep 0.5
+    done
+    docker logs --tail 50 "$CONTAINER" >&2; return 1
+}
+
+run_container() {  # prints seconds from `docker run` to /readyz
+    local started
+    started=$(now)
+    # Named volume at /state: the model store that jobs publish into and the jobs database/folders.
+    docker run -d --name "$CONTAINER" --network host -e PORT="$PORT" -e TUNESERVE_WORKERS=2 \
+        -e BENTOML_HOME=/state/bentoml -e TUNESERVE_HOME=/state/tuneserve -e TUNESERVE_POLL_SECONDS=2 \
+        -v "$VOLUME:/state" "$IMAGE" >/dev/null
+    wait_ready "$started"
+}
+
+classify() {  # $1: model (optional), $2: image (default the cat) → "label probability model:version"
+    curl -s -F image=@"${2:-$WORK/inputs/cat.jpg}" ${1:+-F model="$1"} "$(url /classify)" \
+        | json "d['predictions'][0]['label'] + ' ' + str(round(d['predictions'][0]['probability'], 3)) + ' ' + d['model'] + ':' + d['version']" 2>/dev/null
+}
+
+finetune() {  # $1: source → job id
+    curl -s -F dataset=@"$WORK/inputs/digits.zip" \
+        -F "config={\"name\": \"digits\", \"source\": \"$1\", \"strategy\": \"linear\", \"epochs\": 2, \"image_size\": 32, \"hflip\": false, \"batch_size\": 16}" \
+        "$(url /finetune)" | json "d.get('job_id') or d"
+}
+
+wait_job() {  # $1: job id → final job JSON (one line)
+    local state
+    for _ in $(seq 900); do
+        state=$(curl -s "$(url /finetune/$1)" | json "d['state']")
+        case "$state" in succeeded|failed|cancelled|interrupted) curl -s "$(url /finetune/$1)"; return;; esac
+        sleep 1
+    done
+}
+
+check_image() {  # $1: full | serve
+    local variant=$1 options="" started build_s size_mb create_s ready1 ready2 job="" tag
+    [ "$variant" = serve ] && options="--serve-only"
+    IMAGE="tuneserve-$variant:bench" CONTAINER="ts-bench-$variant" VOLUME="ts-bench-$variant"
+    docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
+    docker volume rm "$VOLUME" >/dev/null 2>&1 || true
+
+    log "[$variant] tuneserve build $options --base-image $BASE_IMAGE imagenet"
+    started=$(now)
+    "$PY" -m tuneserve build $options --base-image "$BASE_IMAGE" imagenet >"$WORK/build-$variant.log" 2>&1
+    tag=$(ls -t "$BENTOML_HOME/bentos/$( [ "$variant" = serve ] && echo tuneserve-serve || echo tuneserve )" | grep -v latest | head -1)
+    tag="$( [ "$variant" = serve ] && echo tuneserve-serve || echo tuneserve ):$tag"
+    log "[$variant] bentoml containerize $tag (BuildKit, host network; log $WORK/containerize-$variant.log)"
+    "$PY" -m bentoml containerize "$tag" --backend docker --opt network=host -t "$IMAGE" >"$WORK/containerize-$variant.log" 2>&1 \
+        || { tail -40 "$WORK/containerize-$variant.log" >&2; return 1; }
+    build_s=$(elapsed "$started")
+    size_mb=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f", $1 / 1e6 }')
+    log "[$variant] image $IMAGE: $size_mb MB, built in $build_s s"
+
+    docker volume create "$VOLUME" >/dev/null
+    docker run --rm --user root --entrypoint chown -v "$VOLUME:/state" "$IMAGE" -R bentoml:bentoml /state
+    ready1=$(run_container)
+    log "[$variant] docker run → /readyz: $ready1 s; classify: $(classify)"
+    if [ "$variant" = serve ]; then
+        log "[$variant] POST /finetune → $(curl -s -o "$WORK/serve-finetune.json" -w '%{http_code}' -F x=1 "$(url /finetune)") $(cat "$WORK/serve-finetune.json")"
+    else
+        local source final model
+        for source in imagenet efficientnet_lite0; do  # a baked model as the source first (issue 17)
+            job=$(finetune "$source")
+            started=$(now)
+            final=$(wait_job "$job")
+            log "[$variant] fine-tune from '$source' ($job): $(echo "$final" | json "d['state'] + ' ' + str(d.get('model') or d.get('error'))[:300]") in $(elapsed "$started") s"
+            [ "$(echo "$final" | json "d['state']")" = succeeded ] && break
+        done
+        model=$(echo "$final" | json "d.get('model') or ''")
+        sleep 3  # one poll interval
+        log "[$variant] classify a 7 with the new model: $(classify digits "$SEVEN" || echo "not served")"
+    fi
+    docker rm -f "$CONTAINER" >/dev/null
+    ready2=$(run_container)
+    log "[$variant] docker rm + docker run on the same volume → /readyz: $ready2 s"
+    if [ "$variant" = full ]; then
+        log "[$variant] after restart: jobs $(curl -s "$(url /finetune)" | json "[(j['job_id'], j['state'], j.get('model')) for j in d['jobs']]")"
+        log "[$variant] after restart: models $(curl -s "$(url /models)" | json "sorted(d['models'])"); classify a 7: $(classify digits "$SEVEN" || echo "not served")"
+    fi
+    docker rm -f "$CONTAINER" >/dev/null
+    docker volume rm "$VOLUME" >/dev/null
+    echo "RESULT $variant: image $size_mb MB, build $build_s s, docker run → ready $ready1 s (again on the same volume: $ready2 s)${job:+, job $job}"
+    df -h / | tail -1 >&2
+}
+
+setup
+if [ "${1:-all}" = setup ]; then exit 0; fi
+prepare_inputs
+for step in $STEPS; do
+    check_image "$step" || log "[$step] FAILED"
+    if [ "${KEEP_IMAGES:-0}" != 1 ]; then
+        docker rmi -f "tuneserve-$step:bench" >/dev/null 2>&1 || true
+        docker builder prune -af >/dev/null 2>&1 || true
+    fi
+done

@@ -110,9 +110,8 @@ def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image
         spec["python"]["packages"] = [*packages, ray_client_requirement()]
     docker = spec.setdefault("docker", {})
     if base_image:
-        # BentoML ignores these with a base image (and warns); the base image provides them
-        docker.pop("distro", None)
-        docker.pop("system_packages", None)
+        # BentoML 1.4 keeps `distro` (the package manager for system_packages) and `python_version`
+        # (the venv it creates) with a base image; the base must be Debian-like with that Python.
         docker["base_image"] = base_image
     if dockerfile_template:
         docker["dockerfile_template"] = str(Path(dockerfile_template).resolve())

@@ -180,7 +180,7 @@ def test_bento_spec_models_serve_only_and_base_image():
     assert serve["name"] == "tuneserve-serve" and not names & TRAINING_PACKAGES
     assert {"onnxruntime-gpu", "bentoml", "ray"} <= names
     assert not any(item.startswith("training") for item in serve["include"])
-    assert serve["docker"]["base_image"] == "localbase:1" and "distro" not in serve["docker"]
+    assert serve["docker"]["base_image"] == "localbase:1" and serve["docker"]["system_packages"] == ["libgomp1"]
     assert spec["models"] == [] and "torch==2.14.1" in spec["python"]["packages"]  # the input is not changed
 
 
