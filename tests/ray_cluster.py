@@ -84,7 +84,9 @@ def local_ray(num_cpus: int = 2, timeout: float = 120.0):
     ]
     for option, port in ports.items():
         command += [option, str(port)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    # Ray 2.5x turns token auth on for every new cluster once any local `ray.init()` has written
+    # ~/.ray/auth_token; this private test cluster listens on loopback only, so say so explicitly.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     log = open(Path(temp) / "ray-start.log", "w")
     head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{ports['--dashboard-port']}"
