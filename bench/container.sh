@@ -9,9 +9,9 @@
 # image `tuneserve-base:bookworm` with debootstrap from the Debian mirror apt already uses, when it
 # is missing (python3.11, pip, the host's CA bundle; what BentoML's Dockerfile template needs).
 # Then, per image: `tuneserve build` (+ `--serve-only`) with `--base-image` → `bentoml containerize`
-# (BuildKit, host network) → `docker run` with one volume for the model store and the job database
+# (BuildKit, host network) → `docker run` with volumes (host folders) for the model store and jobs
 # → /readyz → /classify → (full image) a small fine-tune job inside → `docker rm` → `docker run`
-# on the same volume → the model and the job history are still there. Prints image size, build
+# on the same state folder → the model and the job history are still there. Prints image size, build
 # time and time from `docker run` to ready. Needs root, ~25 GB of disk per image with vfs.
 set -euo pipefail
 
@@ -108,14 +108,18 @@ wait_ready() {  # seconds from $1 until /readyz answers 200 (or fail after 600 s
     docker logs --tail 50 "$CONTAINER" >&2; return 1
 }
 
-run_container() {  # prints seconds from `docker run` to /readyz
-    local started
+run_container() {  # prints "seconds from `docker run` to /readyz (of which N s docker create)"
+    local started created
     started=$(now)
-    # Named volume at /state: the model store that jobs publish into and the jobs database/folders.
-    docker run -d --name "$CONTAINER" --network host -e PORT="$PORT" -e TUNESERVE_WORKERS=2 \
-        -e BENTOML_HOME=/state/bentoml -e TUNESERVE_HOME=/state/tuneserve -e TUNESERVE_POLL_SECONDS=2 \
-        -v "$VOLUME:/state" "$IMAGE" >/dev/null
-    wait_ready "$started"
+    # The two paths README "Model stores and container volumes" says to mount: the writable model
+    # store and TUNESERVE_HOME (jobs database, job folders). Host folders here: with vfs, a helper
+    # container to chown a named volume would cost another full copy of the image.
+    docker create --name "$CONTAINER" --network host -e PORT="$PORT" -e TUNESERVE_WORKERS=2 \
+        -e TUNESERVE_POLL_SECONDS=2 -v "$STATE/models:/home/bentoml/models" \
+        -v "$STATE/tuneserve:/home/bentoml/tuneserve" "$IMAGE" >/dev/null
+    created=$(elapsed "$started")  # vfs copies the whole image into the container's root here
+    docker start "$CONTAINER" >/dev/null
+    echo "$(wait_ready "$started") s (of which $created s docker create)"
 }
 
 classify() {  # $1: model (optional), $2: image (default the cat) → "label probability model:version"
@@ -141,9 +145,9 @@ wait_job() {  # $1: job id → final job JSON (one line)
 check_image() {  # $1: full | serve
     local variant=$1 options="" started build_s size_mb create_s ready1 ready2 job="" tag
     [ "$variant" = serve ] && options="--serve-only"
-    IMAGE="tuneserve-$variant:bench" CONTAINER="ts-bench-$variant" VOLUME="ts-bench-$variant"
+    IMAGE="tuneserve-$variant:bench" CONTAINER="ts-bench-$variant" STATE="$WORK/state-$variant"
     docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
-    docker volume rm "$VOLUME" >/dev/null 2>&1 || true
+    rm -rf "$STATE"
 
     log "[$variant] tuneserve build $options --base-image $BASE_IMAGE imagenet"
     started=$(now)
@@ -157,10 +161,9 @@ check_image() {  # $1: full | serve
     size_mb=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f", $1 / 1e6 }')
     log "[$variant] image $IMAGE: $size_mb MB, built in $build_s s"
 
-    docker volume create "$VOLUME" >/dev/null
-    docker run --rm --user root --entrypoint chown -v "$VOLUME:/state" "$IMAGE" -R bentoml:bentoml /state
+    mkdir -p "$STATE/models" "$STATE/tuneserve" && chown -R 1034:1034 "$STATE"  # the image's user: bentoml, uid 1034
     ready1=$(run_container)
-    log "[$variant] docker run → /readyz: $ready1 s; classify: $(classify)"
+    log "[$variant] docker run → /readyz: $ready1; classify: $(classify)"
     if [ "$variant" = serve ]; then
         log "[$variant] POST /finetune → $(curl -s -o "$WORK/serve-finetune.json" -w '%{http_code}' -F x=1 "$(url /finetune)") $(cat "$WORK/serve-finetune.json")"
     else
@@ -176,16 +179,17 @@ check_image() {  # $1: full | serve
         sleep 3  # one poll interval
         log "[$variant] classify a 7 with the new model: $(classify digits "$SEVEN" || echo "not served")"
     fi
+    started=$(now)
     docker rm -f "$CONTAINER" >/dev/null
+    log "[$variant] docker rm: $(elapsed "$started") s (vfs deletes the container's full copy of the image)"
     ready2=$(run_container)
-    log "[$variant] docker rm + docker run on the same volume → /readyz: $ready2 s"
+    log "[$variant] docker run again on the same state folder → /readyz: $ready2"
     if [ "$variant" = full ]; then
         log "[$variant] after restart: jobs $(curl -s "$(url /finetune)" | json "[(j['job_id'], j['state'], j.get('model')) for j in d['jobs']]")"
         log "[$variant] after restart: models $(curl -s "$(url /models)" | json "sorted(d['models'])"); classify a 7: $(classify digits "$SEVEN" || echo "not served")"
     fi
     docker rm -f "$CONTAINER" >/dev/null
-    docker volume rm "$VOLUME" >/dev/null
-    echo "RESULT $variant: image $size_mb MB, build $build_s s, docker run → ready $ready1 s (again on the same volume: $ready2 s)${job:+, job $job}"
+    echo "RESULT $variant: image $size_mb MB, build $build_s s, docker run → ready $ready1; again on the same state: $ready2${job:+, job $job}"
     df -h / | tail -1 >&2
 }
 
