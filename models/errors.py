@@ -38,6 +38,12 @@ class DatasetError(TuneserveError, ValueError):
     status = 422
 
 
+class ReadOnlyModel(TuneserveError):
+    """A version in a read-only store (the models baked into a bento) cannot be changed."""
+
+    status = 409
+
+
 class EmbeddingUnavailable(TuneserveError):
     """A model version exported before `model.onnx` had an `embedding` output: it still classifies,
     but features that need its embedding (advise, instant heads, in-domain score) refuse it."""

@@ -1,11 +1,23 @@
-"""Model versions in the BentoML model store (`$BENTOML_HOME/models/<name>/<version>`).
+"""Model versions in BentoML model stores: a writable one, and the bento's baked one when served from a bento.
 
 Using BentoML's store means `bentoml models list/export/import` and `bentoml build` work on
 tuneserve models as users expect. A version becomes visible only once complete: files are
 written and checked in a staging folder first, and BentoML moves `latest` after the copy.
+
+Stores (every layout: plain checkout, built bento, container):
+- writable: `$BENTOML_HOME/models`. New versions always go here (fine-tune jobs, `tuneserve
+  train`); the service reads and polls it. In a container it is the path to mount as a volume.
+- baked (read-only): the models a bento carries (`$BENTO_PATH/models`). When BentoML serves a
+  bento it points its own model store there, while a job's child process (`python -m
+  training.run`) starts with the default one; both must see both stores, so the baked one is
+  found from BentoML's choice, `$BENTO_PATH`, or `TUNESERVE_BAKED_MODELS` (which the service
+  exports for its children).
+`name:latest` is the newest version in either store; a version says which store holds it.
 """
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -13,11 +25,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from models.errors import ManifestError, ModelNotFound, StorageFull, is_disk_full
+from models.errors import ManifestError, ModelNotFound, ReadOnlyModel, StorageFull, is_disk_full
 from models.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
 
 MODULE = "tuneserve"
+BAKED_ENV = "TUNESERVE_BAKED_MODELS"
+WRITABLE, BAKED = "writable", "baked"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    path: Path
+    kind: str  # WRITABLE or BAKED
+
+    @property
+    def writable(self) -> bool:
+        return self.kind == WRITABLE
 
 
 @dataclass(frozen=True)
@@ -26,6 +50,7 @@ class ModelVersion:
     version: str
     path: Path
     created: datetime | None = None
+    store: str = WRITABLE  # which store holds it: WRITABLE or BAKED
 
     @property
     def tag(self) -> str:
@@ -62,62 +87,147 @@ def _bentoml():
     return bentoml
 
 
-def _store_root() -> Path:
-    # BentoML has no public accessor for the store folder; the `latest` pointer file in it is
-    # what makes polling for new versions one small read instead of a store scan.
+def _container():
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    return Path(BentoMLContainer.model_store.get()._path)
+    return BentoMLContainer
+
+
+def writable_root() -> Path:
+    """`$BENTOML_HOME/models`: BentoML keeps this path even when it serves a bento's baked models."""
+    return Path(_container().model_store_dir.get()).resolve()
+
+
+def _bento_models(bento_path: str | None) -> Path | None:
+    if bento_path and (Path(bento_path) / "bento.yaml").is_file() and (Path(bento_path) / "models").is_dir():
+        return Path(bento_path) / "models"
+    return None
+
+
+def baked_root() -> Path | None:
+    """The bento's own model folder when this process serves (or was started by) a bento."""
+    explicit = os.environ.get(BAKED_ENV)
+    if explicit:
+        return Path(explicit).resolve()
+    # BentoMLContainer.model_store has no public path accessor; when BentoML loads a bento that
+    # carries models it points this store at `<bento>/models` (bentoml/_internal/service/loader.py)
+    current = Path(_container().model_store.get()._path).resolve()
+    if current != writable_root():
+        return current
+    found = _bento_models(os.environ.get("BENTO_PATH"))
+    return found.resolve() if found else None
+
+
+def stores() -> list[StoreLocation]:
+    """Writable store first, then the baked one (if any, and not the same folder)."""
+    locations = [StoreLocation(writable_root(), WRITABLE)]
+    baked = baked_root()
+    if baked is not None and baked != locations[0].path:
+        locations.append(StoreLocation(baked, BAKED))
+    return locations
+
+
+def export_for_children() -> None:
+    """Let processes this one starts (fine-tune jobs) see the same baked store: they are not
+    loaded by BentoML from the bento, so they would only see the writable one."""
+    baked = baked_root()
+    if baked is not None and not os.environ.get(BAKED_ENV):
+        os.environ[BAKED_ENV] = str(baked)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_store_at(path: str):
+    from bentoml._internal.models import ModelStore
+
+    return ModelStore(path)
+
+
+def _model_store(location: StoreLocation):
+    current = _container().model_store.get()
+    if Path(current._path).resolve() == location.path:
+        return current  # BentoML's own instance (tests and `bentoml models` point it elsewhere)
+    return _model_store_at(str(location.path))
 
 
 def _ours(model) -> bool:
     return model.info.module == MODULE
 
 
-def _version_of(model) -> ModelVersion:
+def _version_of(model, location: StoreLocation) -> ModelVersion:
     return ModelVersion(
         name=model.tag.name,
         version=model.tag.version,
         path=Path(model.path),
         created=model.info.creation_time,
+        store=location.kind,
     )
 
 
 def list_models() -> dict[str, list[ModelVersion]]:
-    """Every tuneserve model name → its versions, newest first."""
-    found: dict[str, list[ModelVersion]] = {}
-    for model in _bentoml().models.list():
-        if _ours(model):
-            found.setdefault(model.tag.name, []).append(_version_of(model))
-    for versions in found.values():
-        versions.sort(key=lambda v: v.created or datetime.min, reverse=True)
-    return dict(sorted(found.items()))
+    """Every tuneserve model name → its versions in every store, newest first (a version found
+    in both stores is listed once, from the writable one)."""
+    found: dict[str, dict[str, ModelVersion]] = {}
+    for location in stores():
+        for model in _bentoml().models.list(_model_store=_model_store(location)):
+            if _ours(model):
+                found.setdefault(model.tag.name, {}).setdefault(model.tag.version, _version_of(model, location))
+    ordered = {}
+    for name, versions in sorted(found.items()):
+        ordered[name] = sorted(versions.values(), key=lambda v: v.created or datetime.min, reverse=True)
+    return ordered
 
 
 def resolve(ref: str) -> ModelVersion:
-    """`name`, `name:latest` or `name:version` → the stored version, or a clear error."""
+    """`name`, `name:latest` or `name:version` → the stored version (in any store), or a clear error."""
     name, version = split_ref(ref)
+    if version == "latest":
+        version = latest_version(name) or version
     bentoml = _bentoml()
+    for location in stores():
+        try:
+            model = bentoml.models.get(f"{name}:{version}", _model_store=_model_store(location))
+        except (bentoml.exceptions.NotFound, bentoml.exceptions.BentoMLException):
+            continue
+        if not _ours(model):
+            raise ModelNotFound(f"{model.tag} is a BentoML model but not a tuneserve model")
+        return _version_of(model, location)
+    known = list_models()
+    if name not in known:
+        raise ModelNotFound(f"unknown model {name!r}; known models: {sorted(known) or 'none'}")
+    versions = [v.version for v in known[name]]
+    raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {versions}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _created(version_dir: str) -> str:
+    """A version's creation time as BentoML wrote it (ISO text sorts in time order); versions
+    never change once complete, so this is cached."""
     try:
-        model = bentoml.models.get(f"{name}:{version}")
-    except (bentoml.exceptions.NotFound, bentoml.exceptions.BentoMLException):
-        known = list_models()
-        if name not in known:
-            raise ModelNotFound(f"unknown model {name!r}; known models: {sorted(known) or 'none'}") from None
-        versions = [v.version for v in known[name]]
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {versions}") from None
-    if not _ours(model):
-        raise ModelNotFound(f"{model.tag} is a BentoML model but not a tuneserve model")
-    return _version_of(model)
+        for line in (Path(version_dir) / "model.yaml").read_text().splitlines():
+            if line.startswith("creation_time:"):
+                return line.split(":", 1)[1].strip().strip("'\"")
+    except OSError:
+        pass
+    return ""
+
+
+def _pointed(root: Path, name: str) -> str | None:
+    """The version one store's `latest` pointer file names."""
+    try:
+        return (root / name / "latest").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def latest_version(name: str) -> str | None:
-    """The version `latest` points at, read straight from the store (cheap enough to poll)."""
-    pointer = _store_root() / name / "latest"
-    try:
-        return pointer.read_text().strip() or None
-    except OSError:
-        return None
+    """The newest version `latest` points at in any store, read straight from the stores'
+    pointer files (cheap enough to poll)."""
+    candidates = []
+    for location in stores():
+        pointed = _pointed(location.path, name)
+        if pointed:
+            candidates.append((_created(str(location.path / name / pointed)), pointed))
+    return max(candidates)[1] if candidates else None
 
 
 def check_complete(directory: str | Path) -> Manifest:
@@ -129,7 +239,7 @@ def check_complete(directory: str | Path) -> Manifest:
 
 
 def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None = None) -> ModelVersion:
-    """Copy a finished, checked version from `staging_dir` into the store; `latest` moves last."""
+    """Copy a finished, checked version from `staging_dir` into the writable store; `latest` moves last."""
     validate_name(name)
     staging_dir = Path(staging_dir)
     manifest = check_complete(staging_dir)
@@ -138,10 +248,12 @@ def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None 
     summary = eval_summary(read_eval(staging_dir))
     if summary:
         info["accuracy"] = summary.get("accuracy")
-    previous = latest_version(name)
+    writable = stores()[0]
+    previous = _pointed(writable.path, name)
     model = None
     try:
-        with _bentoml().models.create(name, module=MODULE, labels=labels, metadata=info) as model:
+        with _bentoml().models.create(name, module=MODULE, labels=labels, metadata=info,
+                                      _model_store=_model_store(writable)) as model:
             for item in staging_dir.iterdir():
                 target = Path(model.path) / item.name
                 if item.is_dir():
@@ -151,22 +263,22 @@ def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None 
     except OSError as error:
         if not is_disk_full(error):
             raise
-        _undo_publish(name, model.tag.version if model is not None else None, previous)
-        free = shutil.disk_usage(_store_root()).free
+        _undo_publish(writable.path, name, model.tag.version if model is not None else None, previous)
+        free = shutil.disk_usage(writable.path).free
         raise StorageFull(
-            f"no space left on the model store's disk ({_store_root()}, {free} bytes free) while publishing "
-            f"{name!r}: nothing was published; {name}:latest is still {previous or 'absent'}"
+            f"no space left on the model store's disk ({writable.path}, {free} bytes free) while publishing "
+            f"{name!r}: nothing was published; {name}:latest is still {latest_version(name) or 'absent'}"
         ) from None
     return resolve(f"{name}:{model.tag.version}")
 
 
-def _undo_publish(name: str, version: str | None, previous: str | None) -> None:
-    """After a failed publish: no partial version folder, `latest` as it was."""
-    folder = _store_root() / name
+def _undo_publish(root: Path, name: str, version: str | None, previous: str | None) -> None:
+    """After a failed publish: no partial version folder, `latest` (in that store) as it was."""
+    folder = root / name
     if version:
         shutil.rmtree(folder / version.lower(), ignore_errors=True)
     pointer = folder / "latest"
-    if latest_version(name) != previous:
+    if _pointed(root, name) != previous:
         if previous is None:
             pointer.unlink(missing_ok=True)
         else:
@@ -179,7 +291,9 @@ def _undo_publish(name: str, version: str | None, previous: str | None) -> None:
 
 def delete(ref: str) -> None:
     version = resolve(ref)
-    _bentoml().models.delete(version.tag)
+    if version.store != WRITABLE:
+        raise ReadOnlyModel(f"{version.tag} is baked into the bento (read-only); build a bento without it instead")
+    _bentoml().models.delete(version.tag, _model_store=_model_store(stores()[0]))
 
 
 def describe(version: ModelVersion, full: bool = False) -> dict[str, Any]:
@@ -187,6 +301,7 @@ def describe(version: ModelVersion, full: bool = False) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "version": version.version,
         "created": version.created.isoformat() if version.created else None,
+        "store": version.store,
         **manifest.summary(),
         "eval": eval_summary(version.eval_report()),
     }
@@ -197,15 +312,23 @@ def describe(version: ModelVersion, full: bool = False) -> dict[str, Any]:
 
 
 __all__ = [
+    "BAKED",
+    "BAKED_ENV",
     "MANIFEST_FILE",
     "ModelVersion",
+    "StoreLocation",
+    "WRITABLE",
+    "baked_root",
     "check_complete",
     "delete",
     "describe",
+    "export_for_children",
     "latest_version",
     "list_models",
     "publish",
     "resolve",
     "split_ref",
+    "stores",
     "validate_name",
+    "writable_root",
 ]

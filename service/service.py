@@ -41,8 +41,11 @@ class TuneServe:
 
     def __init__(self) -> None:
         from service.pool import ModelPool
+        from service.storage import prepare_state
 
         self.settings = SETTINGS
+        # before any job starts: children must see the bento's baked models (models/store.py)
+        self.state_warnings = prepare_state(SETTINGS.home)
         self.pool = ModelPool(SETTINGS)
         app.state.pool = self.pool
         # ---- fine-tune jobs (service/finetune) ------------------------------------------
