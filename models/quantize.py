@@ -18,10 +18,12 @@ listed in the manifest (`variants.int8`), which is what serving's precision choi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
+import sys
 import tempfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -254,14 +256,17 @@ def quantize_graph(source: Path, target: Path, calibration: np.ndarray, method: 
                  "percentile": CalibrationMethod.Percentile}[method]
     with tempfile.TemporaryDirectory(prefix="tuneserve-quantize-") as scratch:
         prepared, model = _prepared_graph(Path(source), Path(scratch))
-        quantize_static(
-            str(prepared), str(target), _batch_reader(input_name, calibration, config.batch_size),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=float_nodes(model.graph),
-            calibrate_method=calibrate,
-            extra_options={"CalibStridedMinMax": 1, "CalibPercentile": config.percentile},
-        )
+        # ONNX Runtime's histogram calibrators print progress to stdout, which carries the CLI's
+        # JSON result (`tuneserve train ... | jq`): send their chatter to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(
+                str(prepared), str(target), _batch_reader(input_name, calibration, config.batch_size),
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=float_nodes(model.graph),
+                calibrate_method=calibrate,
+                extra_options={"CalibStridedMinMax": 1, "CalibPercentile": config.percentile},
+            )
     return Path(target)
 
 
