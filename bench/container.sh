@@ -24,6 +24,9 @@ CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 WORK=${WORK:-/tmp/tuneserve-container}
 STEPS=${STEPS:-full serve}
 PORT=${PORT:-3900}
+# API keys are on by default; give the container one from outside (README: keys in containers)
+KEY=${KEY:-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')}
+AUTH="Authorization: Bearer $KEY"
 # Debian's docker client (20.10) builds BentoML's Dockerfile with the daemon's own BuildKit;
 # a newer client first on PATH would need the buildx plugin.
 export PATH=/usr/bin:$PATH DOCKER_BUILDKIT=1
@@ -115,7 +118,7 @@ run_container() {  # prints "seconds from `docker run` to /readyz (of which N s 
     # store and TUNESERVE_HOME (jobs database, job folders). Host folders here: with vfs, a helper
     # container to chown a named volume would cost another full copy of the image.
     docker create --name "$CONTAINER" --network host -e PORT="$PORT" -e TUNESERVE_WORKERS=2 \
-        -e TUNESERVE_POLL_SECONDS=2 -v "$STATE/models:/home/bentoml/models" \
+        -e TUNESERVE_API_KEY="$KEY" -e TUNESERVE_POLL_SECONDS=2 -v "$STATE/models:/home/bentoml/models" \
         -v "$STATE/tuneserve:/home/bentoml/tuneserve" "$IMAGE" >/dev/null
     created=$(elapsed "$started")  # vfs copies the whole image into the container's root here
     docker start "$CONTAINER" >/dev/null
@@ -123,12 +126,12 @@ run_container() {  # prints "seconds from `docker run` to /readyz (of which N s 
 }
 
 classify() {  # $1: model (optional), $2: image (default the cat) → "label probability model:version"
-    curl -s -F image=@"${2:-$WORK/inputs/cat.jpg}" ${1:+-F model="$1"} "$(url /classify)" \
+    curl -s -H "$AUTH" -F image=@"${2:-$WORK/inputs/cat.jpg}" ${1:+-F model="$1"} "$(url /classify)" \
         | json "d['predictions'][0]['label'] + ' ' + str(round(d['predictions'][0]['probability'], 3)) + ' ' + d['model'] + ':' + d['version']" 2>/dev/null
 }
 
 finetune() {  # $1: source → job id
-    curl -s -F dataset=@"$WORK/inputs/digits.zip" \
+    curl -s -H "$AUTH" -F dataset=@"$WORK/inputs/digits.zip" \
         -F "config={\"name\": \"digits\", \"source\": \"$1\", \"strategy\": \"linear\", \"epochs\": 2, \"image_size\": 32, \"hflip\": false, \"batch_size\": 16}" \
         "$(url /finetune)" | json "d.get('job_id') or d"
 }
@@ -136,8 +139,8 @@ finetune() {  # $1: source → job id
 wait_job() {  # $1: job id → final job JSON (one line)
     local state
     for _ in $(seq 900); do
-        state=$(curl -s "$(url /finetune/$1)" | json "d['state']")
-        case "$state" in succeeded|failed|cancelled|interrupted) curl -s "$(url /finetune/$1)"; return;; esac
+        state=$(curl -s -H "$AUTH" "$(url /finetune/$1)" | json "d['state']")
+        case "$state" in succeeded|failed|cancelled|interrupted) curl -s -H "$AUTH" "$(url /finetune/$1)"; return;; esac
         sleep 1
     done
 }
@@ -165,7 +168,7 @@ check_image() {  # $1: full | serve
     ready1=$(run_container)
     log "[$variant] docker run → /readyz: $ready1; classify: $(classify)"
     if [ "$variant" = serve ]; then
-        log "[$variant] POST /finetune → $(curl -s -o "$WORK/serve-finetune.json" -w '%{http_code}' -F x=1 "$(url /finetune)") $(cat "$WORK/serve-finetune.json")"
+        log "[$variant] POST /finetune → $(curl -s -o "$WORK/serve-finetune.json" -w '%{http_code}' -H "$AUTH" -F x=1 "$(url /finetune)") $(cat "$WORK/serve-finetune.json")"
     else
         local source final model
         for source in imagenet efficientnet_lite0; do  # a baked model as the source first (issue 17)
@@ -185,8 +188,8 @@ check_image() {  # $1: full | serve
     ready2=$(run_container)
     log "[$variant] docker run again on the same state folder → /readyz: $ready2"
     if [ "$variant" = full ]; then
-        log "[$variant] after restart: jobs $(curl -s "$(url /finetune)" | json "[(j['job_id'], j['state'], j.get('model')) for j in d['jobs']]")"
-        log "[$variant] after restart: models $(curl -s "$(url /models)" | json "sorted(d['models'])"); classify a 7: $(classify digits "$SEVEN" || echo "not served")"
+        log "[$variant] after restart: jobs $(curl -s -H "$AUTH" "$(url /finetune)" | json "[(j['job_id'], j['state'], j.get('model')) for j in d['jobs']]")"
+        log "[$variant] after restart: models $(curl -s -H "$AUTH" "$(url /models)" | json "sorted(d['models'])"); classify a 7: $(classify digits "$SEVEN" || echo "not served")"
     fi
     docker rm -f "$CONTAINER" >/dev/null
     echo "RESULT $variant: image $size_mb MB, build $build_s s, docker run → ready $ready1; again on the same state: $ready2${job:+, job $job}"

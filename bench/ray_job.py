@@ -56,6 +56,9 @@ def server(env: dict[str, str], log_path: Path):
             if process.poll() is not None:
                 raise RuntimeError(log_path.read_text()[-2000:])
             time.sleep(0.2)
+        from models.api_keys import client_key
+
+        client.headers["Authorization"] = f"Bearer {client_key(str(client.base_url), env)}"  # keys are on by default
         yield client
     finally:
         process.terminate()
