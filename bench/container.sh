@@ -167,6 +167,8 @@ check_image() {  # $1: full | serve
     mkdir -p "$STATE/models" "$STATE/tuneserve" && chown -R 1034:1034 "$STATE"  # the image's user: bentoml, uid 1034
     ready1=$(run_container)
     log "[$variant] docker run → /readyz: $ready1; classify: $(classify)"
+    log "[$variant] largest installed packages (MB): $(docker exec "$CONTAINER" sh -c \
+        'du -sm /app/.venv/lib/python3.11/site-packages/* | sort -n | tail -8 | sed "s|/app/.venv/lib/python3.11/site-packages/||"' | tr '\n\t' ', ')"
     if [ "$variant" = serve ]; then
         log "[$variant] POST /finetune → $(curl -s -o "$WORK/serve-finetune.json" -w '%{http_code}' -H "$AUTH" -F x=1 "$(url /finetune)") $(cat "$WORK/serve-finetune.json")"
     else
