@@ -145,6 +145,8 @@ class Manifest(BaseModel):
     thresholds: dict[str, float] | None = Field(
         default=None, description="per-label best-F1 probability cut-offs on val, used by min_confidence=auto")
     ood: OodSection | None = None
+    recipe: dict[str, Any] | None = Field(
+        default=None, description="what was chosen automatically for fields left unset, and why (models/recipe.py)")
 
     @field_validator("schema_version")
     @classmethod

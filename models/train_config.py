@@ -56,7 +56,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 3e-3  # the head; the backbone gets learning_rate * backbone_lr_scale
-    image_size: int | None = None  # None: the backbone's default (224 for ImageNet backbones)
+    image_size: int | None = None  # None: fitted to the data (models/recipe.py), at most the source's size
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -69,7 +69,9 @@ class TrainConfig:
     partial_blocks: int = 2  # partial: train the last N blocks (+ head)
     patience: int = 0  # early stopping: epochs without val improvement; 0 = off
     augment: bool | None = None  # None: on for partial/full, off for linear (so features cache)
-    hflip: bool = True  # horizontal flips in augmentation (turn off for digits/text)
+    hflip: bool | None = None  # horizontal flips in augmentation; None: off for grey scans/text, on for photos
+    crop_scale: float | None = None  # smallest area share of the random crop; None: 0.85 for scans/text, 0.5 for photos
+    budget_s: float | None = None  # wall-clock budget: the first steps are timed and epochs (and strategy) set to fit
     crop_fraction: float | None = None  # center crop / resize; None = backbone default, 1.0 = no crop
     class_balance: str = "loss"  # loss | sampler | none
     num_workers: int = 0
@@ -184,6 +186,11 @@ class TrainConfig:
         need(_is_int(self.partial_blocks) and self.partial_blocks >= 1, f"partial_blocks: must be an integer >= 1, got {self.partial_blocks!r}")
         need(_is_int(self.patience) and self.patience >= 0, f"patience: must be an integer >= 0, got {self.patience!r}")
         need(self.augment in (None, True, False), f"augment: must be true, false or null, got {self.augment!r}")
+        need(self.hflip in (None, True, False), f"hflip: must be true, false or null, got {self.hflip!r}")
+        if self.crop_scale is not None:
+            need(_is_num(self.crop_scale) and 0.05 <= self.crop_scale <= 1, f"crop_scale: must be null or in [0.05, 1], got {self.crop_scale!r}")
+        if self.budget_s is not None:
+            need(_is_num(self.budget_s) and 5 <= self.budget_s <= 7 * 86400, f"budget_s: must be null or seconds in [5, 604800], got {self.budget_s!r}")
         if self.crop_fraction is not None:
             need(_is_num(self.crop_fraction) and 0.3 <= self.crop_fraction <= 1, f"crop_fraction: must be null or in [0.3, 1], got {self.crop_fraction!r}")
         need(self.class_balance in CLASS_BALANCE, f"class_balance: {self.class_balance!r} is not one of {list(CLASS_BALANCE)}")

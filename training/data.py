@@ -23,7 +23,7 @@ from models.preprocess import _RESAMPLING, decode_image, prepare
 
 def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Random, hflip: bool,
                         scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """Random crop of 50–100% of the area, resized to spec.size; uint8 HWC like `prepare`."""
+    """Random crop of `scale` (default 50–100 %) of the area, resized to spec.size; uint8 HWC like `prepare`."""
     width, height = image.size
     area = width * height
     for _ in range(10):
@@ -50,13 +50,14 @@ class ImageDataset(Dataset):
     """(uint8 HWC tensor, class index). `train=True` augments; else the serving preprocessing."""
 
     def __init__(self, samples: list[Sample], labels: list[str], spec: Preprocessing, train: bool = False,
-                 hflip: bool = True, seed: int = 0, cache: bool = True):
+                 hflip: bool = True, seed: int = 0, cache: bool = True, crop_scale: float = 0.5):
         self.samples = samples
         self.index = {label: i for i, label in enumerate(labels)}
         self.targets = [self.index[s.label] for s in samples]
         self.spec = spec
         self.train = train
         self.hflip = hflip
+        self.crop_scale = crop_scale
         self.seed = seed
         self.epoch = 0
         # Eval arrays are deterministic: keep them when they fit in ~1 GB.
@@ -73,7 +74,7 @@ class ImageDataset(Dataset):
         if self.train:
             rng = random.Random(hash((self.seed, self.epoch, i)))
             image = decode_image(sample.path)
-            array = random_resized_crop(image, self.spec, rng, self.hflip)
+            array = random_resized_crop(image, self.spec, rng, self.hflip, scale=(self.crop_scale, 1.0))
         elif self._cache is not None and i in self._cache:
             array = self._cache[i]
         else:

@@ -111,6 +111,7 @@ def build_manifest(built: Built, labels: list[str], config: dict[str, Any], data
         opset=opset,
         parity_max_abs_diff=parity,
         embedding_output=EMBEDDING_OUTPUT,
+        recipe=config.get("recipe"),
     )
 
 

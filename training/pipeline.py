@@ -53,6 +53,7 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
         return RunResult(result.version, result.report, [], result.seconds, result.seconds)
     from training.data import check_readable, load_dataset, prepare_splits
     from training.export import evaluate_export, export_model, held_out_images, publish, quantize_export
+    from training.recipe import apply_recipe
     from training.train import train
 
     out = config.resolved_output_dir()
@@ -74,10 +75,11 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     log.info("data: %d classes, train %d, val %d, test %d (given: %s; carved from train: %s)", len(labels),
              dataset.num_train, dataset.num_val, dataset.num_test, origins["given"] or "none", origins["derived"] or "none")
 
+    config, recipe = apply_recipe(config, splits, labels, out, progress, resume)  # before training: the job shows it
     progress.phase("training")
     result = train(config, splits, labels, progress, stop, resume)
     test = splits["test"] or splits["val"]
-    training = {**config.to_dict(), "best_epoch": result.best_epoch, "history": result.history,
+    training = {**config.to_dict(), "recipe": recipe.to_dict(), "best_epoch": result.best_epoch, "history": result.history,
                 "device": result.device, "train_seconds": round(result.seconds, 1),
                 "stopped_early": result.stopped_early, "evaluated_on": "test" if splits["test"] else "val"}
     staging = out / "export"

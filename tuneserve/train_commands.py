@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     train.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     train.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help=f"AdamW lr for the head (default {d.learning_rate})")
-    train.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's, 224 for ImageNet backbones)")
+    train.add_argument("--image-size", type=int, help="input size in pixels (default: fitted to the data: median shorter side "
+                                                      "rounded to a multiple of 32, at most the source's size)")
     train.add_argument("--seed", type=int, help=f"default {d.seed}")
     train.add_argument("--val-fraction", type=float, help=f"val carved from train when the data gives no val split (default {d.val_fraction})")
     train.add_argument("--test-fraction", type=float, help=f"test carved from train when the data gives no test split; 0: none (default {d.test_fraction})")
@@ -58,7 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--partial-blocks", type=int, help=f"partial: number of last blocks trained (default {d.partial_blocks})")
     train.add_argument("--patience", type=int, help="early stopping after N epochs without val-loss improvement (default 0: off)")
     train.add_argument("--augment", type=_bool, metavar="BOOL", help="random resized crops (+ flips); default on for partial/full, off for linear (features cached)")
-    train.add_argument("--hflip", type=_bool, metavar="BOOL", help="horizontal flips when augmenting (default true; turn off for digits and text)")
+    train.add_argument("--hflip", type=_bool, metavar="BOOL", help="horizontal flips when augmenting (default: off for grey scans/text, on for photos)")
+    train.add_argument("--crop-scale", type=float, help="smallest area share of the random training crop (default: 0.85 for scans/text, 0.5 for photos)")
+    train.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: the first steps are timed and epochs "
+                                                      "(and, if one epoch does not fit, the strategy) chosen to finish within it")
     train.add_argument("--crop-fraction", type=float, help="center crop / resize at evaluation (default: the backbone's, 1.0 = no crop)")
     train.add_argument("--class-balance", choices=CLASS_BALANCE, help=f"imbalance handling (default {d.class_balance})")
     train.add_argument("--num-workers", type=int, help=f"data loader processes (default {d.num_workers})")

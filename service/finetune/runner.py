@@ -129,6 +129,9 @@ class JobTrace:
             if kind == "phase" and event.get("phase"):
                 self.phase = str(event["phase"])
                 changed = True
+            elif kind == "recipe":  # chosen before training starts: shown in the job status at once
+                self.progress["recipe"] = event.get("recipe")
+                changed = True
             elif kind in ("progress", "epoch"):
                 self._count(event, kind == "epoch")
                 changed = True

@@ -1,0 +1,111 @@
+"""Fill the training config's unset fields from the data (models/recipe.py decides; this measures).
+
+Runs after the split and before training: image size from the images, augmentation from what
+they look like, and with `budget_s` the epochs (and strategy) from a few timed training steps.
+The chosen recipe is emitted as a progress event (the job shows it before training starts),
+saved next to the checkpoints (a resumed run keeps it), and recorded in the manifest.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from models.datasets import Sample
+from models.recipe import Recipe, data_stats, fit_augmentation, fit_budget, fit_image_size, steps_per_epoch
+from training.config import TrainConfig
+
+RECIPE_FILE = "recipe.json"
+TIMED_STEPS = 3
+MAX_BUDGET_EPOCHS = 15
+FIXED_SECONDS = 20.0  # export, parity, calibration and publishing of a small model on 2 cores (measured ~15 s)
+
+
+def source_size(config: TrainConfig) -> int:
+    """The source's own input size: the upper bound for a fitted size (upsampling adds no detail)."""
+    base, _ = config.source_parts()
+    if config.is_registry_source():
+        from training.backbones import get_backbone
+
+        return get_backbone(base).defaults().size
+    from models import store
+
+    return store.resolve(config.source).manifest().preprocessing.size
+
+
+def time_steps(config: TrainConfig, train: list[Sample], labels: list[str], steps: int = TIMED_STEPS) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluated image), measured on the real model and data."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.backbones import build_source
+    from training.data import ImageDataset, make_loader
+    from training.train import configure_strategy, pick_device, set_train_mode
+
+    device = pick_device(config.device)
+    built = build_source(config, len(labels), labels)
+    model = built.model.to(device)
+    optimiser = torch.optim.AdamW(configure_strategy(model, config), lr=config.learning_rate)
+    dataset = ImageDataset(train, labels, built.preprocessing, train=True, hflip=bool(config.hflip),
+                           crop_scale=config.crop_scale or 0.5, seed=config.seed)
+    loader = make_loader(dataset, config.batch_size, True, num_workers=config.num_workers, seed=config.seed)
+    set_train_mode(model)
+    times, last, x = [], time.perf_counter(), None
+    for x, y in loader:  # includes decoding and augmentation, as training will
+        loss = F.cross_entropy(model(x.to(device))[0], y.to(device))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        if len(times) > steps:
+            break
+    model.eval()
+    with torch.no_grad():
+        started = time.perf_counter()
+        model(x.to(device))
+        per_image = (time.perf_counter() - started) / len(x)
+    return statistics.median(times[1:] or times), per_image  # the first step pays for warm-up
+
+
+def choose(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str]) -> Recipe:
+    why, given = {}, []
+    stats = data_stats(splits["train"])
+    size, why["image_size"] = fit_image_size(stats, source_size(config))
+    if config.image_size:
+        size, why["image_size"] = config.image_size, "given"
+    hflip, crop_scale, why["augmentation"] = fit_augmentation(stats)
+    if config.hflip is not None:
+        hflip = config.hflip
+        given.append("hflip")
+    if config.crop_scale is not None:
+        crop_scale = config.crop_scale
+        given.append("crop_scale")
+    given += [name for name in ("image_size",) if config.image_size]
+    epochs, strategy = config.epochs, config.strategy
+    if config.budget_s:
+        sized = replace(config, image_size=size, hflip=hflip, crop_scale=crop_scale)
+        step_s, per_image = time_steps(sized, splits["train"], labels)
+        held_out = len(splits["val"]) + 2 * len(splits["test"])  # test: evaluated once, and again after calibration
+        epochs, strategy, why["budget"] = fit_budget(
+            config.budget_s, step_s, steps_per_epoch(len(splits["train"]), config.batch_size),
+            per_image * len(splits["val"]), FIXED_SECONDS + per_image * held_out, MAX_BUDGET_EPOCHS)
+    return Recipe(size, hflip, crop_scale, epochs, strategy, why, given)
+
+
+def apply_recipe(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], out: Path, progress,
+                 resume: bool = False) -> tuple[TrainConfig, Recipe]:
+    """The config with the recipe's values filled in, and the recipe (reused as saved when resuming)."""
+    path = out / RECIPE_FILE
+    if resume and path.is_file():
+        recipe = Recipe(**json.loads(path.read_text()))
+    else:
+        recipe = choose(config, splits, labels)
+        path.write_text(json.dumps(recipe.to_dict(), indent=2))
+    progress.emit("recipe", recipe=recipe.to_dict())
+    fitted = replace(config, image_size=recipe.image_size, hflip=recipe.hflip, crop_scale=recipe.crop_scale,
+                     epochs=recipe.epochs, strategy=recipe.strategy)
+    return fitted, recipe
