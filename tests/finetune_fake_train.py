@@ -5,7 +5,9 @@ FAKE_TRAIN_STEP_S seconds (default 0.1); 4 steps per epoch; a checkpoint file pe
 output_dir; `--resume` continues after the last one; publishes a tests/tiny.py model named
 `config.name` whose labels are the dataset's class folders. A name starting with `fail` fails
 with exit code 2; SIGTERM exits 143 without publishing. FAKE_TRAIN_PAD_KB adds a file of that size to
-the version; FAKE_TRAIN_PUBLISH_GATE=PATH waits for PATH to exist before publishing.
+the version; FAKE_TRAIN_PUBLISH_GATE=PATH waits for PATH to exist before publishing. Events go
+through training/progress.py, as the real trainer's do, so the job tests break when the event
+format changes.
 """
 import argparse
 import json
@@ -18,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from training.progress import JsonlWriter, Progress  # noqa: E402  (torch-free)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -28,22 +32,17 @@ def main() -> int:
     config = json.loads(Path(args.config).read_text())
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    progress = open(args.progress, "a", buffering=1)
-
-    def emit(**event):
-        event.setdefault("time", time.time())
-        progress.write(json.dumps(event) + "\n")
-        progress.flush()
+    progress = Progress(JsonlWriter(args.progress))
 
     def on_term(signum, frame):
-        emit(event="failed", reason="cancelled (SIGTERM)")
+        progress.failed("cancelled (SIGTERM)", cancelled=True)
         os._exit(143)
 
     signal.signal(signal.SIGTERM, on_term)
     print(f"fake training pid {os.getpid()} config {args.config} resume={args.resume}", flush=True)
-    emit(event="phase", phase="loading")
+    progress.phase("loading")
     if config["name"].startswith("fail"):
-        emit(event="failed", reason="bad data: every image is unreadable (fake)")
+        progress.failed("bad data: every image is unreadable (fake)")
         return 2
     step_s = float(os.environ.get("FAKE_TRAIN_STEP_S", "0.1"))
     epochs, steps = int(config.get("epochs", 2)), 4
@@ -53,16 +52,15 @@ def main() -> int:
         start = (done[-1] + 1) if done else 1
         print(f"resuming after epoch {start - 1}", flush=True)
     (out / "resumed_from.txt").write_text(str(start - 1)) if args.resume else None
-    emit(event="phase", phase="training")
+    progress.phase("training")
     for epoch in range(start, epochs + 1):
         for step in range(1, steps + 1):
             time.sleep(step_s)
             remaining = ((epochs - epoch) * steps + (steps - step)) * step_s
-            emit(event="progress", epoch=epoch, epochs=epochs, step=step, steps=steps,
-                 train_loss=1.0 / (epoch * steps + step), eta_s=remaining)
+            progress.step(epoch, epochs, step, steps, train_loss=1.0 / (epoch * steps + step), eta_s=remaining)
         (out / f"epoch-{epoch}.pt").write_text("x")
-        emit(event="epoch", epoch=epoch, epochs=epochs, train_loss=0.5 / epoch, val_accuracy=0.5 + 0.1 * epoch, val_loss=0.4)
-    emit(event="phase", phase="exporting")
+        progress.epoch_end(epoch, epochs, train_loss=0.5 / epoch, val_accuracy=0.5 + 0.1 * epoch, val_loss=0.4)
+    progress.phase("exporting")
     from tests.tiny import write_tiny_model
 
     data = Path(config["data"])
@@ -79,7 +77,7 @@ def main() -> int:
     manifest_path.write_text(json.dumps(manifest))
     if os.environ.get("FAKE_TRAIN_PAD_KB"):  # a bigger version, for the full-disk test
         (staging / "padding.bin").write_bytes(os.urandom(int(os.environ["FAKE_TRAIN_PAD_KB"]) * 1024))
-    emit(event="phase", phase="publishing")
+    progress.phase("publishing")
     time.sleep(float(os.environ.get("FAKE_TRAIN_PUBLISH_S", "0")))
     gate = os.environ.get("FAKE_TRAIN_PUBLISH_GATE")
     while gate and not os.path.exists(gate):  # the test opens the gate once the disk is full
@@ -89,9 +87,9 @@ def main() -> int:
     try:
         version = store.publish(config["name"], staging, {"job": os.environ.get("TUNESERVE_JOB_ID")})
     except Exception as error:  # as training.run does: the job ends with a failed event naming the cause
-        emit(event="failed", reason=f"{type(error).__name__}: {error}")
+        progress.failed(f"{type(error).__name__}: {error}")
         return 1
-    emit(event="succeeded", model=version.tag, eval={"accuracy": 0.9, "top_k_accuracy": 1.0, "samples": 3, "macro_f1": 0.9})
+    progress.succeeded(version.tag, {"accuracy": 0.9, "top_k_accuracy": 1.0, "samples": 3, "macro_f1": 0.9})
     return 0
 
 

@@ -1,41 +1,88 @@
-"""models/ and service/ must never pull in torch or training/ (DESIGN.md: three rooms, one direction)."""
+"""The rooms' one direction (docs/architecture.md): training/ → models/ ← service/, tuneserve/ on top.
+
+Every forbidden direction is checked twice: statically (every import statement in a room's files,
+including the lazy ones inside functions) and at run time (importing every module of the room in a
+fresh interpreter, which also catches a third-party package that drags torch in).
+"""
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TORCH = ("torch", "torchvision")
+
+# room → the top-level packages its code must never import
+FORBIDDEN = {
+    "models": (*TORCH, "training", "service", "tuneserve"),
+    "service": (*TORCH, "training", "tuneserve"),
+    "training": ("service", "tuneserve"),
+}
 
 CHECK = """
 import sys
 import {modules}
-bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m == 'training' or m.startswith('training.'))
-print(','.join(bad))
+forbidden = {forbidden!r}
+print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in forbidden)))
 """
 
 
-def _imported(modules: list[str]) -> list[str]:
-    code = CHECK.format(modules=", ".join(modules))
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def modules_of(room: str) -> list[str]:
+    return sorted(
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for path in (ROOT / room).rglob("*.py")
+    )
+
+
+def imported_names(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every import statement in `path`, at any depth; relative imports skipped."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def loaded_at_run_time(modules: list[str], forbidden: tuple[str, ...]) -> list[str]:
+    code = CHECK.format(modules=", ".join(modules), forbidden=set(forbidden))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     return [m for m in result.stdout.strip().split(",") if m]
 
 
-def test_models_does_not_import_torch():
-    modules = ["models", "models.manifest", "models.store", "models.preprocess", "models.runtime",
-               "models.datasets", "models.metrics", "models.evaluate", "models.errors", "models.train_config",
-               "models.logme", "models.heads", "models.head_graph", "models.instant", "models.advise"]
-    assert _imported(modules) == []
+@pytest.mark.parametrize("room", sorted(FORBIDDEN))
+def test_no_import_statement_points_the_wrong_way(room):
+    forbidden = FORBIDDEN[room]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in sorted((ROOT / room).rglob("*.py"))
+        for line, name in imported_names(path)
+        if name.split(".")[0] in forbidden
+    ]
+    assert wrong == []
 
 
-def test_train_config_is_importable_without_torch():
-    # the service validates fine-tune configs at submit time without starting torch
-    assert _imported(["models.train_config"]) == []
+@pytest.mark.parametrize("room", ["models", "service"])
+def test_importing_the_room_loads_nothing_forbidden(room):
+    assert loaded_at_run_time(modules_of(room), FORBIDDEN[room]) == []
 
 
-def test_service_does_not_import_torch():
-    modules = sorted(
-        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        for p in (ROOT / "service").rglob("*.py")
-    )
-    assert _imported(modules) == []
+def test_training_does_not_load_the_service():
+    # training imports torch at module level, so this one starts torch (a few seconds)
+    assert loaded_at_run_time(modules_of("training"), FORBIDDEN["training"]) == []
+
+
+def test_job_contract_modules_are_torch_free():
+    # the service validates fine-tune configs at submit time without starting torch, and the fast job
+    # tests' fake trainer writes its events through training/progress.py
+    assert loaded_at_run_time(["models.train_config", "training.progress"], TORCH) == []
+
+
+def test_the_static_check_sees_lazy_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import os\n\ndef late():\n    from torch import nn\n    import service.api as api\n")
+    assert imported_names(sample) == [(1, "os"), (4, "torch"), (5, "service.api")]

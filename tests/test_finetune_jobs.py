@@ -100,7 +100,9 @@ def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_setti
     version = store.resolve(final["model"])
     assert version.manifest().labels == ["green", "red"]
     work = ft_settings.jobs_dir / job_id  # the upload copy and checkpoints go after success; logs stay
-    assert not (work / "dataset").exists() and not list((work / "output").glob("*.pt")) and (work / "train.log").exists()
+    assert not (work / "dataset").exists()
+    assert (work / "output").is_dir() and sorted(p.name for p in (work / "output").iterdir()) == []  # epoch-N.pt, staging/
+    assert (work / "train.log").exists() and (work / "config.json").exists()
     listing = client.get("/finetune", params={"state": "succeeded"}).json()["jobs"]
     assert [j["job_id"] for j in listing] == [job_id]
     assert "fake training pid" in client.get(f"/finetune/{job_id}/log").text

@@ -1,5 +1,9 @@
 """Progress reporting: a callback interface and the JSONL progress file of the jobs contract.
 
+The job runner (service/finetune/runner.py) reads these events; the methods below are the only
+place that names their fields, and the fake trainer of the fast job tests emits through them too
+(so this module stays importable without torch: tests/test_boundaries.py).
+
 Events (one JSON object per line, flushed per line):
   {"event":"phase","phase":"loading|training|exporting|parity|calibrating|evaluating|quantizing|publishing","time":...}
   {"event":"progress","epoch":1,"epochs":3,"step":10,"steps":40,"train_loss":..,"val_accuracy":..,"val_loss":..,"eta_s":..,"time":...}
@@ -43,6 +47,24 @@ class Progress:
     def phase(self, phase: str) -> None:
         assert phase in PHASES, phase
         self.emit("phase", phase=phase)
+
+    def step(self, epoch: int, epochs: int, step: int, steps: int, train_loss: float, eta_s: float,
+             val_accuracy: float | None = None, val_loss: float | None = None) -> dict[str, Any]:
+        """Within an epoch (1-based `epoch` and `step`); val_* are the last epoch's, None before the first."""
+        return self.emit("progress", epoch=epoch, epochs=epochs, step=step, steps=steps, train_loss=train_loss,
+                         eta_s=eta_s, val_accuracy=val_accuracy, val_loss=val_loss)
+
+    def epoch_end(self, epoch: int, epochs: int, train_loss: float, val_accuracy: float, val_loss: float) -> dict[str, Any]:
+        return self.emit("epoch", epoch=epoch, epochs=epochs, train_loss=train_loss, val_accuracy=val_accuracy,
+                         val_loss=val_loss)
+
+    def succeeded(self, model: str, eval: dict[str, Any]) -> dict[str, Any]:  # noqa: A002 - the event's field name
+        """The last event of a run that published `model` (name:version), with its eval summary."""
+        return self.emit("succeeded", model=model, eval=eval)
+
+    def failed(self, reason: str, cancelled: bool = False) -> dict[str, Any]:
+        """The last event of a run that published nothing; `cancelled` when a SIGTERM stopped it."""
+        return self.emit("failed", reason=reason, **({"cancelled": True} if cancelled else {}))
 
 
 class JsonlWriter:

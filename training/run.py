@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = TrainConfig.load(args.config).validate()
         except ConfigError as error:
-            progress.emit("failed", reason=str(error))
+            progress.failed(str(error))
             return EXIT_BAD_INPUT
         from training.pipeline import run
         from models.errors import Cancelled
@@ -66,21 +66,21 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run(config, progress, stop, resume=args.resume)
         except Cancelled as error:
-            progress.emit("failed", reason=f"cancelled (SIGTERM): {error}", cancelled=True)
+            progress.failed(f"cancelled (SIGTERM): {error}", cancelled=True)
             return EXIT_TERMINATED
         except (DatasetError, ImageError, ConfigError) as error:
-            progress.emit("failed", reason=str(error))
+            progress.failed(str(error))
             return EXIT_BAD_INPUT
         except Exception as error:  # noqa: BLE001 - the job must always end with a failed event
             traceback.print_exc()
             if stop.is_set():
-                progress.emit("failed", reason=f"cancelled (SIGTERM): {error}", cancelled=True)
+                progress.failed(f"cancelled (SIGTERM): {error}", cancelled=True)
                 return EXIT_TERMINATED
-            progress.emit("failed", reason=f"{type(error).__name__}: {error}")
+            progress.failed(f"{type(error).__name__}: {error}")
             return EXIT_FAILED
         from models.manifest import eval_summary
 
-        progress.emit("succeeded", model=result.version.tag, eval=eval_summary(result.report))
+        progress.succeeded(result.version.tag, eval_summary(result.report))
         return EXIT_OK
     finally:
         writer.close()

@@ -262,7 +262,7 @@ def train(
                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": parts.scheduler.get_last_lr()[-1],
                   "seconds": round(time.monotonic() - started, 2)}
         standing = _end_epoch(config, labels, parts, out, standing, record)
-        progress.emit("epoch", **{k: record[k] for k in ("epoch", "epochs", "train_loss", "val_accuracy", "val_loss")})
+        progress.epoch_end(epoch + 1, config.epochs, train_loss, val_acc, val_loss)
         log.info("epoch %d/%d train_loss %.4f val_loss %.4f val_accuracy %.4f", epoch + 1, config.epochs,
                  train_loss, val_loss, val_acc)
         if standing.stopped_early:
@@ -360,8 +360,7 @@ def _train_epoch(config: TrainConfig, parts: Parts, epoch: int, last_val: dict[s
         eta = pace.step()
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         if step % config.progress_every == 0 or step == parts.steps:
-            progress.emit("progress", epoch=epoch + 1, epochs=config.epochs, step=step, steps=parts.steps,
-                          train_loss=loss_sum / seen, eta_s=round(eta, 1), **last_val)
+            progress.step(epoch + 1, config.epochs, step, parts.steps, loss_sum / seen, round(eta, 1), **last_val)
     bar.close()
     return loss_sum / max(seen, 1)
 
