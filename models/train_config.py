@@ -76,7 +76,7 @@ class TrainConfig:
     class_balance: str = "loss"  # loss | sampler | none
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    bn_momentum: float = 0.1  # see DESIGN.md: the EfficientNet-Lite package's TF-style 0.01 fails here
+    bn_momentum: float = 0.1  # docs/architecture.md (Offline by design): the package's TF-style 0.01 fails here
     min_images_per_class: int = 2
     label_smoothing: float = 0.0
     top_k: int = 5
