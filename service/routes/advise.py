@@ -12,7 +12,6 @@ bad fields are refused at submit time with a 4xx naming the problem.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,9 @@ from models.errors import ModelNotFound, TuneserveError
 from service.auth import require_api_key, require_read_access
 from service.finetune.runner import JobManager
 from service.finetune.store import ENDED_STATES, STATES
-from service.routes.finetune import SERVER_FIELDS, SubmitError, submit_job
+from service.routes.finetune import SERVER_FIELDS, SubmitError, parse_submitted_config, submit_job
 
 KIND = "advise"
-
-
-def _parse(raw: Any) -> dict[str, Any]:
-    if isinstance(raw, (str, bytes)):
-        try:
-            raw = json.loads(raw or "{}")
-        except json.JSONDecodeError as error:
-            raise SubmitError(f"config: not valid JSON ({error.msg} at position {error.pos})") from None
-    if not isinstance(raw, dict):
-        raise SubmitError('config: must be a JSON object such as {"candidates": ["imagenet"]}')
-    given = [key for key in SERVER_FIELDS if key in raw]
-    if given:
-        raise SubmitError(f"config: {given} are set by the server (send the data as `dataset` or `data_path`)")
-    return raw
 
 
 def _pin(ref: str) -> str:
@@ -62,7 +47,7 @@ def validate_advise_config(raw: Any) -> dict[str, Any]:
     from models import store as model_store
 
     try:
-        config = AdviseConfig.from_dict({**_parse(raw), "data": "<uploaded>"}).validate(check_paths=False)
+        config = AdviseConfig.from_dict({**parse_submitted_config(raw, '{"candidates": ["imagenet"]}'), "data": "<uploaded>"}).validate(check_paths=False)
     except TypeError as error:
         raise SubmitError(f"config: {error}") from None
     except TuneserveError as error:

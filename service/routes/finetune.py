@@ -43,20 +43,26 @@ class SubmitError(TuneserveError):
 
 
 # -- config validation ------------------------------------------------------------------------
-def validate_config(raw: Any) -> dict[str, Any]:
-    """The submitted `config` → a normalised dict of training config fields, or SubmitError(422/404)."""
-    from models import store as model_store
-
+def parse_submitted_config(raw: Any, example: str) -> dict[str, Any]:
+    """A job's submitted `config` (JSON text or an object) → a dict without server-set fields, or SubmitError."""
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw or "{}")
         except json.JSONDecodeError as error:
             raise SubmitError(f"config: not valid JSON ({error.msg} at position {error.pos})") from None
     if not isinstance(raw, dict):
-        raise SubmitError("config: must be a JSON object such as {\"name\": \"digits\", \"source\": \"efficientnet_lite0\"}")
+        raise SubmitError(f"config: must be a JSON object such as {example}")
     given = [key for key in SERVER_FIELDS if key in raw]
     if given:
         raise SubmitError(f"config: {given} are set by the server (send the data as `dataset` or `data_path`)")
+    return raw
+
+
+def validate_config(raw: Any) -> dict[str, Any]:
+    """The submitted `config` → a normalised dict of training config fields, or SubmitError(422/404)."""
+    from models import store as model_store
+
+    raw = parse_submitted_config(raw, '{"name": "digits", "source": "efficientnet_lite0"}')
     if not raw.get("name"):
         raise SubmitError("config: `name` (the target model name) is required")
     try:
