@@ -51,6 +51,9 @@ def fit_trust(classifier: OnnxClassifier, train: list[Sample], val: list[Sample]
     val_out, val_kept, _ = run_samples(classifier, val, [logits_name] + ([embedding] if embedding else []))
     y_val = _indices(val, val_kept, manifest.labels)
     temperature = cal.fit_temperature(val_out[logits_name], y_val)
+    if not cal.TEMPERATURE_BOUNDS[0] * 1.01 < temperature < cal.TEMPERATURE_BOUNDS[1] / 1.01:
+        log.warning("%s: temperature %.3g is at the edge of %s: the model is far from calibrated (undertrained?)",
+                    classifier.tag, temperature, cal.TEMPERATURE_BOUNDS)
     probabilities = cal.softmax(val_out[logits_name], temperature)
     thresholds = dict(zip(manifest.labels, cal.best_f1_thresholds(probabilities, y_val)))
     ood = None
