@@ -119,6 +119,7 @@ class VersionSummary(_Open):
 
     version: str
     labels: int | None = None
+    store: str | None = Field(None, description="Which store holds it: `writable` ($BENTOML_HOME/models) or `baked` (in the bento, read-only)")
     error: str | None = None
 
 
