@@ -181,7 +181,7 @@ def test_split_samples_properties(rows, val_fraction, test_fraction, seed):
 
 # ---- end to end: `tuneserve train` ----------------------------------------------------------------
 
-E2E = ["folders-train_test", "csv-train_test", "jsonl-none", "folders-train_only", "csv-train_val_test"]
+E2E = ["folders-train_test", "csv-train_test", "jsonl-none", "folders-train_only"]  # the matrix above covers the rest
 
 
 @pytest.mark.slow
@@ -194,7 +194,7 @@ def test_tuneserve_train_records_given_and_carved_splits(tmp_path, bento_home, c
     data = zip_folder(folder, tmp_path / "data.zip") if layout.startswith("csv") else folder
     code = main([
         "train", "--name", "splits", "--source", "simple_cnn", "--weights", "none", "--data", str(data),
-        "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "run"),
+        "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "run"), "--int8", "false",
     ])
     assert code == 0, capsys.readouterr().err
     dataset = store.resolve("splits").manifest().dataset
@@ -272,7 +272,7 @@ def test_finetune_job_trains_on_train_and_test_folders(tmp_path, bento_home):
     client, manager = _finetune_client(tmp_path, f"nice -n 5 {sys.executable} -m training.run")
     folder, _ = write_layout(tmp_path / "data", "folders-train_test")
     config = {"name": "splits", "source": "simple_cnn:none", "strategy": "full", "epochs": 1, "batch_size": 8,
-              "image_size": 16}
+              "image_size": 16, "int8": False}
     manager.start()
     try:
         with client:

@@ -175,7 +175,7 @@ def _train_source(tmp_path: Path, env: dict[str, str]) -> str:
             (data / label / f"{i}.png").write_bytes(solid_png(tuple(max(0, c - 3 * i) for c in colour), (18, 18)))
     out = _run([sys.executable, "-m", "tuneserve", "train", "--name", "dur3", "--source", "simple_cnn", "--weights", "none",
                 "--data", str(data), "--image-size", "16", "--epochs", "1", "--batch-size", "8",
-                "--output-dir", str(tmp_path / "run")], env, ROOT)
+                "--output-dir", str(tmp_path / "run"), "--int8", "false"], env, ROOT)
     lines = out.splitlines()  # the summary is the JSON object at the end (ONNX Runtime's quantizer prints too)
     start = max(i for i, line in enumerate(lines) if line == "{")
     return json.loads("\n".join(lines[start:]))["model"]
@@ -253,7 +253,8 @@ def test_bento_served_like_the_container_trains_from_a_baked_model_and_serves_it
         data = tmp_path / "data"
         archive = tmp_path / "data.zip"
         subprocess.run([sys.executable, "-m", "zipfile", "-c", str(archive), *(str(p) for p in data.iterdir())], check=True)
-        config = {"name": "tuned", "source": "dur3", "strategy": "full", "epochs": 1, "batch_size": 8, "image_size": 16}
+        config = {"name": "tuned", "source": "dur3", "strategy": "full", "epochs": 1, "batch_size": 8, "image_size": 16,
+                  "int8": False}
         submitted = client.post("/finetune", data={"config": json.dumps(config)},
                                 files={"dataset": ("d.zip", archive.read_bytes(), "application/zip")})
         assert submitted.status_code == 202, submitted.text
