@@ -298,3 +298,16 @@ def test_score_precision_names_the_variant_in_every_row(bento_home, tmp_path):
         score("gated", images, output, top_k=1, device="cpu", precision=precision, progress=False)
         rows = list(read_rows(output))
         assert [(r["variant"], r["label_1"]) for r in rows] == [(variant, label)]
+
+
+def test_images_with_other_labels_are_split_by_seed_and_compared_unlabelled(tmp_path):
+    from models.datasets import Sample
+    from models.quantize import QuantizeConfig, data_from_samples
+
+    directory = write_tiny_conv_model(tmp_path / "model")
+    samples = [Sample(s.path, "cat") for s in noisy_colour_images(tmp_path / "data", per_class=5)]  # not its labels
+    data = data_from_samples(samples, read_manifest(directory), QuantizeConfig(calibration_images=6))
+    assert len(data.calibration) == 6 and len(data.validation) == 3 and len(data.test) == 3
+    assert data.validation.labels is None and data.test.labels is None
+    again = data_from_samples(samples, read_manifest(directory), QuantizeConfig(calibration_images=6))
+    assert np.array_equal(again.test.arrays, data.test.arrays)  # the same split every time
