@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.cli import TRAINING_PACKAGES, requirement_name
+from tuneserve.serve_commands import TRAINING_PACKAGES, requirement_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

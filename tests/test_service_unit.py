@@ -167,7 +167,7 @@ def test_batcher_merges_requests_and_isolates_failures():
 def test_bento_spec_models_serve_only_and_base_image():
     import yaml
 
-    from service.cli import ROOT, TRAINING_PACKAGES, bento_spec, requirement_name
+    from tuneserve.serve_commands import ROOT, TRAINING_PACKAGES, bento_spec, requirement_name
 
     spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     full = bento_spec(spec, ["imagenet:abc", "digits:def"])

@@ -11,7 +11,7 @@ COMMAND_MODULES = [
     "tuneserve.model_commands",
     "tuneserve.finetune_client",
     "tuneserve.train_commands",
-    "service.cli",
+    "tuneserve.serve_commands",
     "tuneserve.score_commands",
     "tuneserve.quantize_commands",
     "tuneserve.advise_commands",
