@@ -271,7 +271,8 @@ def env_name(field_name: str) -> str:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from `env` (default: os.environ); raises SettingsError on an invalid value."""
     env = os.environ if env is None else env
-    known = {env_name(f.name) for f in fields(Settings)}
+    # TUNESERVE_BAKED_MODELS: exported by the service for its job children (models/store.py), not a setting
+    known = {env_name(f.name) for f in fields(Settings)} | {"TUNESERVE_BAKED_MODELS"}
     # A typo such as TUNESERVE_MAX_BODYMB would otherwise go unnoticed; a warning, not an error, because
     # other processes read TUNESERVE_* variables of their own (the training child: TUNESERVE_JOB_ID).
     unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
