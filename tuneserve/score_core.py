@@ -196,7 +196,7 @@ def run_engine(engine: Engine, source: Path, output: Path, top_k: int, use_label
     total = journal.finish(job.columns)
     result = ScoreResult(output, total, len(job.todo), job.skipped, errors, seconds)
     if job.data.labelled:
-        attach_report(result, engine.labels, job.k, engine.tag)
+        return with_report(result, engine.labels, job.k, engine.tag)
     return result
 
 
@@ -219,11 +219,12 @@ def progress_bar(total: int, enabled: bool):
     )
 
 
-def attach_report(result: ScoreResult, labels: list[str], k: int, model_tag: str) -> None:
+def with_report(result: ScoreResult, labels: list[str], k: int, model_tag: str) -> ScoreResult:
+    """Evaluate the output's labelled rows, write the report next to it; `result` with the report."""
     report = evaluate_rows(read_rows(result.output), labels, k, model_tag)
     if report is None:
         log.warning("no readable labelled images: no evaluation report")
-        return
+        return result
     path = report_path(result.output)
     path.write_text(json.dumps(report, indent=2))
-    result.report, result.report_path = report, path
+    return replace(result, report=report, report_path=path)
