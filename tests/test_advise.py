@@ -167,3 +167,20 @@ def test_queued_advise_job_can_be_cancelled(jobs_client, sources, colours):
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     assert client.post(f"/advise/{job_id}/cancel").status_code == 409
     assert client.get(f"/advise/{job_id}").json()["advice"] is None
+
+
+def test_job_databases_from_before_kinds_read_as_fine_tunes(tmp_path):
+    import sqlite3
+
+    from service.finetune.store import _SCHEMA, JobStore
+
+    old = _SCHEMA.replace(",\n    kind TEXT NOT NULL DEFAULT 'finetune'", "")
+    assert "kind" not in old.split("CREATE INDEX")[0]
+    with sqlite3.connect(tmp_path / "jobs.db") as conn:
+        conn.executescript(old)
+        conn.execute("INSERT INTO jobs (id, seq, state, config, dataset_dir, job_dir, created, updated)"
+                     " VALUES ('ft-1', 1, 'succeeded', '{}', '/d', '/j', 0, 0)")
+    store = JobStore(tmp_path / "jobs.db")
+    assert store.get("ft-1").kind == "finetune"
+    store.create({"name": "a"}, "/d", "/j", "adv-1", kind="advise")
+    assert [j.id for j in store.list(kind="advise")] == ["adv-1"] and [j.id for j in store.list(kind="finetune")] == ["ft-1"]

@@ -68,3 +68,12 @@ def test_training_without_size_or_flips_uses_the_fitted_recipe(tmp_path, bento_h
     manifest = store.resolve("scans").manifest()
     assert manifest.preprocessing.size == 32 and manifest.recipe == recipe
     assert manifest.training["epochs"] == recipe["epochs"]
+
+
+def test_job_status_shows_the_recipe_before_training():
+    from service.finetune.runner import JobTrace
+
+    trace = JobTrace(progress={})
+    recipe = {"image_size": 64, "hflip": False, "why": {"image_size": "median shorter side 64px"}}
+    assert trace.apply([{"event": "phase", "phase": "loading"}, {"event": "recipe", "recipe": recipe}])
+    assert trace.progress["recipe"] == recipe and trace.phase == "loading"
