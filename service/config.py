@@ -78,6 +78,7 @@ class Settings:
     max_jobs_total: int = 16  # queued + running jobs in all (429 beyond)
     finetune_disk_budget_mb: float = 20480.0  # uploads + job folders (507 beyond)
     finetune_retention_hours: float = 168.0  # finished jobs' dataset copy and checkpoints are removed after this
+    finetune_min_free_mb: float = 64.0  # kept free on the job disk: submissions 507, running jobs stopped below it
 
     @property
     def keys_file(self) -> Path:
@@ -86,6 +87,10 @@ class Settings:
     @property
     def finetune_disk_budget_bytes(self) -> int:
         return int(self.finetune_disk_budget_mb * MIB)
+
+    @property
+    def finetune_min_free_bytes(self) -> int:
+        return int(self.finetune_min_free_mb * MIB)
 
     @property
     def finetune_max_upload_bytes(self) -> int:
@@ -261,6 +266,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "max_jobs_total": _number(int, minimum=1),
     "finetune_disk_budget_mb": _number(float, positive=True),
     "finetune_retention_hours": _number(float, positive=True),
+    "finetune_min_free_mb": _number(float, minimum=0),
 }
 
 

@@ -158,3 +158,23 @@ def test_failed_outcome_write_is_retried_not_lost(serve, settings, dataset, monk
     manager.start()
     final = wait_for(lambda: (j := manager.store.get(job_id)).state != "running" and j.state != "queued" and j, 30, what="outcome")
     assert final.state == "succeeded" and final.model and refusals == {"finish": 0, "update_progress": 0}
+
+
+def test_running_job_stops_below_the_free_space_floor(serve, settings, dataset, monkeypatch):
+    """Job scratch never fills the disk: below TUNESERVE_FINETUNE_MIN_FREE_MB a running job is
+    stopped and failed (resumable), nothing published; with room again it resumes to success."""
+    import shutil
+
+    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.05")
+    client, manager = serve(settings)
+    job_id = submit(client, dataset, {"name": "roomy", "source": "simple_cnn:none", "epochs": 2}, headers=_as("alice")).json()["job_id"]
+    floor = shutil.disk_usage(settings.root).free + 1024**3  # for this worker the disk is already too full
+    _, cramped = serve(dataclasses.replace(settings, min_free_bytes=floor), start=True)
+    stopped = wait_for(lambda: (j := manager.store.get(job_id)).state not in ("queued", "running") and j, 30, what="the stop")
+    assert stopped.state == "failed" and "free-space floor" in stopped.error and stopped.model is None
+    cramped.stop(timeout=10)
+
+    assert client.post(f"/finetune/{job_id}/resume", headers=_as("alice")).status_code == 202
+    manager.start()
+    done = wait_for(lambda: (j := manager.store.get(job_id)).state not in ("queued", "running") and j, 30, what="the resume")
+    assert done.state == "succeeded" and done.model.startswith("roomy:")

@@ -15,7 +15,6 @@ from models.errors import TuneserveError
 
 log = logging.getLogger("tuneserve.finetune")
 DEFAULT_RETRY_AFTER_S = 60
-FREE_SPACE_MARGIN = 16 * 1024**2  # kept free on the disk besides an upload: the job database and logs need room
 
 
 class QuotaExceeded(TuneserveError):
@@ -89,13 +88,28 @@ def check_disk(settings: Any, incoming: int) -> int:
             "(DELETE /finetune/{job_id}) or raise the budget."
         )
     settings.root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(settings.root).free
-    if incoming + FREE_SPACE_MARGIN > free:
+    free = free_bytes(settings.root)
+    if incoming + settings.min_free_bytes > free:
         raise InsufficientStorage(
             f"the disk holding {settings.root} has {free} bytes free; this submission needs {incoming} plus "
-            f"{FREE_SPACE_MARGIN} kept free. Free some space and submit again."
+            f"{settings.min_free_bytes} kept free (TUNESERVE_FINETUNE_MIN_FREE_MB). Free some space and submit again."
         )
-    return min(budget - used, free - FREE_SPACE_MARGIN)
+    return min(budget - used, free - settings.min_free_bytes)
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def disk_too_full(settings: Any, job_dir: Path) -> bool:
+    """A running job stops below the free-space floor: job scratch must never fill the disk the
+    service (its job database, and BentoML's metrics files when they share it) needs."""
+    if settings.min_free_bytes <= 0:
+        return False
+    try:
+        return free_bytes(job_dir) < settings.min_free_bytes
+    except OSError:  # the folder is gone: the job will say so itself
+        return False
 
 
 def remove_scratch(job: Any) -> None:

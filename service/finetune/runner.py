@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
-from service.finetune.quotas import expire_scratch, remove_scratch
+from service.finetune.quotas import disk_too_full, expire_scratch, remove_scratch
 from service.config import Settings
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
@@ -153,7 +153,7 @@ class JobTrace:
 
 @dataclass(frozen=True)
 class Stopping:
-    """Why this worker is stopping a job ("cancel" | "shutdown"), and which signals it has sent when."""
+    """Why this worker is stopping a job ("cancel" | "shutdown" | "disk"), and which signals it has sent when."""
 
     why: str | None = None
     noticed_at: float | None = None
@@ -373,6 +373,8 @@ class JobManager:
             return "shutdown"
         if self.store.cancel_requested(job.id):
             return "cancel"
+        if disk_too_full(self.settings, Path(job.job_dir)):
+            return "disk"
         return None
 
     def _stop_if_due(self, job: Job, process: RunningJob, stopping: Stopping, phase: str) -> Stopping:
@@ -442,6 +444,11 @@ class JobManager:
         if why_stopped == "cancel":
             how = " (killed after the grace period)" if stopping.kill_sent else ""
             return Outcome.unfinished("cancelled", f"cancelled on request{how}; no model version was published")
+        if why_stopped == "disk":
+            return Outcome.unfinished("failed", (
+                "stopped: the disk holding the job folder fell below the free-space floor (TUNESERVE_FINETUNE_MIN_FREE_MB); "
+                "no model version was published; free some space, then resume with POST /finetune/<job_id>/resume"
+            ))
         if returncode in (143, -signal.SIGTERM, 130, -signal.SIGINT):
             # SIGTERM/SIGINT that this worker did not send: a server shutdown (BentoML's process
             # supervisor signals a worker's children) or the parent-death signal. Resumable.

@@ -40,6 +40,7 @@ class FinetuneSettings:
     max_jobs_total: int = 16  # queued + running jobs in all (429 beyond)
     disk_budget_bytes: int = 20 * 1024**3  # uploads + job folders (507 beyond)
     retention_seconds: float = 7 * 86400.0  # finished jobs' dataset copy and checkpoints go after this
+    min_free_bytes: int = 64 * 1024**2  # kept free on the job disk: submissions 507, running jobs stopped below it
 
     @property
     def root(self) -> Path:
@@ -90,4 +91,5 @@ class FinetuneSettings:
             max_jobs_total=settings.max_jobs_total,
             disk_budget_bytes=settings.finetune_disk_budget_bytes,
             retention_seconds=settings.finetune_retention_hours * 3600.0,
+            min_free_bytes=settings.finetune_min_free_bytes,
         )
