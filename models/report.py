@@ -135,7 +135,6 @@ def reliability_svg(bins: list[dict[str, Any]], title: str) -> str:
     """Accuracy per confidence bin (bars) against the diagonal; the gap shaded red."""
     axes = _Axes((0.0, 1.0), (0.0, 1.0))
     body = axes.frame("confidence", "accuracy")
-    body.append(f'<text x="{MARGIN + 4}" y="24" font-weight="bold">{_e(title)}</text>')
     body.append(f'<line x1="{axes.px(0)}" y1="{axes.py(0)}" x2="{axes.px(1)}" y2="{axes.py(1)}" stroke="#aaa" stroke-dasharray="4"/>')
     for b in bins:
         if not b["count"]:
@@ -147,7 +146,7 @@ def reliability_svg(bins: list[dict[str, Any]], title: str) -> str:
         top, bottom = max(acc, conf), min(acc, conf)
         body.append(f'<rect x="{x:.1f}" y="{axes.py(top):.1f}" width="{w - 1:.1f}" height="{axes.py(bottom) - axes.py(top):.1f}" '
                     'fill="#d62728" fill-opacity="0.35"/>')
-    return _svg(MARGIN + PLOT_W + 20, PLOT_H + 50, body)
+    return f'<figure><figcaption>{_e(title)}</figcaption>{_svg(MARGIN + PLOT_W + 20, PLOT_H + 50, body)}</figure>'
 
 
 def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -182,8 +181,9 @@ def render_report(report: dict[str, Any], history: list[dict[str, Any]] | None =
         sections.append(f"<h2>Per-class precision, recall, F1</h2>{per_class_svg(report['per_class'])}")
     calibration = report.get("calibration")
     if calibration:
-        sections.append("<h2>Reliability diagram</h2><p>bars: accuracy per confidence bin; red: the gap to "
-                        "perfect calibration (the diagonal).</p>"
+        sections.append("<h2>Reliability diagram</h2><p>blue bars: accuracy per confidence bin; shaded red: the "
+                        "gap to the bin's mean confidence (perfect calibration is the diagonal; hover a bar for "
+                        "its count).</p>"
                         + reliability_svg(calibration["before"]["reliability"], "before (T = 1)")
                         + reliability_svg(calibration["after"]["reliability"], f"after (T = {calibration['temperature']:.3f})"))
     if report.get("risk_coverage"):
@@ -203,13 +203,15 @@ def render_report(report: dict[str, Any], history: list[dict[str, Any]] | None =
                         + line_chart_svg(accuracy, "epoch", "accuracy", y_range=(0.0, 1.0)))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}th,td{text-align:left;padding:3px 12px;border-bottom:1px solid #ddd}"
-             "svg{margin:6px 12px 6px 0;vertical-align:top}")
+             "svg{margin:6px 12px 6px 0;vertical-align:top}"
+             "figure{display:inline-block;margin:0}figcaption{font-weight:bold;margin-left:48px}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
 
 
-def write_report(path: str | Path, report: dict[str, Any], history: list[dict[str, Any]] | None = None) -> Path:
+def write_report(path: str | Path, report: dict[str, Any], history: list[dict[str, Any]] | None = None,
+                 title: str | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(report, history), encoding="utf-8")
+    path.write_text(render_report(report, history, title), encoding="utf-8")
     return path

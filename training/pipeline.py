@@ -91,7 +91,7 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     if config.int8:
         report = quantize_export(staging, splits, progress)
     write_eval(report, out)
-    report_path = write_report(out / REPORT_FILE, report, result.history)
     version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": config.strategy},
                       progress, stop)
+    report_path = write_report(out / REPORT_FILE, report, result.history, title=f"tuneserve report: {version.tag}")
     return RunResult(version, report, result.history, time.monotonic() - started, result.seconds, report_path)
