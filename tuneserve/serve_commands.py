@@ -16,7 +16,9 @@ SERVICE = "service.service:TuneServe"
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="serve models over HTTP (bootstraps the default model if missing)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("BENTOML_PORT", 3000)))
-    serve.add_argument("--host", default=os.environ.get("BENTOML_HOST", "0.0.0.0"))
+    serve.add_argument("--host", default=os.environ.get("BENTOML_HOST", "0.0.0.0"),
+                       help="address to listen on (default $BENTOML_HOST or 0.0.0.0, every interface: routes that "
+                            "change state need an API key, created at first start; 127.0.0.1 for this machine only)")
     serve.add_argument("--workers", type=int, help="worker processes (TUNESERVE_WORKERS; default one per GPU, else one per core)")
     serve.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (TUNESERVE_THREADS)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="TUNESERVE_DEVICE")
