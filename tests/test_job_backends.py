@@ -131,3 +131,19 @@ def test_serve_only_server_without_training_answers_501(tmp_path, monkeypatch):
     app, manager = _app(ray_settings)
     assert isinstance(manager.backend, RayBackend)
     assert TestClient(app).get("/finetune").status_code == 200
+
+
+def test_service_imports_ray_only_for_the_ray_backend(tmp_path):
+    """A serving worker with the local backend never loads Ray (import cost, memory)."""
+    code = (
+        "import sys\n"
+        "from service.app import create_app, mount_jobs\n"
+        "from service.config import load_settings\n"
+        f"settings = load_settings({{'TUNESERVE_HOME': {str(tmp_path / 'home')!r}}})\n"
+        "manager = mount_jobs(create_app(settings), settings)\n"
+        "assert manager is not None\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=backends.PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
