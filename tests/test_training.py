@@ -129,6 +129,8 @@ def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_dat
     assert report["calibration"]["temperature"] == manifest.temperature
     assert {"ece", "nll", "brier", "reliability"} <= set(report["calibration"]["before"])
     assert "auto" in report and "share_in_domain" in report["in_domain"]
+    page = (Path(config.output_dir) / "report.html").read_text()  # the HTML report of the run
+    assert result.report_path.name == "report.html" and f"tuneserve report: {version.tag}" in page
     assert (version.path / "checkpoint.pt").is_file()
     out = Path(config.output_dir)
     assert json.loads((out / "config.json").read_text())["strategy"] == strategy
