@@ -329,7 +329,7 @@ def test_api_key_guards_mutating_route(server):
 
 def test_provider_choice_is_logged(server):
     text = server["log"].read_text()
-    assert "skipped CUDAExecutionProvider" in text and "loaded on ['CPUExecutionProvider']" in text
+    assert "skipped CUDAExecutionProvider" in text and "on ['CPUExecutionProvider']" in text
 
 
 # ---- hot reload (last: it moves `latest`) ------------------------------------------------------
