@@ -45,12 +45,14 @@ def nll_of_logits(logits: np.ndarray, labels: Sequence[int], temperature: float 
 def fit_temperature(logits: np.ndarray, labels: Sequence[int], bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The T in `bounds` minimising the NLL of `labels` under softmax(logits / T).
 
-    The NLL is convex in 1/T, so a bounded scalar search on log T finds the global minimum.
+    The NLL is convex in 1/T, so a bounded scalar search on log T finds the global minimum. When
+    every argmax is right the NLL has no minimum (it falls as T → 0, towards probabilities of
+    exactly 1): a validation set without one error gives no evidence for sharpening, so T stays 1.
     """
     from scipy.optimize import minimize_scalar
 
     logits = np.asarray(logits, dtype=np.float64)
-    if len(logits) == 0:
+    if len(logits) == 0 or (logits.argmax(axis=1) == np.asarray(labels)).all():
         return 1.0
     low, high = np.log(bounds[0]), np.log(bounds[1])
     result = minimize_scalar(lambda log_t: nll_of_logits(logits, labels, float(np.exp(log_t))),

@@ -37,6 +37,12 @@ def test_temperature_recovers_known_overconfidence_and_keeps_argmax():
     assert cal.nll(after, labels) < cal.nll(before, labels)
 
 
+def test_temperature_stays_1_without_a_single_validation_error():
+    logits = np.array([[3.0, 0.0], [0.5, 0.0], [0.0, 2.0]])
+    assert cal.fit_temperature(logits, [0, 0, 1]) == 1.0  # the NLL would fall forever as T → 0
+    assert cal.fit_temperature(logits, [0, 1, 1]) != 1.0  # one error: a real minimum
+
+
 def test_ece_and_bins_hand_computed():
     # top confidences 0.95 (right), 0.95 (wrong), 0.65 (right), 0.62 (right), 0.55 (wrong); 15 bins of 1/15:
     # bin 14 (0.933, 1]: 2 images, conf .95, acc .5 → .45 * 2/5 = .18
