@@ -25,8 +25,8 @@ def test_normalisation_and_head_stay_float():
     from models.quantize import float_nodes
 
     kept = set(float_nodes(tiny_conv_graph().graph))
-    # uint8 → float cast and (x - mean) / std before the first conv; pooling, head and softmax after the last
-    assert kept == {"transpose_0", "cast_1", "sub_2", "div_3", "reducemean_8", "gemm_9", "softmax_10"}
+    # uint8 → float cast, (x - mean) / std and the stem conv; pooling, head and softmax after the last conv
+    assert kept == {"transpose_0", "cast_1", "sub_2", "div_3", "conv_4", "reducemean_8", "gemm_9", "softmax_10"}
 
 
 def _signature(model: onnx.ModelProto) -> tuple[list, list]:
@@ -56,10 +56,12 @@ def test_quantized_graph_is_int8_qdq_with_the_same_interface(quantized):
     weights = {i.name: i for i in int8.graph.initializer}
     conv_weights = [weights[n.input[0]] for n in int8.graph.node
                     if n.op_type == "DequantizeLinear" and n.input[0] in weights and len(weights[n.input[0]].dims) == 4]
-    assert len(conv_weights) == 2 and all(w.data_type == onnx.TensorProto.INT8 for w in conv_weights)
+    assert len(conv_weights) == 1 and conv_weights[0].data_type == onnx.TensorProto.INT8  # the second conv
     scales = [weights[n.input[1]] for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights
               and len(weights[n.input[0]].dims) == 4]
-    assert all(s.dims == [8] for s in scales)  # per output channel
+    assert [s.dims for s in scales] == [[8]]  # one scale per output channel
+    stem = next(n for n in int8.graph.node if n.op_type == "Conv")
+    assert weights[stem.input[1]].data_type == onnx.TensorProto.FLOAT and stem.input[0] == "normalised"
     assert _signature(int8) == _signature(fp32)  # uint8 image in; logits, probabilities, embedding out
     head = next(n for n in int8.graph.node if n.op_type == "Gemm")
     assert all(not name.endswith(("_quantized", "_DequantizeLinear_Output")) for name in head.input[1:])
