@@ -12,13 +12,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from models.errors import TuneserveError, is_disk_full
 from service.config import Settings
 from service.pool import count_request
 from service.routes import classify, evaluate, models
+from service.routes.forms import apply_form_rules
 
 log = logging.getLogger("tuneserve.service")
 
@@ -38,6 +41,13 @@ def create_app(settings: Settings) -> FastAPI:
     add_error_handlers(app)
     for area in (classify, evaluate, models):
         app.include_router(area.build_router(settings))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = apply_form_rules(get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
@@ -63,14 +73,15 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, error: StarletteHTTPException):
         if error.status_code < 500:
             _count_refusal(request)
-        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # Starlette names the methods of the first route only
+            headers["Allow"] = ", ".join(sorted(allowed_methods(app, request.url.path)))
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, error: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in error.errors()
-        )
-        return _error(422, problems or "invalid request")
+    async def _validation_error(request: Request, error: RequestValidationError):
+        _count_refusal(request)
+        return _error(422, "; ".join(_explain(e) for e in error.errors()) or "invalid request")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception):
@@ -79,6 +90,27 @@ def add_error_handlers(app: FastAPI) -> None:
             return _error(507, f"the server's disk is full ({error}); nothing was changed, try again once space is freed")
         log.exception("unexpected error")
         return _error(500, f"internal error: {type(error).__name__}")
+
+
+def _explain(problem: dict[str, Any]) -> str:
+    """One validation problem in words, naming the field ('image', 'top_k', …)."""
+    where = ".".join(str(p) for p in problem.get("loc", ()) if p not in ("body", "query", "path"))
+    if problem.get("type") == "missing":
+        return f"missing '{where}'"
+    if "UploadFile" in str(problem.get("msg", "")):
+        return f"'{where}' must be an uploaded file (a multipart file part); text and URLs are not accepted"
+    return f"{where}: {problem.get('msg')}"
+
+
+def allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """Every method the API declares for `path` (for the Allow header of a 405)."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return methods
 
 
 def mount_jobs(app: FastAPI, settings: Settings):

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from models.api_keys import DEFAULT_KEY_NAME, KEYS_FILE_NAME, KeyFileError, format_keys, parse_keys
 
 log = logging.getLogger("tuneserve.auth")
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# Declares the Bearer scheme in OpenAPI (Swagger's "Authorize" button); the dependencies read the header themselves.
+BEARER = HTTPBearer(auto_error=False, description="An API key (see README 'Security') as a Bearer token")
 ANONYMOUS = "anonymous"
 
 
@@ -154,7 +157,7 @@ def require_api_key(settings: Any) -> Callable[[Request], str]:
     """FastAPI dependency for routes that change state; returns the key name."""
     ring = keyring(settings)
 
-    def dependency(request: Request) -> str:
+    def dependency(request: Request, _: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> str:
         request.state.api_key_name = name = ring.identify(request.headers.get("authorization"))
         return name
 
@@ -165,7 +168,7 @@ def require_read_access(settings: Any) -> Callable[[Request], None]:
     """FastAPI dependency for reading routes: open unless TUNESERVE_PROTECT_READS is set."""
     ring = keyring(settings)
 
-    def dependency(request: Request) -> None:
+    def dependency(request: Request, _: HTTPAuthorizationCredentials | None = Depends(BEARER)) -> None:
         if ring.config.protect_reads:
             request.state.api_key_name = ring.identify(request.headers.get("authorization"))
 

@@ -154,10 +154,8 @@ class Reloaded(BaseModel):
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 
 
-class Job(BaseModel):
+class Job(_Open):
     """A fine-tune job (service/finetune/store.py `Job.public()`)."""
-
-    model_config = ConfigDict(protected_namespaces=())
 
     job_id: str
     state: JobState
@@ -174,9 +172,10 @@ class Job(BaseModel):
     error: str | None = None
     attempts: int = 0
     cancel_requested: bool = False
+    submitted_by: str | None = Field(None, description="The name of the API key that submitted it")
 
 
-class JobSubmitted(BaseModel):
+class JobSubmitted(_Open):
     job_id: str
     state: JobState
     dataset: dict[str, Any] = Field(description="Images, classes and per-class counts found in the dataset")

@@ -61,7 +61,6 @@ def submit(client, data: bytes | None = None, config: dict | None = None, data_p
     form = {"config": json.dumps(config if config is not None else {"name": "colours", "source": "simple_cnn:none", "epochs": 2})}
     if data_path is not None:
         form["data_path"] = data_path
-    if files is None:
-        # force multipart even without a file
-        files = {"_": ("", b"", "application/octet-stream")}
+    if files is None:  # multipart even without a file: the fields as parts without a filename
+        return client.post("/finetune", files={key: (None, value) for key, value in form.items()}, headers=headers or {})
     return client.post("/finetune", data=form, files=files, headers=headers or {})

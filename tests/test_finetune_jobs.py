@@ -172,7 +172,8 @@ def test_stop_interrupts_and_resume_continues(make_client, dataset_zip, ft_setti
     interrupted = job(client, job_id)
     assert interrupted["state"] == "interrupted" and "resume" in interrupted["error"]
     client2, _ = make_client()  # the restarted server
-    assert client2.post("/finetune/nope/resume").status_code == 404
+    assert client2.post("/finetune/ft-20260101-000000-abcdef/resume").status_code == 404
+    assert client2.post("/finetune/nope/resume").status_code == 422  # not a job id at all
     response = client2.post(f"/finetune/{job_id}/resume")
     assert response.status_code == 202, response.text
     final = wait_state(client2, job_id, {"succeeded", "failed"})
@@ -305,7 +306,8 @@ def test_upload_size_and_request_shape(make_client, ft_settings, tmp_path):
     neither = submit(client, None, GOOD_CONFIG)
     assert neither.status_code == 400 and "exactly one" in neither.json()["error"]
     assert client.get("/finetune", params={"state": "bogus"}).status_code == 422
-    assert client.get("/finetune/nope").status_code == 404
+    assert client.get("/finetune/ft-20260101-000000-abcdef").status_code == 404
+    assert client.get("/finetune/nope").status_code == 422
 
 
 def test_data_path_inside_root_only(make_client, ft_settings, tmp_path, monkeypatch):

@@ -188,8 +188,8 @@ def test_classify_refuses_bad_images(server):
     _assert_refused(_classify(client, ppm), 415, "format PPM is not allowed")
     bomb = solid_png("red", (1100, 1000))  # 1.1 Mpx, a few KB compressed; limit is 1 Mpx
     _assert_refused(_classify(client, bomb), 413, "pixels")
-    _assert_refused(client.post("/classify", data={"top_k": "1"}), 400, "missing 'image'")
-    _assert_refused(client.post("/classify", data={"image": "http://example.com/cat.jpg"}), 400, "URLs are not accepted")
+    _assert_refused(client.post("/classify", data={"top_k": "1"}), 422, "missing 'image'")
+    _assert_refused(client.post("/classify", data={"image": "http://example.com/cat.jpg"}), 422, "URLs are not accepted")
     _assert_refused(client.post("/classify", json={"image": "x"}), 415, "multipart")
 
 
@@ -231,10 +231,10 @@ def test_classify_batch_with_a_bad_image(server):
 def test_classify_batch_refusals(server):
     client = server["client"]
     files = [("images", (f"{i}.png", solid_png("red"), "image/png")) for i in range(5)]
-    _assert_refused(client.post("/classify_batch", files=files), 413, "too many images: 5")
+    _assert_refused(client.post("/classify_batch", files=files), 422, "at most 4 items")
     many = [("images", (f"{i}.png", solid_png("red"), "image/png")) for i in range(12)]
     _assert_refused(client.post("/classify_batch", files=many), 413, "too many files")
-    _assert_refused(client.post("/classify_batch", data={"model": "imagenet"}), 400, "missing 'images'")
+    _assert_refused(client.post("/classify_batch", data={"model": "imagenet"}), 422, "missing 'images'")
 
 
 # ---- evaluate --------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_evaluate_data_path(server):
     _assert_refused(client.post("/evaluate", data={"data_path": "../etc"}), 403, "outside the data root")
     _assert_refused(client.post("/evaluate", data={"data_path": "/etc"}), 403, "outside the data root")
     _assert_refused(client.post("/evaluate", data={"data_path": "missing"}), 404, "does not exist")
-    _assert_refused(client.post("/evaluate", data={"model": "imagenet"}), 400, "missing data")
+    _assert_refused(client.post("/evaluate", data={"model": "imagenet"}), 400, "exactly one of 'dataset'")
 
 
 def test_evaluate_refusals(server, tmp_path):

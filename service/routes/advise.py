@@ -10,10 +10,9 @@ The job child is the fine-tune entry point (`python -m training.run`), which han
 configs to the torch-free models/advise.py. Bad datasets, unknown or embedding-less candidates and
 bad fields are refused at submit time with a 4xx naming the problem.
 """
-from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
@@ -22,8 +21,15 @@ from models.advise import AdviseConfig, read_advice
 from models.errors import ModelNotFound, TuneserveError
 from service.auth import require_api_key, require_read_access
 from service.finetune.runner import JobManager
-from service.finetune.store import ENDED_STATES, STATES
-from service.routes.finetune import SERVER_FIELDS, SubmitError, parse_submitted_config, submit_job
+from service.finetune.store import ENDED_STATES
+from service.routes.finetune import SERVER_FIELDS, SubmitError, parse_submitted_config, submission_route, submit_job
+from service.routes.finetune import JOB_ERRORS, JobId
+from service.routes.forms import errors
+from service.schemas import Job, JobList, JobState, JobSubmitted
+
+
+class AdviseJob(Job):
+    advice: dict[str, Any] | None = None
 
 KIND = "advise"
 
@@ -63,10 +69,27 @@ def validate_advise_config(raw: Any) -> dict[str, Any]:
     return normalised
 
 
+def advise_config_schema() -> dict[str, Any]:
+    """The JSON schema of the advise `config` field: AdviseConfig's fields and types, less the server's."""
+    from pydantic import TypeAdapter
+
+    schema = TypeAdapter(AdviseConfig).json_schema()
+    for key in (*SERVER_FIELDS, "kind"):
+        schema["properties"].pop(key, None)
+    schema.pop("title", None)
+    for field in schema["properties"].values():  # types only: ranges and defaults are AdviseConfig.validate's
+        field.pop("default", None)
+    return schema
+
+
 def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     auth = settings if settings is not None else manager.settings
-    require_write, require_read = require_api_key(auth), require_read_access(auth)
-    router = APIRouter(tags=["advise"])
+    require_write = require_api_key(auth)
+    write, read = [Depends(require_write)], [Depends(require_read_access(auth))]
+    route_class, submit_options, Parts = submission_route(
+        manager, require_write, "The advise config (JSON): `candidates` (stored models), folds, …", advise_config_schema()
+    )
+    router = APIRouter(tags=["advise"], route_class=route_class)
     jobs = manager.store
 
     def get_job(job_id: str):
@@ -75,27 +98,34 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
             raise HTTPException(404, f"no advise job {job_id!r}")
         return job
 
-    @router.post("/advise", status_code=202)
-    async def submit(request: Request, key_name: str = Depends(require_write)):
-        return await submit_job(request, manager, KIND, validate_advise_config, key_name)
+    @router.post("/advise", response_model=JobSubmitted, **submit_options)
+    async def submit(request: Request, parts: Parts):
+        """Rank stored models as fine-tune sources for a dataset (a durable job)."""
+        return await submit_job(request, manager, KIND, validate_advise_config, parts)
 
-    @router.get("/advise", dependencies=[Depends(require_read)])
-    def list_jobs(state: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)):
-        if state is not None and state not in STATES:
-            raise HTTPException(422, f"state must be one of {list(STATES)}, got {state!r}")
+    @router.get("/advise", dependencies=read, response_model=JobList, responses=errors(401, 422))
+    def list_jobs(state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+        """Advise jobs, newest first; `state` keeps only jobs in that state."""
         return {"jobs": [job.public() for job in jobs.list(state, limit, kind=KIND)]}
 
-    @router.get("/advise/{job_id}", dependencies=[Depends(require_read)])
-    def show(job_id: str):
+    @router.get("/advise/{job_id}", dependencies=read, response_model=AdviseJob, responses=JOB_ERRORS)
+    def show(job_id: JobId):
+        """State and progress; once succeeded, the full advice."""
         job = get_job(job_id)
         advice = read_advice(Path(job.job_dir) / "output") if job.state == "succeeded" else None
         return {**job.public(), "advice": advice}
 
-    @router.post("/advise/{job_id}/cancel", dependencies=[Depends(require_write)])
-    def cancel(job_id: str):
+    @router.post(
+        "/advise/{job_id}/cancel",
+        dependencies=write,
+        response_model=Job,
+        responses={202: {"model": Job, "description": "Stopping: the job was running"}, **JOB_ERRORS, **errors(409)},
+    )
+    def cancel(job_id: JobId):
+        """Stop a queued or running advise job; 202 while a running job stops."""
         job = get_job(job_id)
         if job.state in ENDED_STATES:
-            return JSONResponse({"error": f"job {job_id} is already {job.state}", **job.public()}, status_code=409)
+            return JSONResponse({**job.public(), "error": f"job {job_id} is already {job.state}"}, status_code=409)
         job = jobs.request_cancel(job_id)
         return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
 

@@ -1,58 +1,60 @@
 """POST /evaluate: labelled images (a zip upload or a folder under the data root) → eval report."""
-from __future__ import annotations
-
 import asyncio
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 
 from models.errors import DatasetError
 from service.auth import require_read_access
 from service.config import Settings
 from service.limits import inside_root
-from service.pool import count_request
-from service.routes.forms import pool_of, read_form, text_field, top_k_field, upload_field
-
-SPLITS = ("train", "val", "test")
+from service.pool import ModelPool, count_request
+from service.routes.forms import NO_NUL, UPLOAD_ERRORS, before_body, form_route, errors, exactly_one_of, model_field, pool_of, top_k_field
+from service.schemas import EvalReport
 
 
 def build_router(settings: Settings) -> APIRouter:
-    router = APIRouter(tags=["evaluate"], dependencies=[Depends(require_read_access(settings))])
+    read = require_read_access(settings)
+    router = APIRouter(tags=["evaluate"], route_class=form_route(before_body(read)), dependencies=[Depends(read)])
 
-    @router.post("/evaluate")
-    async def evaluate_route(request: Request) -> dict[str, Any]:
-        """Labelled images (zip `dataset` or `data_path` under the data root) → the eval.json report."""
-        pool = pool_of(request)
-        form = await read_form(request, max_files=1)
-        dataset = form.get("dataset")
-        data_path = text_field(form, request, "data_path")
-        if dataset is not None and data_path is not None:
-            raise HTTPException(400, "send either 'dataset' (a zip upload) or 'data_path', not both")
-        if dataset is None and data_path is None:
-            raise HTTPException(400, "missing data: send 'dataset' (a zip upload) or 'data_path' (under the data root)")
-        top_k = top_k_field(form, request, settings)
-        split = text_field(form, request, "split")
-        if split is not None and split not in SPLITS:
-            raise HTTPException(422, f"split must be train, val or test, got {split!r}")
-        model = await pool.get(text_field(form, request, "model"))
-        request.state.model = model.name
-        compare_ref = text_field(form, request, "compare_with")
-        other = await pool.get(compare_ref) if compare_ref else None
+    @router.post(
+        "/evaluate",
+        response_model=EvalReport,
+        responses={**UPLOAD_ERRORS, **errors(403)},
+        form_limits={"max_files": 1, "max_fields": 10},
+        openapi_extra=exactly_one_of("dataset", "data_path"),
+    )
+    async def evaluate_route(
+        request: Request,
+        pool: Annotated[ModelPool, Depends(pool_of)],
+        dataset: Annotated[UploadFile | None, File(description="A zip of labelled images (`label/image.jpg` or `split/label/image.jpg`)")] = None,
+        data_path: Annotated[str | None, Form(pattern=NO_NUL, description="Or a folder of labelled images, relative to the data root")] = None,
+        top_k: top_k_field(settings) = settings.default_top_k,
+        split: Annotated[Literal["train", "val", "test"] | None, Form(description="Evaluate on this split only")] = None,
+        model: model_field() = None,
+        compare_with: model_field("Also evaluate this model on the images whose labels it knows, and report the difference") = None,
+    ) -> dict[str, Any]:
+        """Labelled images (a zip `dataset` or a `data_path` under the data root) → the eval.json report."""
+        if (dataset is None) == (data_path is None):
+            raise HTTPException(400, "send exactly one of 'dataset' (a zip upload) or 'data_path' (under the data root)")
+        classifier = await pool.get(model)
+        request.state.model = classifier.name
+        other = await pool.get(compare_with) if compare_with else None
 
         with tempfile.TemporaryDirectory(prefix="tuneserve-eval-") as scratch:
             if dataset is not None:
-                root = await _extract_upload(upload_field(dataset, "dataset"), Path(scratch), settings)
+                root = await _extract_upload(dataset, Path(scratch), settings)
             else:
                 root = inside_root(settings.data_root, data_path)
-            report = await asyncio.to_thread(_evaluate, root, split, model, other, top_k, settings)
+            report = await asyncio.to_thread(_evaluate, root, split, classifier, other, top_k, settings)
         report["unreadable"] = {
             str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else p: e
             for p, e in (report.get("unreadable") or {}).items()
         }
-        count_request("evaluate", model.name, "ok")
+        count_request("evaluate", classifier.name, "ok")
         return report
 
     return router

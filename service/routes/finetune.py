@@ -9,31 +9,39 @@ POST /finetune/{job_id}/resume requeue an interrupted/failed/cancelled job; cont
 
 Every check that can fail runs at submit time and answers a 4xx naming the problem.
 """
-from __future__ import annotations
 
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, get_type_hints
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from models.errors import DatasetError, ModelNotFound, TuneserveError, is_disk_full
 from models.train_config import TrainConfig
+from pydantic import TypeAdapter, ValidationError
 from service.auth import require_api_key, require_read_access
 from service.finetune import quotas
 from service.finetune.runner import JobManager, _tail
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES, JobStore, new_job_id
 from service.limits import inside_root
+from service.routes.forms import _NAME, NO_NUL, error_response, errors, exactly_one_of, form_route, json_form_part
+from service.schemas import Job, JobDeleted, JobList, JobState, JobSubmitted
 
 # Fields the server fills in itself; a client must not point training at arbitrary paths.
 SERVER_FIELDS = ("data", "output_dir")
 WEIGHT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 MAX_BAD_PATHS = 20
+JOB_ID = r"^[a-z]{2,3}-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"  # service/finetune/store.py new_job_id()
+JobId = Annotated[str, PathParam(pattern=JOB_ID, description="A job id, as the submission answered it")]
+JOB_ERRORS = errors(401, 404, 422)
+MODEL_NAME = f"^{_NAME}$"
+_CONFIG_TYPES = TypeAdapter(TrainConfig)
+_FIELD_TYPES = {name: TypeAdapter(hint) for name, hint in get_type_hints(TrainConfig).items()}
 
 
 class SubmitError(TuneserveError):
@@ -65,6 +73,7 @@ def validate_config(raw: Any) -> dict[str, Any]:
     raw = parse_submitted_config(raw, '{"name": "digits", "source": "efficientnet_lite0"}')
     if not raw.get("name"):
         raise SubmitError("config: `name` (the target model name) is required")
+    _check_types(raw)
     try:
         config = TrainConfig.from_dict({**raw, "data": "<uploaded>"})
         config.validate(check_paths=False)
@@ -93,6 +102,38 @@ def validate_config(raw: Any) -> dict[str, Any]:
             raise SubmitError(f"source: {error}", 422) from None
         normalised["source"] = version.tag  # pin the version, so a later publish cannot change what this job starts from
     return normalised
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of the `config` form field: TrainConfig's fields, types and choices, less the
+    fields the server sets. Ranges and cross-field rules are checked by `TrainConfig.validate` (422)."""
+    from models import train_config
+
+    schema = _CONFIG_TYPES.json_schema()
+    for key in SERVER_FIELDS:
+        schema["properties"].pop(key, None)
+    properties = schema["properties"]
+    properties["name"].update(pattern=MODEL_NAME, description="The model to publish (a stored model name)")
+    properties["strategy"]["enum"] = list(train_config.STRATEGIES)
+    properties["class_balance"]["enum"] = list(train_config.CLASS_BALANCE)
+    properties["device"]["enum"] = list(train_config.DEVICES)
+    schema.update(required=["name"], additionalProperties=False)
+    schema.pop("title", None)
+    return schema
+
+
+def _check_types(raw: dict[str, Any]) -> None:
+    """Each known field has its declared JSON type (a string where a string belongs, …), or 422."""
+    problems = []
+    for key, value in raw.items():
+        if key not in _FIELD_TYPES:
+            continue  # TrainConfig.from_dict names unknown fields
+        try:
+            _FIELD_TYPES[key].validate_python(value, strict=True)
+        except ValidationError as error:
+            problems.append(f"{key}: {error.errors()[0]['msg']}")
+    if problems:
+        raise SubmitError(f"config: {'; '.join(problems)}")
 
 
 # -- dataset checks ---------------------------------------------------------------------------
@@ -142,15 +183,16 @@ def resolve_data_path(value: str, settings: FinetuneSettings) -> Path:
 Validator = Callable[[Any], dict[str, Any]]
 
 
-async def submit_job(request: Request, manager: JobManager, kind: str, validate: Validator, key_name: str) -> JSONResponse:
-    """Check quotas and disk, parse, check and queue one job of `kind`; every refusal is a 4xx (or 507)
-    naming the problem and leaves nothing behind."""
+async def submit_job(request: Request, manager: JobManager, kind: str, validate: Validator, parts: "Submission") -> JSONResponse:
+    """Check, store and queue one job of `kind` from its declared form parts; every refusal is a 4xx
+    (or 507) naming the problem and leaves nothing behind. The key, quotas and disk budget were
+    checked before the body was read (`admit`)."""
     ft = manager.settings
+    key_name = request.state.api_key_name
     job_id = new_job_id("ft" if kind == "finetune" else kind[:3])
     job_dir = ft.jobs_dir / job_id
     try:
-        room = await run_in_threadpool(_precheck, request, ft, manager.store, key_name)
-        config, dataset_dir, summary = await receive_submission(request, ft, job_id, job_dir, validate, room)
+        config, dataset_dir, summary = await receive_submission(ft, job_id, job_dir, validate, parts)
         job_dir.mkdir(parents=True, exist_ok=True)
         job = manager.store.create(config, dataset_dir, job_dir, job_id, submitted_by=key_name, quota=ft, kind=kind)
         (job_dir / "dataset.json").write_text(json.dumps(summary, indent=2))
@@ -172,49 +214,69 @@ async def submit_job(request: Request, manager: JobManager, kind: str, validate:
         (ft.uploads_dir / f"{job_id}.zip").unlink(missing_ok=True)
 
 
-async def receive_submission(request: Request, ft: FinetuneSettings, job_id: str, job_dir: Path, validate: Validator,
-                             room: int) -> tuple[dict[str, Any], Path, dict[str, Any]]:
-    """multipart `config` + (`dataset` zip | `data_path`) → (validated config, dataset folder, dataset summary)."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > ft.max_upload_bytes:
-        raise SubmitError(f"upload is {int(length)} bytes; limit is {ft.max_upload_bytes}", 413)
-    if "multipart/form-data" not in request.headers.get("content-type", ""):
-        raise SubmitError("send multipart/form-data with `config` and either `dataset` (zip) or `data_path`", 415)
+class Submission:
+    """The declared form parts of a job submission (POST /finetune, POST /advise)."""
+
+    def __init__(self, config: str, dataset: UploadFile | None, data_path: str | None):
+        self.config, self.dataset, self.data_path = config, dataset, data_path
+
+
+async def receive_submission(ft: FinetuneSettings, job_id: str, job_dir: Path, validate: Validator,
+                             parts: Submission) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """`config` + (`dataset` zip | `data_path`) → (validated config, dataset folder, dataset summary)."""
+    config = validate(parts.config)
+    if (parts.dataset is None) == (parts.data_path is None):
+        raise SubmitError("send exactly one of `dataset` (zip upload) or `data_path` (inside the data root)", 400)
+    if parts.dataset is not None:
+        dataset_dir = await run_in_threadpool(save_and_extract, ft, parts.dataset.file, job_id, job_dir)
+    else:
+        dataset_dir = resolve_data_path(parts.data_path, ft)
+    min_per_class = max(ft.min_per_class, int(config.get("min_images_per_class") or 2))
+    summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class, config)
+    return config, dataset_dir, summary
+
+
+def submission_route(manager: JobManager, require_write: Callable, config_help: str, schema: dict[str, Any]):
+    """(route class, POST options, the form parts as a dependency) for a job kind's submit route."""
+
+    async def admit(request: Request):
+        """Key, quotas (429) and disk budget (507) before a byte of the upload is read; → a `receive`
+        that keeps a body sent without Content-Length within the upload limit and the budget."""
+        key_name = require_write(request, None)
+        room = await run_in_threadpool(_precheck, request, manager.settings, manager.store, key_name)
+        return _limited_receive(request.receive, manager.settings, room)
+
+    def parts(
+        config: Annotated[str, Form(description=config_help)],
+        dataset: Annotated[UploadFile | None, File(description="A zip of labelled images (`label/image.jpg` or `split/label/image.jpg`)")] = None,
+        data_path: Annotated[str | None, Form(pattern=NO_NUL, description="Or a folder of labelled images under the data root")] = None,
+    ) -> Submission:
+        return Submission(config, dataset, data_path)
+
+    options = dict(
+        status_code=202,
+        dependencies=[Depends(require_write)],
+        responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 429, 507),
+        form_limits={"max_files": 1, "max_fields": 10},
+        openapi_extra={**exactly_one_of("dataset", "data_path"), **json_form_part("config", schema)},
+    )
+    return form_route(admit), options, Annotated[Submission, Depends(parts)]
+
+
+def _limited_receive(receive, ft: FinetuneSettings, room: int):
     received = 0
 
-    async def limited_receive():
+    async def limited():
         nonlocal received
-        message = await request.receive()
+        message = await receive()
         received += len(message.get("body", b""))
         if received > ft.max_upload_bytes:
             raise SubmitError(f"upload exceeds the limit of {ft.max_upload_bytes} bytes", 413)
-        if received > room:  # a body sent without Content-Length
+        if received > room:
             raise quotas.InsufficientStorage(f"upload passes the fine-tune disk budget: {room} bytes are left")
         return message
 
-    try:
-        form = await Request(request.scope, limited_receive).form(max_files=2, max_fields=20)
-    except TuneserveError:
-        raise
-    except Exception as error:
-        raise SubmitError(f"cannot parse the multipart body: {error}", 400) from None
-    try:
-        config = validate(form.get("config") or "{}")
-        dataset = form.get("dataset")
-        data_path = form.get("data_path")
-        if dataset is not None and isinstance(dataset, str):
-            raise SubmitError("`dataset` must be a file upload (a zip); use `data_path` for a folder on the server", 400)
-        if (dataset is None) == (not data_path):
-            raise SubmitError("send exactly one of `dataset` (zip upload) or `data_path` (inside the data root)", 400)
-        if dataset is not None:
-            dataset_dir = await run_in_threadpool(save_and_extract, ft, dataset.file, job_id, job_dir)
-        else:
-            dataset_dir = resolve_data_path(str(data_path), ft)
-        min_per_class = max(ft.min_per_class, int(config.get("min_images_per_class") or 2))
-        summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class, config)
-    finally:
-        await form.close()
-    return config, dataset_dir, summary
+    return limited
 
 
 def save_and_extract(ft: FinetuneSettings, upload, job_id: str, job_dir: Path) -> Path:
@@ -235,8 +297,7 @@ def save_and_extract(ft: FinetuneSettings, upload, job_id: str, job_dir: Path) -
 
 
 # -- the router -------------------------------------------------------------------------------
-def _error(error: TuneserveError) -> JSONResponse:
-    return JSONResponse({"error": str(error)}, status_code=getattr(error, "status", 400), headers=getattr(error, "headers", None))
+_error = error_response
 
 
 def _precheck(request: Request, ft: FinetuneSettings, jobs: JobStore, key_name: str) -> int:
@@ -260,8 +321,12 @@ def _zip_unpacked_bytes(archive: Path) -> int:
 def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     ft = manager.settings
     auth = settings if settings is not None else ft  # the service Settings or FinetuneSettings: both carry the key
-    require_write, require_read = require_api_key(auth), require_read_access(auth)
-    router = APIRouter(tags=["finetune"])
+    require_write = require_api_key(auth)
+    write, read = [Depends(require_write)], [Depends(require_read_access(auth))]
+    route_class, submit_options, Parts = submission_route(
+        manager, require_write, "The training config (JSON); `name` is the model to publish", config_schema()
+    )
+    router = APIRouter(tags=["finetune"], route_class=route_class)
     jobs = manager.store
 
     def get_job(job_id: str):
@@ -270,35 +335,52 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
             raise HTTPException(404, f"no fine-tune job {job_id!r}")
         return job
 
-    @router.post("/finetune", status_code=202)
-    async def submit(request: Request, key_name: str = Depends(require_write)):
-        return await submit_job(request, manager, "finetune", validate_config, key_name)
+    @router.post("/finetune", response_model=JobSubmitted, **submit_options)
+    async def submit(request: Request, parts: Parts):
+        """Start a fine-tune job; every check that can fail runs now and answers a 4xx naming the problem."""
+        return await submit_job(request, manager, "finetune", validate_config, parts)
 
-    @router.get("/finetune", dependencies=[Depends(require_read)])
-    def list_jobs(state: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)):
-        if state is not None and state not in STATES:
-            raise HTTPException(422, f"state must be one of {list(STATES)}, got {state!r}")
+    @router.get("/finetune", dependencies=read, response_model=JobList, responses=errors(401, 422))
+    def list_jobs(state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100):
+        """Jobs, newest first; `state` keeps only jobs in that state."""
         return {"jobs": [job.public() for job in jobs.list(state, limit, kind="finetune")]}
 
-    @router.get("/finetune/{job_id}", dependencies=[Depends(require_read)])
-    def show(job_id: str):
+    @router.get("/finetune/{job_id}", dependencies=read, response_model=Job, responses=JOB_ERRORS)
+    def show(job_id: JobId):
+        """One job: state, phase, progress, timestamps, and the published model with its eval, or the error."""
         return get_job(job_id).public()
 
-    @router.get("/finetune/{job_id}/log", dependencies=[Depends(require_read)], response_class=PlainTextResponse)
-    def show_log(job_id: str, lines: int = Query(50, ge=1, le=5000)):
+    @router.get(
+        "/finetune/{job_id}/log",
+        dependencies=read,
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **JOB_ERRORS},
+    )
+    def show_log(job_id: JobId, lines: Annotated[int, Query(ge=1, le=5000)] = 50):
+        """The last `lines` lines of the job's training log."""
         job = get_job(job_id)
         return _tail(Path(job.job_dir) / "train.log", lines)
 
-    @router.post("/finetune/{job_id}/cancel", dependencies=[Depends(require_write)])
-    def cancel(job_id: str):
+    @router.post(
+        "/finetune/{job_id}/cancel",
+        dependencies=write,
+        response_model=Job,
+        responses={202: {"model": Job, "description": "Stopping: the job was running"}, **JOB_ERRORS, **errors(409)},
+    )
+    def cancel(job_id: JobId):
+        """Stop a queued or running job (no model is published); 202 while a running job stops."""
         job = get_job(job_id)
         if job.state in ENDED_STATES:
-            return JSONResponse({"error": f"job {job_id} is already {job.state}", **job.public()}, status_code=409)
+            # the message last: the job's own `error` field (often null) must not replace it
+            return JSONResponse({**job.public(), "error": f"job {job_id} is already {job.state}"}, status_code=409)
         job = jobs.request_cancel(job_id)
         return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
 
-    @router.post("/finetune/{job_id}/resume", status_code=202, dependencies=[Depends(require_write)])
-    def resume(job_id: str):
+    @router.post(
+        "/finetune/{job_id}/resume", status_code=202, dependencies=write, response_model=Job, responses={**JOB_ERRORS, **errors(409, 429)}
+    )
+    def resume(job_id: JobId):
+        """Requeue an interrupted, failed or cancelled job; it continues from its last epoch checkpoint."""
         job = get_job(job_id)
         if job.state not in RESUMABLE_STATES:
             return JSONResponse(
@@ -315,8 +397,8 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
         manager.wake()
         return jobs.get(job_id).public()
 
-    @router.delete("/finetune/{job_id}", dependencies=[Depends(require_write)])
-    def delete(job_id: str):
+    @router.delete("/finetune/{job_id}", dependencies=write, response_model=JobDeleted, responses={**JOB_ERRORS, **errors(409)})
+    def delete(job_id: JobId):
         """Forget a finished, failed, cancelled or interrupted job and free its disk (dataset copy,
         checkpoints, logs). Published model versions are not touched."""
         job = get_job(job_id)

@@ -1,16 +1,64 @@
-"""What every upload route shares: the worker's pool, the multipart form, and its common fields."""
+"""What every route shares: the worker's pool, multipart form routes, field types, documented errors.
+
+Upload routes declare their fields (FastAPI `File`/`Form`), so `/api/openapi.json` shows each field
+with its type and constraints and FastAPI validates them; `FormRoute` adds what FastAPI leaves out:
+415 for a body that is not a form, and parse errors that say what was wrong (413 for too many
+files). The body size limit is enforced before any of this, while the body streams in
+(service/limits.py `BodyLimitMiddleware`), so a declared upload never gets past the limit.
+"""
 from __future__ import annotations
 
-from typing import Any
+import errno
+import typing
+from typing import Annotated, Any, Awaitable, Callable
 
-from fastapi import HTTPException, Request
-from starlette.datastructures import UploadFile
+from fastapi import Form, HTTPException, Path, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from models import store
 from models.decision import MinConfidence, check_supported, parse_min_confidence
+from models.errors import TuneserveError
 from models.runtime import OnnxClassifier
 from service.config import Settings
 from service.pool import ModelPool
+from service.schemas import Error
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+_NAME = store._NAME.pattern.removeprefix("^").removesuffix("$")  # models/store.py's rule for names and versions
+MODEL_REF = f"^{_NAME}(:{_NAME})?$"
+MODEL_REF_HELP = "A stored model: `name` (its latest version) or `name:version`; lowercase letters, digits, `-`, `_`, `.`"
+NO_NUL = r"^[^\x00]+$"
+
+# What each status means on these routes; `errors(...)` documents a route's statuses with the Error schema.
+STATUS_MEANING = {
+    400: "The request cannot be used: a file is not an image or a zip, a field is missing or both of two were sent, or the body is not a valid form",
+    401: "An API key is needed (Authorization: Bearer <key>) or it is wrong",
+    403: "A data path outside the data root",
+    404: "An unknown model, version, job or data path",
+    409: "The job is in a state that does not allow this",
+    413: "The body, an image's pixel count or the number of files is over its limit",
+    415: "The body is not multipart/form-data, or an image format is not allowed",
+    422: "A field breaks its declared constraints, or the data is not usable (labels, zip contents, training config)",
+    429: "Too many active jobs for this key or for the server; Retry-After says when to try again",
+    503: "The worker is still starting: models are not loaded yet",
+    507: "The fine-tune disk budget or the disk is full",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for `statuses`, each an `Error`."""
+    return {status: {"model": Error, "description": STATUS_MEANING[status]} for status in statuses}
+
+
+UPLOAD_ERRORS = errors(400, 401, 404, 413, 415, 422, 503)
+
+
+def error_response(error: TuneserveError) -> JSONResponse:
+    """`{"error": ...}` with the error's status (and headers, e.g. Retry-After)."""
+    return JSONResponse({"error": str(error)}, status_code=error.status, headers=getattr(error, "headers", None))
 
 
 def pool_of(request: Request) -> ModelPool:
@@ -20,54 +68,185 @@ def pool_of(request: Request) -> ModelPool:
     return pool
 
 
-async def read_form(request: Request, max_files: int):
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        raise HTTPException(415, f"expected multipart/form-data, got {content_type or 'no content type'}")
-    try:
-        return await request.form(max_files=max_files, max_fields=100)
-    except StarletteHTTPException as error:
-        if "Too many files" in str(error.detail):  # Starlette says 400; the limit is ours to name
-            raise HTTPException(413, f"too many files in one request; limit is {max_files - 1 or 1}") from None
-        raise
-    except Exception as error:  # multipart parse errors
-        raise HTTPException(400, f"cannot parse the multipart body: {error}") from None
+Receive = Callable[[], Awaitable[dict]]
+# Runs before the body is read (auth, quotas); may return a `receive` that limits the body further.
+BeforeBody = Callable[[Request], Awaitable[Receive | None]]
 
 
-def text_field(form, request: Request, name: str) -> str | None:
-    value = form.get(name)
-    if value is None:
-        value = request.query_params.get(name)
-    if isinstance(value, UploadFile):
-        raise HTTPException(400, f"'{name}' must be a text field, not a file")
-    return value.strip() if isinstance(value, str) and value.strip() else None
+class FormRoute(APIRoute):
+    """A route whose body is a form: 415, and the `before_body` checks, before a byte of it is read;
+    parse errors that say what was wrong."""
+
+    before_body: tuple[BeforeBody, ...] = ()
+
+    def get_route_handler(self) -> Callable:
+        parse_and_call = super().get_route_handler()
+        if self.body_field is None:  # no body declared (GET, cancel, …): nothing to check
+            return parse_and_call
+
+        async def handler(request: Request):
+            try:
+                for check in self.before_body:
+                    receive = await check(request)
+                    if receive is not None:
+                        request = Request(request.scope, receive)  # same scope, so the same request.state
+                content_type = request.headers.get("content-type", "")
+                if not content_type.startswith(FORM_TYPES):
+                    raise HTTPException(415, f"expected multipart/form-data, got {content_type or 'no content type'}")
+                await self._check_fields(request)
+            except TuneserveError as error:  # answered here: the router may be used without service/app.py
+                return error_response(error)
+            return await parse_and_call(request)  # FastAPI validates the (cached) form against the declaration
+
+        return handler
+
+    async def _check_fields(self, request: Request) -> None:
+        """Parse the form (Starlette caches it for FastAPI) and refuse fields the route does not declare
+        or sends empty: FastAPI would ignore the first and read the second as absent; the schema allows neither."""
+        try:
+            form = await request.form(**self.form_limits)
+        except StarletteHTTPException as error:
+            raise _named_parse_error(error) from None
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):  # spooling the upload to a temporary file
+                raise HTTPException(507, f"no space left to receive this upload ({error.strerror})") from None
+            raise
+        body = self.body_field.field_info.annotation  # FastAPI's model of every form field, sub-dependencies' too
+        declared = {field.alias or name for name, field in body.model_fields.items()}
+        unknown = sorted({key for key, value in form.multi_items() if not _empty_file_input(value)} - declared)
+        if unknown:
+            raise HTTPException(422, f"unknown form fields {unknown}; this route takes {sorted(declared)}")
+        lists = {field.alias or name for name, field in body.model_fields.items() if _is_list(field.annotation)}
+        repeated = sorted({key for key in form.keys() if key not in lists and len(form.getlist(key)) > 1})
+        if repeated:
+            raise HTTPException(422, f"form fields {repeated} were sent more than once; each takes one value")
+        empty = sorted({key for key, value in form.multi_items() if isinstance(value, str) and value == ""})
+        if empty:
+            raise HTTPException(422, f"empty form fields {empty}: leave a field out to use its default")
 
 
-def top_k_field(form, request: Request, settings: Settings) -> int:
-    raw = text_field(form, request, "top_k")
-    if raw is None:
-        return settings.default_top_k
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HTTPException(422, f"top_k must be an integer, got {raw!r}") from None
-    if not 1 <= value <= settings.max_top_k:
-        raise HTTPException(422, f"top_k must be between 1 and {settings.max_top_k}, got {value}")
-    return value
+def form_route(*checks: BeforeBody) -> type[FormRoute]:
+    """A FormRoute class that runs `checks` before reading the body."""
+    return type("FormRoute", (FormRoute,), {"before_body": checks})
 
 
-def min_confidence_field(form, request: Request, classifier: OnnxClassifier) -> MinConfidence:
-    """`min_confidence`: a probability, or `auto` (needs the version's per-label thresholds); 422 otherwise."""
-    value = parse_min_confidence(text_field(form, request, "min_confidence"))
+def before_body(dependency: Callable[..., Any]) -> BeforeBody:
+    """An auth dependency (service/auth.py) run as a `before_body` check, so a caller without a key
+    is refused before uploading anything; it stays declared on the route too (OpenAPI security)."""
+
+    async def check(request: Request) -> None:
+        dependency(request, None)
+        return None
+
+    return check
+
+
+def _is_list(annotation: Any) -> bool:
+    """list[...] or list[...] | None."""
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(typing.get_origin(arg) is list for arg in typing.get_args(annotation))
+
+
+def _empty_file_input(value: Any) -> bool:
+    """What a browser sends for a file input left empty; FastAPI reads it as absent, and so do we."""
+    return isinstance(value, StarletteUploadFile) and not value.filename and not value.size
+
+
+def _named_parse_error(error: StarletteHTTPException) -> StarletteHTTPException:
+    """Starlette answers every multipart parse error with 400; too many files is a size limit (413)."""
+    if error.status_code == 400 and "Too many files" in str(error.detail):
+        return HTTPException(413, f"too many files in one request: {error.detail}")
+    if error.status_code == 400:
+        return HTTPException(400, f"cannot parse the multipart body: {error.detail}")
+    return error
+
+
+MIN_CONFIDENCE_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "string", "enum": ["auto"]}],
+    "description": "Abstain (label null) below this probability: a number in [0, 1], or `auto` for the "
+    "version's per-label thresholds (422 for a version exported without them)",
+}
+
+
+def min_confidence_field():
+    """A text field checked by `min_confidence_of`; its schema is MIN_CONFIDENCE_SCHEMA (`form_part`)."""
+    return Annotated[str | None, Form()]
+
+
+def min_confidence_of(raw: str | None, classifier: OnnxClassifier) -> MinConfidence:
+    """The declared `min_confidence` → what models/decision.py applies; 422 for anything the schema does
+    not allow and for `auto` on a version without thresholds."""
+    if raw is not None and (raw != raw.strip() or (raw.lower() == "auto" and raw != "auto")):
+        raise HTTPException(422, f"min_confidence must be a number in [0, 1] or 'auto', got {raw!r}")
+    value = parse_min_confidence(raw)
     check_supported(value, classifier.manifest, classifier.tag)
     return value
 
 
-def upload_field(value: Any, field: str) -> UploadFile:
-    if isinstance(value, UploadFile):
-        return value
-    if isinstance(value, str):
-        raise HTTPException(
-            400, f"'{field}' must be an uploaded file (multipart file part); text and URLs are not accepted"
-        )
-    raise HTTPException(400, f"missing '{field}': send the image as a multipart file field named '{field}'")
+def model_field(description: str = MODEL_REF_HELP):
+    """An optional form field naming a stored model (the default model when absent)."""
+    return Annotated[str | None, Form(pattern=MODEL_REF, max_length=129, description=description)]
+
+
+def top_k_field(settings: Settings):
+    return Annotated[
+        int,
+        Form(ge=1, le=settings.max_top_k, description=f"How many labels to return, most probable first (1..{settings.max_top_k})"),
+    ]
+
+
+ModelPath = Annotated[str, Path(pattern=MODEL_REF, max_length=129, description=MODEL_REF_HELP)]
+
+
+# ---- OpenAPI rules FastAPI cannot derive from parameters -------------------------------------
+ONE_OF_KEY = "x-exactly-one-of"
+FORM_PART_KEY = "x-form-parts"
+
+
+def exactly_one_of(*fields: str) -> dict[str, Any]:
+    """`openapi_extra` for a form that needs exactly one of `fields` (see `apply_form_rules`)."""
+    return {ONE_OF_KEY: list(fields)}
+
+
+def json_form_part(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` for a text form field that carries JSON with `schema` (sent as application/json)."""
+    return {FORM_PART_KEY: {field: {"schema": schema, "contentType": "application/json"}}}
+
+
+def form_part(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` giving a text form field a schema FastAPI cannot derive from its annotation."""
+    return {FORM_PART_KEY: {field: {"schema": schema}}}
+
+
+def apply_form_rules(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Form bodies as a client can send them: rules kept in `openapi_extra` moved into the body
+    schemas they constrain, and no `null` alternatives (a form field is either sent or absent)."""
+    components = openapi.get("components", {}).get("schemas", {})
+    for path_item in openapi.get("paths", {}).values():
+        for operation in path_item.values():
+            one_of = operation.pop(ONE_OF_KEY, None)
+            parts = operation.pop(FORM_PART_KEY, None)
+            media = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if media is None:
+                continue
+            operation["requestBody"]["required"] = True  # a form route always needs its form
+            body = components[media["schema"]["$ref"].rsplit("/", 1)[-1]]
+            body["additionalProperties"] = False  # FormRoute refuses undeclared fields
+            for name, field in body["properties"].items():
+                body["properties"][name] = _without_null(field)
+            if one_of:
+                body["oneOf"] = [{"required": [field]} for field in one_of]
+            for field, part in (parts or {}).items():
+                body["properties"][field] = part["schema"]
+                if "contentType" in part:
+                    media.setdefault("encoding", {})[field] = {"contentType": part["contentType"]}
+    return openapi
+
+
+def _without_null(field: dict[str, Any]) -> dict[str, Any]:
+    choices = [choice for choice in field.get("anyOf", ()) if choice.get("type") != "null"]
+    if len(choices) != 1:
+        return field
+    merged = {key: value for key, value in field.items() if key != "anyOf"}
+    return {**choices[0], **merged}

@@ -1,16 +1,18 @@
 """GET /models, GET /models/{name}, POST /models/{name}/reload."""
-from __future__ import annotations
-
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
 from models import store
 from models.errors import TuneserveError
 from service.auth import require_api_key, require_read_access
 from service.config import Settings
-from service.routes.forms import pool_of
+from service.pool import ModelPool
+from service.routes.forms import ModelPath, errors, pool_of
+from service.schemas import ModelDetail, ModelList, Reloaded
+
+Pool = Annotated[ModelPool, Depends(pool_of)]
 
 
 def build_router(settings: Settings) -> APIRouter:
@@ -18,9 +20,9 @@ def build_router(settings: Settings) -> APIRouter:
     read = [Depends(require_read_access(settings))]
     write = [Depends(require_api_key(settings))]
 
-    @router.get("/models", dependencies=read)
-    async def list_models(request: Request) -> dict[str, Any]:
-        pool = pool_of(request)
+    @router.get("/models", dependencies=read, response_model=ModelList, responses=errors(401, 503))
+    async def list_models(pool: Pool) -> dict[str, Any]:
+        """Every stored model with its versions, and what this worker has loaded."""
         return {
             "default_model": settings.default_model,
             "models": await asyncio.to_thread(_stored_models),
@@ -28,18 +30,17 @@ def build_router(settings: Settings) -> APIRouter:
             "runtime": pool.runtime(),
         }
 
-    @router.get("/models/{name}", dependencies=read)
-    async def show_model(name: str, request: Request) -> dict[str, Any]:
-        pool = pool_of(request)
+    @router.get("/models/{name}", dependencies=read, response_model=ModelDetail, responses=errors(401, 404, 422, 503))
+    async def show_model(name: ModelPath, pool: Pool) -> dict[str, Any]:
+        """One model's versions (`name`) or one version (`name:version`), with manifests and eval reports."""
         model_name, version = store.split_ref(name)
         found = await asyncio.to_thread(_stored_model, model_name, version)
         found["loaded"] = {tag: d for tag, d in pool.loaded().items() if tag.split(":")[0] == model_name}
         return found
 
-    @router.post("/models/{name}/reload", dependencies=write)
-    async def reload_model(name: str, request: Request) -> dict[str, Any]:
+    @router.post("/models/{name}/reload", dependencies=write, response_model=Reloaded, responses=errors(401, 404, 422, 503))
+    async def reload_model(name: ModelPath, pool: Pool) -> dict[str, Any]:
         """Check the store now instead of waiting for the poller (this worker); loads the model if needed."""
-        pool = pool_of(request)
         model_name, _ = store.split_ref(name)
         await pool.get(model_name)
         swapped = await pool.check_for_updates()
