@@ -74,6 +74,7 @@ class QuantizeConfig:
     methods: tuple[str, ...] = METHODS
     calibration_images: int = 300
     max_eval_images: int = 2000  # per split; enough to resolve a 0.5-point accuracy drop
+    spare_images: int = 500  # training images not calibrated on, added to validation's fidelity measure
     batch_size: int = 16
     percentile: float = 99.999
     seed: int = 0
@@ -105,6 +106,13 @@ class QuantizeData:
     validation: Images
     test: Images
     evaluated_on: str = "test"
+    spare: np.ndarray | None = None  # training images calibration did not use (agreement needs no labels)
+
+    def fidelity_images(self) -> np.ndarray:
+        """Validation, then the spare training images: where closeness to fp32 is measured."""
+        if self.spare is None or not len(self.spare):
+            return self.validation.arrays
+        return np.concatenate([self.validation.arrays, self.spare])
 
 
 # --------------------------------------------------------------------------- data
@@ -140,11 +148,15 @@ def data_from_splits(splits: dict[str, list[Sample]], manifest: Manifest, config
     def load(part: list[Sample], limit: int) -> Images:
         return load_images(part, manifest, limit, config.seed, config.workers)
 
+    calibration = _subset(splits["train"], config.calibration_images, config.seed)
+    used = {s.path for s in calibration}
+    spare = [s for s in splits["train"] if s.path not in used]
     return QuantizeData(
-        calibration=load(splits["train"], config.calibration_images).arrays,
+        calibration=load(calibration, len(calibration)).arrays,
         validation=load(splits["val"], config.max_eval_images),
         test=load(test, config.max_eval_images),
         evaluated_on=evaluated_on,
+        spare=load(spare, config.spare_images).arrays if spare else None,
     )
 
 
@@ -311,19 +323,27 @@ def _rank(scores: dict[str, float]) -> tuple[float, float, float]:
 
 def choose_calibration(source: Path, data: QuantizeData, manifest: Manifest, config: QuantizeConfig,
                        workdir: Path) -> tuple[str, Path, dict[str, dict[str, float]]]:
-    """Quantize with each method; keep the one closest to fp32 on validation."""
-    reference = run_graph(source, data.validation.arrays, manifest)
+    """Quantize with each method; keep the one closest to fp32 on validation (+ spare train images).
+
+    Accuracy is measured on the validation split; agreement and |Δp| on it and on the training
+    images calibration did not use, which needs no labels and makes the ranking less noisy.
+    """
+    images = data.fidelity_images()
+    reference = run_graph(source, images, manifest)
     tried: dict[str, dict[str, float]] = {}
     for method in config.methods:
         target = workdir / f"{method}.onnx"
         try:
             quantize_graph(source, target, data.calibration, method, config, manifest.input_name)
-            probabilities = run_graph(target, data.validation.arrays, manifest)
+            probabilities = run_graph(target, images, manifest)
         except Exception as error:  # noqa: BLE001 - one calibrator failing leaves the others
             log.warning("int8 %s calibration failed: %s", method, error)
             tried[method] = {"error": str(error)}
             continue
-        tried[method] = agreement(reference, probabilities, data.validation.labels)
+        tried[method] = {**agreement(reference, probabilities), "images": len(images)}
+        if data.validation.labels is not None:
+            validation = probabilities[: len(data.validation)]
+            tried[method]["accuracy"] = float((validation.argmax(1) == data.validation.labels).mean())
         log.info("int8 %s on validation: %s", method, tried[method])
     ranked = [m for m in config.methods if "error" not in tried[m]]
     if not ranked:

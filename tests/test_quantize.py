@@ -310,6 +310,7 @@ def test_images_with_other_labels_are_split_by_seed_and_compared_unlabelled(tmp_
     samples = [Sample(s.path, "cat") for s in noisy_colour_images(tmp_path / "data", per_class=5)]  # not its labels
     data = data_from_samples(samples, read_manifest(directory), QuantizeConfig(calibration_images=6))
     assert len(data.calibration) == 6 and len(data.validation) == 3 and len(data.test) == 3
+    assert len(data.spare) == 3 and len(data.fidelity_images()) == 6  # train images not calibrated on
     assert data.validation.labels is None and data.test.labels is None
     again = data_from_samples(samples, read_manifest(directory), QuantizeConfig(calibration_images=6))
     assert np.array_equal(again.test.arrays, data.test.arrays)  # the same split every time
