@@ -28,6 +28,7 @@ from service.finetune import quotas
 from service.finetune.runner import JobManager, _tail
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES, JobStore, new_job_id
+from service.finetune.store import Job as StoredJob
 from service.limits import inside_root
 from service.routes.forms import _NAME, NO_NUL, error_response, errors, exactly_one_of, form_route, json_form_part
 from service.schemas import Job, JobDeleted, JobList, JobState, JobSubmitted
@@ -369,47 +370,56 @@ def build_router(manager: JobManager, settings: Any = None) -> APIRouter:
     )
     def cancel(job_id: JobId):
         """Stop a queued or running job (no model is published); 202 while a running job stops."""
-        job = get_job(job_id)
-        if job.state in ENDED_STATES:
-            # the message last: the job's own `error` field (often null) must not replace it
-            return JSONResponse({**job.public(), "error": f"job {job_id} is already {job.state}"}, status_code=409)
-        job = jobs.request_cancel(job_id)
-        return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
+        return cancel_job(jobs, get_job(job_id))
 
     @router.post(
         "/finetune/{job_id}/resume", status_code=202, dependencies=write, response_model=Job, responses={**JOB_ERRORS, **errors(409, 429)}
     )
     def resume(job_id: JobId):
         """Requeue an interrupted, failed or cancelled job; it continues from its last epoch checkpoint."""
-        job = get_job(job_id)
-        if job.state not in RESUMABLE_STATES:
-            return JSONResponse(
-                {"error": f"job {job_id} is {job.state}; only {sorted(RESUMABLE_STATES)} jobs can be resumed"}, status_code=409
-            )
-        if not Path(job.dataset_dir).exists():
-            return JSONResponse({"error": f"job {job_id}: its dataset is gone ({job.dataset_dir})"}, status_code=409)
-        try:
-            requeued = jobs.requeue_for_resume(job_id, quota=ft)
-        except quotas.QuotaExceeded as error:
-            return _error(error)
-        if not requeued:
-            return JSONResponse({"error": f"job {job_id} changed state; try again"}, status_code=409)
-        manager.wake()
-        return jobs.get(job_id).public()
+        return resume_job(manager, get_job(job_id))
 
     @router.delete("/finetune/{job_id}", dependencies=write, response_model=JobDeleted, responses={**JOB_ERRORS, **errors(409)})
     def delete(job_id: JobId):
         """Forget a finished, failed, cancelled or interrupted job and free its disk (dataset copy,
         checkpoints, logs). Published model versions are not touched."""
-        job = get_job(job_id)
-        if not jobs.delete(job_id):
-            return JSONResponse({"error": f"job {job_id} is {job.state}; cancel it first"}, status_code=409)
-        job_dir = Path(job.job_dir).resolve()
-        if job_dir.is_relative_to(ft.jobs_dir.resolve()):
-            shutil.rmtree(job_dir, ignore_errors=True)
-        return {"job_id": job_id, "deleted": True, "state": job.state}
+        return delete_job(jobs, ft, get_job(job_id))
 
     return router
+
+
+def cancel_job(jobs: JobStore, job: StoredJob) -> JSONResponse:
+    if job.state in ENDED_STATES:
+        # the message last: the job's own `error` field (often null) must not replace it
+        return JSONResponse({**job.public(), "error": f"job {job.id} is already {job.state}"}, status_code=409)
+    job = jobs.request_cancel(job.id)
+    return JSONResponse(job.public(), status_code=202 if job.state == "running" else 200)
+
+
+def resume_job(manager: JobManager, job: StoredJob) -> JSONResponse | dict[str, Any]:
+    if job.state not in RESUMABLE_STATES:
+        return JSONResponse(
+            {"error": f"job {job.id} is {job.state}; only {sorted(RESUMABLE_STATES)} jobs can be resumed"}, status_code=409
+        )
+    if not Path(job.dataset_dir).exists():
+        return JSONResponse({"error": f"job {job.id}: its dataset is gone ({job.dataset_dir})"}, status_code=409)
+    try:
+        requeued = manager.store.requeue_for_resume(job.id, quota=manager.settings)
+    except quotas.QuotaExceeded as error:
+        return _error(error)
+    if not requeued:
+        return JSONResponse({"error": f"job {job.id} changed state; try again"}, status_code=409)
+    manager.wake()
+    return manager.store.get(job.id).public()
+
+
+def delete_job(jobs: JobStore, ft: FinetuneSettings, job: StoredJob) -> JSONResponse | dict[str, Any]:
+    if not jobs.delete(job.id):
+        return JSONResponse({"error": f"job {job.id} is {job.state}; cancel it first"}, status_code=409)
+    job_dir = Path(job.job_dir).resolve()
+    if job_dir.is_relative_to(ft.jobs_dir.resolve()):
+        shutil.rmtree(job_dir, ignore_errors=True)
+    return {"job_id": job.id, "deleted": True, "state": job.state}
 
 
 def unavailable_router(reason: str, prefixes: tuple[str, ...] = ("/finetune", "/advise")) -> APIRouter:
