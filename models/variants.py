@@ -44,7 +44,7 @@ def int8_gate(variant: Variant | None, max_drop: float = MAX_INT8_ACCURACY_DROP)
         drop = -variant.accuracy_delta
         verdict = "within" if drop <= max_drop + 1e-9 else "over"
         return drop <= max_drop + 1e-9, (
-            f"int8 test accuracy drop {drop * 100:.2f} points {verdict} the {max_drop * 100:.1f}-point gate"
+            f"int8 test accuracy drop {drop * 100 + 0.0:.2f} points {verdict} the {max_drop * 100:.1f}-point gate"
         )
     changed = 1.0 - variant.agreement
     verdict = "within" if changed <= max_drop + 1e-9 else "over"
