@@ -200,6 +200,30 @@ def test_dead_worker_job_becomes_interrupted(make_client, dataset_zip, ft_settin
     assert final["state"] == "interrupted"
 
 
+def test_dead_worker_job_that_published_is_succeeded(make_client, dataset_zip, ft_settings):
+    """A trainer that published before its worker was found gone (a Ray job runs on without it):
+    recovery records the published version, not `interrupted`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from service.finetune.store import hostname
+
+    client, manager = make_client(start=False)
+    job_id = submit(client, dataset_zip).json()["job_id"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    manager.store.register_worker("old", hostname(), dead.pid)
+    claimed = manager.store.claim("old", hostname(), 1)
+    progress = Path(claimed.job_dir) / f"progress-{claimed.attempts}.jsonl"
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text(json.dumps({"event": "succeeded", "model": "colours:abc", "eval": {"accuracy": 1.0}}) + "\n")
+    manager.start()  # start-up recovery
+    final = job(client, job_id)
+    assert final["state"] == "succeeded" and final["model"] == "colours:abc" and final["eval"] == {"accuracy": 1.0}
+    assert "published on its own" in final["error"]
+
+
 def test_two_workers_each_job_once(make_client, dataset_zip, ft_settings, monkeypatch):
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.05")
     settings = dataclasses.replace(ft_settings, max_concurrent_jobs=2)

@@ -250,11 +250,28 @@ class JobManager:
                 killpg(job.pid, signal.SIGTERM)
                 threading.Timer(self.settings.grace_seconds, killpg, (job.pid, signal.SIGKILL)).start()
             self.backend.stop_orphan(job)
-            reason = "the server worker running this job stopped; resume with POST /finetune/{id}/resume".format(id=job.id)
-            if self.store.finish(job.id, "interrupted", owner=job.owner, error=reason):
-                log.warning("job %s interrupted (worker %s is gone)", job.id, job.owner)
+            if self._finish_orphan(job):
                 recovered.append(job.id)
         return recovered
+
+    def _finish_orphan(self, job: Job) -> bool:
+        """`interrupted`, unless the trainer published before its worker was gone: a Ray job keeps
+        running without its worker, and a local child can finish in the moment before the kernel's
+        parent-death signal. The job database then says what really happened."""
+        trace = JobTrace(progress={})
+        trace.apply(ProgressReader(Path(job.job_dir) / f"progress-{job.attempts}.jsonl").read())
+        final = trace.succeeded or {}
+        if final.get("model") or final.get("advice"):
+            note = "its server worker stopped while it ran; the trainer finished and published on its own"
+            done = self.store.finish(job.id, "succeeded", owner=job.owner, model=final.get("model"),
+                                     eval=final.get("eval") or final.get("advice"), error=note)
+            log.warning("job %s succeeded without its worker (%s is gone) → %s", job.id, job.owner, final.get("model"))
+            return done
+        reason = "the server worker running this job stopped; resume with POST /finetune/{id}/resume".format(id=job.id)
+        if self.store.finish(job.id, "interrupted", owner=job.owner, error=reason):
+            log.warning("job %s interrupted (worker %s is gone)", job.id, job.owner)
+            return True
+        return False
 
     # -- the loop --------------------------------------------------------------------------
     def _run_loop(self) -> None:
