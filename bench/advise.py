@@ -73,7 +73,7 @@ def printed_digit(digit: int, font_path: str, size: int, rng) -> Image.Image:
     return canvas.rotate(rng.uniform(-10, 10), fillcolor=255)
 
 
-def source_fonts(root: Path, size: int, per_class: int = 24) -> Path:
+def source_fonts(root: Path, size: int, per_class: int = 24) -> Path:  # 240 images
     rng, paths = np.random.default_rng(1), fonts()
     rows = [(printed_digit(d, paths[(i * 7 + d) % len(paths)], size, rng), str(d), None)
             for d in range(10) for i in range(per_class)]
@@ -83,16 +83,16 @@ def source_fonts(root: Path, size: int, per_class: int = 24) -> Path:
 def source_textures(root: Path, size: int) -> Path:
     from training.demo_data import write_textures
 
-    write_textures(root, size, per_class=40, seed=2)
+    write_textures(root, size, per_class=25, seed=2)  # 100 images
     return root
 
 
 def source_faces(root: Path, size: int) -> Path:
     from skimage import data as skdata
 
-    images = skdata.lfw_subset()  # 100 faces, then 100 non-faces, 25x25 floats
+    images = skdata.lfw_subset()  # 100 faces, then 100 non-faces, 25x25 floats; every other one: 100 images
     rows = [(Image.fromarray((img * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR),
-             "face" if i < 100 else "not-face", None) for i, img in enumerate(images)]
+             "face" if i < 100 else "not-face", None) for i, img in enumerate(images) if i % 2 == 0]
     return write_manifest(root, rows)
 
 
@@ -129,7 +129,7 @@ def draw_shape(kind: str, size: int, rng, filled: bool, colour, background) -> I
     return image
 
 
-def source_shapes(root: Path, size: int, per_class: int = 50) -> Path:
+def source_shapes(root: Path, size: int, per_class: int = 25) -> Path:  # 100 images
     rng = np.random.default_rng(3)
     rows = []
     for kind in ("circle", "square", "triangle", "line"):
@@ -205,7 +205,7 @@ def publish_source(name: str, data: Path, args) -> dict:
     from training.pipeline import run
 
     config = TrainConfig(name=name, source="imagenet", data=str(data), strategy="full", epochs=args.source_epochs,
-                         image_size=args.size, batch_size=32, int8=False, output_dir=str(HOME / "runs" / name))
+                         image_size=args.size, batch_size=8, int8=False, output_dir=str(HOME / "runs" / name))
     result, seconds = timed(run, config)
     return {"model": result.version.tag, "accuracy": result.report["accuracy"], "seconds": round(seconds, 1)}
 
@@ -226,7 +226,7 @@ def torch_finetune(source: str, splits, labels, args, train=None) -> tuple[float
     from training.train import train as train_model
 
     parts = {**splits, "train": train if train is not None else splits["train"]}
-    config = TrainConfig(name="gt", source=source, data="-", strategy="full", epochs=args.gt_epochs, batch_size=16,
+    config = TrainConfig(name="gt", source=source, data="-", strategy="full", epochs=args.gt_epochs, batch_size=8,
                          image_size=args.size, hflip=False, int8=False,
                          output_dir=tempfile.mkdtemp(prefix="gt-", dir=HOME))  # fresh: no stale best.pt
     result, seconds = timed(train_model, config, parts, labels)
@@ -346,6 +346,26 @@ def build_sources(args, results: dict, out: Path) -> dict[str, str]:
     return {name: entry["model"] for name, entry in results["sources"].items()}
 
 
+def markdown(results: dict) -> str:
+    """The README tables from a results file (`python bench/advise.py --table FILE`)."""
+    names = list(results["sources"])
+    lines = ["| target (classes, train / shifted test) | " + " | ".join(names) + " | weighted τ | advise s / fine-tune s |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for t in results.get("targets", []):
+        cells = [f"{t['logme'][n]:.2f} / {t['finetune_accuracy'][n]:.2f}" for n in names]
+        lines.append(f"| {t['target']} ({t['classes']}, {t['train']} / {t['test']}) | " + " | ".join(cells)
+                     + f" | {t['weighted_tau']:.2f} | {t['advise_seconds']:.0f} / {t['mean_finetune_seconds']:.0f} |")
+    lines += ["", "| images per class | prototype acc (s) | logistic acc (s) | full fine-tune acc (s) |", "|---|---|---|---|"]
+    for row in results.get("instant", {}).get("rows", []):
+        lines.append(f"| {row['images_per_class']} | " + " | ".join(
+            f"{row[k]['accuracy']:.3f} ({row[k]['seconds']:.0f})" for k in ("prototype", "logistic", "full")) + " |")
+    lines += ["", "| default-settings job | accuracy | seconds | image size | raw-pixel logistic |", "|---|---|---|---|---|"]
+    for name, job in results.get("defaults", {}).items():
+        lines.append(f"| {name} | {job['accuracy']:.3f} | {job['seconds']:.0f} | {job['image_size']} | "
+                     f"{job.get('raw_pixel_logistic', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results/advise.json"))
@@ -355,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=10, help="train images per class of each target (<= 20)")
     parser.add_argument("--skip-defaults", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the stages already in --out (same TUNESERVE_BENCH_HOME)")
+    parser.add_argument("--table", type=Path, metavar="RESULTS", help="print the README tables of a results file and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
     import torch
 
     torch.set_num_threads(2)
@@ -379,23 +403,27 @@ def main(argv: list[str] | None = None) -> int:
     results["advise_over_finetune"] = round(float(np.mean([t["advise_seconds"] / t["mean_finetune_seconds"]
                                                            for t in results["targets"]])), 3)
     best = results["targets"][0]["best_by_advisor"]
-    if "instant" not in results:
-        results["instant"] = {"target": "handwritten", "source": best, "rows": instant_vs_full(targets["handwritten"], best, args)}
+    if "instant" not in results:  # its own copy of the target with 10 train images per class
+        handwritten = target_handwritten(HOME / "data" / "instant-handwritten", args.size, 10, 3, 15)
+        results["instant"] = {"target": "handwritten", "source": best, "rows": instant_vs_full(handwritten, best, args)}
         save(results, args.out)
     if not args.skip_defaults:
         from training.demo_data import write_digits
 
-        digits = HOME / "data" / "demo-digits"
-        if "demo-digits" not in results.setdefault("defaults", {}):
-            write_digits(digits, 64)
-            results["defaults"]["demo-digits"] = default_job("digits", digits)
-            save(results, args.out)
+        results.setdefault("defaults", {})
         for name, data in targets.items():
             if name in results["defaults"]:
                 continue
             splits, labels = splits_of(data)
             results["defaults"][name] = {**default_job(f"default-{name}", data),
                                          "raw_pixel_logistic": raw_pixel_baseline(splits, labels)}
+            save(results, args.out)
+        digits = HOME / "data" / "demo-digits"
+        if "demo-digits" not in results["defaults"]:
+            write_digits(digits, 64)
+            splits, labels = splits_of(digits)
+            results["defaults"]["demo-digits"] = {**default_job("digits", digits),
+                                                  "raw_pixel_logistic": raw_pixel_baseline(splits, labels)}
             save(results, args.out)
     results["seconds"] = round(time.perf_counter() - started, 1)
     save(results, args.out)
