@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -226,7 +227,12 @@ def torch_finetune(source: str, splits, labels, args, train=None) -> tuple[float
     from training.train import train as train_model
 
     parts = {**splits, "train": train if train is not None else splits["train"]}
-    config = TrainConfig(name="gt", source=source, data="-", strategy="full", epochs=args.gt_epochs, batch_size=8,
+    batch = 8
+    while len(parts["train"]) % batch == 1:  # a last batch of one breaks BatchNorm on 1x1 feature maps
+        batch -= 1
+    epochs = max(args.gt_epochs, math.ceil(args.gt_steps / math.ceil(len(parts["train"]) / batch)))
+    config = TrainConfig(name="gt", source=source, data="-", strategy="full", epochs=epochs, batch_size=batch,
+                         learning_rate=args.gt_lr,
                          image_size=args.size, hflip=False, int8=False,
                          output_dir=tempfile.mkdtemp(prefix="gt-", dir=HOME))  # fresh: no stale best.pt
     result, seconds = timed(train_model, config, parts, labels)
@@ -371,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/advise.json"))
     parser.add_argument("--size", type=int, default=64, help="image size of every source and fine-tune")
     parser.add_argument("--source-epochs", type=int, default=2)
-    parser.add_argument("--gt-epochs", type=int, default=3, help="epochs of each ground-truth full fine-tune")
+    parser.add_argument("--gt-epochs", type=int, default=3, help="least epochs of each ground-truth full fine-tune")
+    parser.add_argument("--gt-steps", type=int, default=40, help="least optimiser steps of each ground-truth fine-tune")
+    parser.add_argument("--gt-lr", type=float, default=1e-2, help="head learning rate of the ground-truth fine-tunes")
     parser.add_argument("--train", type=int, default=10, help="train images per class of each target (<= 20)")
     parser.add_argument("--skip-defaults", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the stages already in --out (same TUNESERVE_BENCH_HOME)")
@@ -386,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else {}
     results["scale"] = {"cores": os.cpu_count(), "size": args.size, "source_epochs": args.source_epochs,
-                        "gt_epochs": args.gt_epochs, "train_per_class": args.train, "val_per_class": 3,
+                        "gt_epochs": args.gt_epochs, "gt_steps": args.gt_steps, "gt_lr": args.gt_lr,
+                        "train_per_class": args.train, "val_per_class": 3,
                         "test_per_class": 15}
     tags = build_sources(args, results, args.out)
     writers = {"handwritten": target_handwritten, "photo-tex": target_photo_textures, "new-shapes": target_new_shapes}
