@@ -354,13 +354,17 @@ def build_sources(args, results: dict, out: Path) -> dict[str, str]:
 
 def markdown(results: dict) -> str:
     """The README tables from a results file (`python bench/advise.py --table FILE`)."""
+    from scipy.stats import weightedtau
+
     names = list(results["sources"])
-    lines = ["| target (classes, train / shifted test) | " + " | ".join(names) + " | weighted τ | advise s / fine-tune s |",
-             "|---|" + "---|" * (len(names) + 2)]
+    lines = ["| target (classes, train / shifted test) | " + " | ".join(names)
+             + " | τw LogME | τw probe | raw pixels | advise s / fine-tune s |", "|---|" + "---|" * (len(names) + 4)]
     for t in results.get("targets", []):
-        cells = [f"{t['logme'][n]:.2f} / {t['finetune_accuracy'][n]:.2f}" for n in names]
+        cells = [f"{t['logme'][n]:.3f} / {t['probe'][n]:.2f} / **{t['finetune_accuracy'][n]:.2f}**" for n in names]
+        probe_tau = weightedtau([t["probe"][n] for n in names], [t["finetune_accuracy"][n] for n in names]).statistic
         lines.append(f"| {t['target']} ({t['classes']}, {t['train']} / {t['test']}) | " + " | ".join(cells)
-                     + f" | {t['weighted_tau']:.2f} | {t['advise_seconds']:.0f} / {t['mean_finetune_seconds']:.0f} |")
+                     + f" | {t['weighted_tau']:.2f} | {probe_tau:.2f} | {t['raw_pixel_logistic']:.2f} | "
+                     f"{t['advise_seconds']:.0f} / {t['mean_finetune_seconds']:.0f} |")
     lines += ["", "| images per class | prototype acc (s) | logistic acc (s) | full fine-tune acc (s) |", "|---|---|---|---|"]
     for row in results.get("instant", {}).get("rows", []):
         lines.append(f"| {row['images_per_class']} | " + " | ".join(
