@@ -98,6 +98,9 @@ def fit_ood(train_embeddings: np.ndarray, train_labels: Sequence[int], val_embed
     for c in present:
         means[c] = x[labels == c].mean(axis=0)
     covariance, _ = ledoit_wolf(x - means[labels], assume_centered=True)
+    if not np.isfinite(covariance).all() or not covariance.any():
+        # one image per class leaves no spread around the means: fall back to the spread of the data
+        covariance = np.eye(x.shape[1]) * max(float(x.var()), 1e-12)
     values, vectors = np.linalg.eigh(covariance)
     whitening = vectors / np.sqrt(np.maximum(values, values.max() * 1e-9))
     model = OodModel(whitening=whitening, means=means[present] @ whitening,

@@ -151,3 +151,18 @@ def test_instant_strategy_through_the_fine_tune_job_api(tmp_path, bento_home):
         manager.stop(timeout=10)
     manifest = store.resolve("quick").manifest()
     assert manifest.training["strategy"] == "logistic" and manifest.lineage == [source.tag]
+
+
+def test_one_image_per_class_is_enough(tmp_path, bento_home):
+    from models.instant import run_instant
+    from tests.finetune_support import make_dataset as folders
+
+    store.publish("colours", write_tiny_model(tmp_path / "src", embedding=True))
+    folders(tmp_path / "data", classes=("red", "green", "blue"), per_class=1, split="train")
+    folders(tmp_path / "data", classes=("red", "green", "blue"), per_class=2, split="val", seed=1)
+    folders(tmp_path / "data", classes=("red", "green", "blue"), per_class=3, split="test", seed=2)
+    config = instant_config(tmp_path, tmp_path / "data", min_images_per_class=1)
+    result = run_instant(config)
+    manifest = result.version.manifest()
+    assert result.report["accuracy"] == 1.0 and manifest.dataset.num_train == 3
+    assert manifest.ood is not None and np.isfinite(manifest.ood.threshold_distance)  # no spread: still finite
