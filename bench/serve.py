@@ -229,6 +229,21 @@ def multipart_request(port: int, jpeg: bytes, top_k: int = 5) -> bytes:
     return head + body
 
 
+def v2_request(port: int, jpeg: bytes, model: str, top_k: int = 5) -> bytes:
+    """The same image as one Open Inference Protocol request, as tritonclient sends it: a JSON header,
+    then the BYTES tensor (4-byte little-endian length + the JPEG), no content type."""
+    header = json.dumps({
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(jpeg) + 4}}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": top_k}}],
+    }).encode()
+    body = header + len(jpeg).to_bytes(4, "little") + jpeg
+    head = (
+        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
 class RawClient:
     """A keep-alive HTTP/1.1 connection that sends pre-encoded requests.
 
@@ -262,8 +277,8 @@ class RawClient:
             self.writer.close()
 
 
-async def http_bench(port: int, jpegs: list[bytes], seconds: float, clients: int = 32) -> dict:
-    requests = [multipart_request(port, jpeg) for jpeg in jpegs]
+async def http_bench(port: int, requests: list[bytes], seconds: float, clients: int = 32) -> dict:
+    """Throughput of 32 concurrent keep-alive clients sending `requests`, and single-client latency."""
     single_client = RawClient(port)
     for i in range(8):
         await single_client.send(requests[i % len(requests)])  # warm up
@@ -315,16 +330,20 @@ def start_server(env: dict, port: int) -> subprocess.Popen:
     raise RuntimeError("server not ready in 120 s")
 
 
-def http_run(env: dict, jpegs: list[bytes], seconds: float, precision: str) -> dict:
-    """HTTP throughput with TUNESERVE_PRECISION=`precision`, and the variant the responses name."""
+def http_run(env: dict, jpegs: list[bytes], seconds: float, precision: str, v2: bool = False) -> dict:
+    """HTTP throughput with TUNESERVE_PRECISION=`precision`, and the variant the responses name;
+    with `v2`, the Open Inference Protocol route on the same server and images right after."""
     import httpx
 
     port = free_port()
     server = start_server({**env, "TUNESERVE_PRECISION": precision}, port)
     try:
         answer = httpx.post(f"http://127.0.0.1:{port}/classify", files={"image": ("p.jpg", jpegs[0], "image/jpeg")}, timeout=60)
-        result = asyncio.run(http_bench(port, jpegs, seconds))
+        result = asyncio.run(http_bench(port, [multipart_request(port, jpeg) for jpeg in jpegs], seconds))
         result["variant"] = answer.json()["variant"]
+        if v2:
+            model = env["TUNESERVE_DEFAULT_MODEL"]
+            result["v2"] = asyncio.run(http_bench(port, [v2_request(port, jpeg, model) for jpeg in jpegs], seconds))
         return result
     finally:
         server.terminate()
@@ -389,7 +408,7 @@ def main() -> int:
         "TUNESERVE_BATCH_MAX_LATENCY_MS": str(args.batch_max_latency_ms),
         "TUNESERVE_HOME": str(Path(args.home) / "tuneserve"),
     }
-    remote = http_run(env, jpegs, args.seconds, "fp32")
+    remote = http_run(env, jpegs, args.seconds, "fp32", v2=True)
     int8 = None
     if not args.skip_int8:  # right after the fp32 server, so both see the same machine
         int8 = {"http": {"fp32": remote, "int8": http_run(env, jpegs, args.seconds, "int8")},
@@ -406,6 +425,9 @@ def main() -> int:
         ("single client p50 / p99, in process", f"{local['p50_ms']:.1f} / {local['p99_ms']:.1f} ms"),
         ("single client p50 / p99, HTTP", f"{remote['p50_ms']:.1f} / {remote['p99_ms']:.1f} ms"),
         ("HTTP − in-process p50 (goal ≤ 10 ms)", f"{remote['p50_ms'] - local['p50_ms']:.1f} ms"),
+        ("Open Inference Protocol (POST /v2/models/…/infer, BYTES + classification 5), same server and images",
+         f"{remote['v2']['throughput']:.1f} img/s ({remote['v2']['throughput'] / remote['throughput']:.2f}× /classify); "
+         f"p50 {remote['v2']['p50_ms']:.1f} ms"),
     ]
     if compare:
         rows += [

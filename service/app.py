@@ -12,19 +12,26 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from models.errors import TuneserveError, is_disk_full
 from service.config import Settings
 from service.pool import count_request
-from service.routes import classify, evaluate, models
+from service.routes import classify, evaluate, models, v2
 from service.routes.forms import apply_form_rules
 
 log = logging.getLogger("tuneserve.service")
 
+# BentoML serves its bundled Swagger UI (OpenAPI 3.1 capable) at /static_content on the same server.
+SWAGGER_ASSETS = {
+    "swagger_js_url": "/static_content/swagger-ui-bundle.js",
+    "swagger_css_url": "/static_content/swagger-ui.css",
+    "swagger_favicon_url": "/static_content/favicon-light-32x32.png",
+}
 COUNTED_ROUTES = ("classify", "classify_batch", "evaluate")
 
 
@@ -32,14 +39,14 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="tuneserve",
         description="Classify images with fine-tuned models; evaluate them; fine-tune new ones.",
-        docs_url="/api/docs",
+        docs_url=None,  # served below, with the Swagger UI that BentoML ships (no CDN: works offline)
         openapi_url="/api/openapi.json",
         redoc_url=None,
     )
     app.state.settings = settings
     app.state.pool = None  # set by each BentoML worker (service/service.py)
     add_error_handlers(app)
-    for area in (classify, evaluate, models):
+    for area in (classify, evaluate, models, v2):
         app.include_router(area.build_router(settings))
 
     def openapi() -> dict[str, Any]:
@@ -48,6 +55,11 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+
+    @app.get("/api/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/api/openapi.json", title="tuneserve API", **SWAGGER_ASSETS)
+
     return app
 
 

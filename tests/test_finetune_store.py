@@ -136,7 +136,7 @@ def test_resume_requeues_only_resumable(tmp_path):
 
 def test_client_and_store_agree_on_ended_states():
     from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES
-    from tuneserve.finetune_client import ENDED_STATES as CLIENT_ENDED
+    from tuneserve.client import ENDED_STATES as CLIENT_ENDED
 
     assert CLIENT_ENDED == ENDED_STATES == set(STATES) - {"queued", "running"}
     assert RESUMABLE_STATES < ENDED_STATES

@@ -9,7 +9,8 @@ import sys
 # Modules exposing `register(subparsers)`. They must be cheap to import (no torch at top level).
 COMMAND_MODULES = [
     "tuneserve.model_commands",
-    "tuneserve.finetune_client",
+    "tuneserve.finetune_commands",
+    "tuneserve.classify_commands",
     "tuneserve.train_commands",
     "tuneserve.serve_commands",
     "tuneserve.score_commands",

@@ -102,7 +102,8 @@ class FormRoute(APIRoute):
 
     async def _check_fields(self, request: Request) -> None:
         """Parse the form (Starlette caches it for FastAPI) and refuse fields the route does not declare
-        or sends empty: FastAPI would ignore the first and read the second as absent; the schema allows neither."""
+        (FastAPI would ignore them) or sends twice (FastAPI would keep one). A field sent empty means
+        absent (Swagger UI sends every field), and the schema says so."""
         try:
             form = await request.form(**self.form_limits)
         except StarletteHTTPException as error:
@@ -120,9 +121,6 @@ class FormRoute(APIRoute):
         repeated = sorted({key for key in form.keys() if key not in lists and len(form.getlist(key)) > 1})
         if repeated:
             raise HTTPException(422, f"form fields {repeated} were sent more than once; each takes one value")
-        empty = sorted({key for key, value in form.multi_items() if isinstance(value, str) and value == ""})
-        if empty:
-            raise HTTPException(422, f"empty form fields {empty}: leave a field out to use its default")
 
 
 def form_route(*checks: BeforeBody) -> type[FormRoute]:
@@ -233,8 +231,10 @@ def apply_form_rules(openapi: dict[str, Any]) -> dict[str, Any]:
             operation["requestBody"]["required"] = True  # a form route always needs its form
             body = components[media["schema"]["$ref"].rsplit("/", 1)[-1]]
             body["additionalProperties"] = False  # FormRoute refuses undeclared fields
+            required = set(body.get("required", ()))
             for name, field in body["properties"].items():
-                body["properties"][name] = _without_null(field)
+                field = _as_file_input(_without_null(field))
+                body["properties"][name] = field if name in required else _empty_means_default(field)
             if one_of:
                 body["oneOf"] = [{"required": [field]} for field in one_of]
             for field, part in (parts or {}).items():
@@ -242,6 +242,22 @@ def apply_form_rules(openapi: dict[str, Any]) -> dict[str, Any]:
                 if "contentType" in part:
                     media.setdefault("encoding", {})[field] = {"contentType": part["contentType"]}
     return openapi
+
+
+def _empty_means_default(field: dict[str, Any]) -> dict[str, Any]:
+    """An optional text field also takes "": FastAPI reads an empty form field as absent."""
+    if field.get("format") == "binary" or field.get("type") == "array":
+        return field
+    described = {key: field.pop(key) for key in ("title", "description", "default") if key in field}
+    return {"anyOf": [field, {"type": "string", "maxLength": 0}], **described}
+
+
+def _as_file_input(field: dict[str, Any]) -> dict[str, Any]:
+    """A file field also says `format: binary`, which is what Swagger UI turns into a file chooser."""
+    target = field.get("items", field)
+    if "contentMediaType" in target:
+        target["format"] = "binary"
+    return field
 
 
 def _without_null(field: dict[str, Any]) -> dict[str, Any]:
