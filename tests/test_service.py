@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -19,35 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.serving import bento_store, running_server
 from tests.tiny import solid_png, write_tiny_model
 
 pytestmark = pytest.mark.slow
 
 httpx = pytest.importorskip("httpx")
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def store_home(tmp_path_factory):
-    from tests.conftest import _point_bentoml_at
-
-    home = tmp_path_factory.mktemp("bentoml")
-    old = os.environ.get("BENTOML_HOME")
-    os.environ["BENTOML_HOME"] = str(home)
-    _point_bentoml_at(home)
-    yield home
-    if old is None:
-        os.environ.pop("BENTOML_HOME", None)
-    else:
-        os.environ["BENTOML_HOME"] = old
-    _point_bentoml_at(None)
+    with bento_store(tmp_path_factory.mktemp("bentoml")) as home:
+        yield home
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +41,8 @@ def server(store_home, tmp_path_factory):
     store.publish("weak", write_tiny_model(stage / "weak", weights=weak))
     data_root = tmp_path_factory.mktemp("data")
     _write_dataset(data_root / "colours")
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("log") / "server.log").open("w")
+    log = tmp_path_factory.mktemp("log") / "server.log"
     env = {
-        **os.environ,
-        "BENTOML_HOME": str(store_home),
-        "BENTOML_DO_NOT_TRACK": "true",
         "TUNESERVE_API_KEY": KEY,
         "TUNESERVE_MAX_BODY_MB": "1",
         "TUNESERVE_MAX_PIXELS": "1000000",
@@ -75,37 +52,8 @@ def server(store_home, tmp_path_factory):
         "TUNESERVE_DATA_ROOT": str(data_root),
         "TUNESERVE_HOME": str(tmp_path_factory.mktemp("home")),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service.service:TuneServe", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {Path(log.name).read_text()[-3000:]}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in 90 s: {Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield {"client": client, "v1": v1, "stage": stage, "log": Path(log.name), "data_root": data_root}
-    finally:
-        client.close()
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-        log.close()
+    with running_server(env, log) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield {"client": client, "v1": v1, "stage": stage, "log": log, "data_root": data_root}
 
 
 def _write_dataset(root: Path, extra_label: str | None = None) -> Path:

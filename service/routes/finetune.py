@@ -30,7 +30,7 @@ from service.finetune.settings import FinetuneSettings
 from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES, JobStore, new_job_id
 from service.finetune.store import Job as StoredJob
 from service.limits import inside_root
-from service.routes.forms import _NAME, NO_NUL, error_response, errors, exactly_one_of, form_route, json_form_part
+from service.routes.forms import _NAME, NO_NUL, call_auth, error_response, errors, exactly_one_of, form_route, json_form_part
 from service.schemas import Job, JobDeleted, JobList, JobState, JobSubmitted
 
 # Fields the server fills in itself; a client must not point training at arbitrary paths.
@@ -243,7 +243,7 @@ def submission_route(manager: JobManager, require_write: Callable, config_help: 
     async def admit(request: Request):
         """Key, quotas (429) and disk budget (507) before a byte of the upload is read; → a `receive`
         that keeps a body sent without Content-Length within the upload limit and the budget."""
-        key_name = require_write(request, None)
+        key_name = call_auth(require_write, request)
         room = await run_in_threadpool(_precheck, request, manager.settings, manager.store, key_name)
         return _limited_receive(request.receive, manager.settings, room)
 

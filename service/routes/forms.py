@@ -9,6 +9,7 @@ files). The body size limit is enforced before any of this, while the body strea
 from __future__ import annotations
 
 import errno
+import inspect
 import typing
 from typing import Annotated, Any, Awaitable, Callable
 
@@ -133,10 +134,17 @@ def before_body(dependency: Callable[..., Any]) -> BeforeBody:
     is refused before uploading anything; it stays declared on the route too (OpenAPI security)."""
 
     async def check(request: Request) -> None:
-        dependency(request, None)
+        call_auth(dependency, request)
         return None
 
     return check
+
+
+def call_auth(dependency: Callable[..., Any], request: Request) -> Any:
+    """Run an auth dependency from service/auth.py directly: its parameters after the request (the
+    declared Bearer credentials) are only there for OpenAPI, so they get None."""
+    extra = len(inspect.signature(dependency).parameters) - 1
+    return dependency(request, *([None] * extra))
 
 
 def _is_list(annotation: Any) -> bool:
