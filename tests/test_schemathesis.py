@@ -45,6 +45,16 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403",
 include-name = "POST /evaluate"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 
+# /v2 on the served model, so requests reach the tensor parsing; a schema-valid request can still
+# carry tensors the model cannot take (shape, element count, undecodable bytes: 400, too many: 413).
+[[operations]]
+include-path-regex = "^/v2/models/"
+parameters = { "path.name" = "imagenet" }
+
+[[operations]]
+include-path-regex = "^/v2/models/.*/infer$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "413", "415", "429"]
+
 # A multipart form cannot carry a type: a one-element list and a file whose content is "123" are
 # valid on the wire, and schemathesis misjudges cases that combine two such mutations (an integer
 # image and a one-element `model` list); /classify_batch's refusals are covered in test_service.py.
