@@ -27,7 +27,7 @@ from service.auth import require_api_key, require_read_access
 from service.finetune import quotas
 from service.finetune.runner import JobManager, _tail
 from service.finetune.settings import FinetuneSettings
-from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES, JobStore, new_job_id
+from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, JobStore, new_job_id
 from service.finetune.store import Job as StoredJob
 from service.limits import inside_root
 from service.routes.forms import _NAME, NO_NUL, call_auth, error_response, errors, exactly_one_of, form_route, json_form_part
