@@ -21,6 +21,8 @@ PHOTO_CROP_SCALE = 0.5  # random resized crop keeps 50–100 % of the area
 SCAN_CROP_SCALE = 0.85  # small jitter: 85–100 % of the area, never mirrored
 BUDGET_SAFETY = 0.85  # plan to use this share of the budget; the rest absorbs noise
 LINEAR_EPOCHS = 10  # cached features make each linear epoch nearly free
+MIN_STEPS = 200  # small datasets get more epochs: a head and a backbone need updates, not passes
+EPOCH_RANGE = (3, 30)
 
 
 @dataclass
@@ -105,3 +107,10 @@ def fit_budget(budget_s: float, step_s: float, steps_per_epoch: int, eval_s: flo
 
 def steps_per_epoch(train_images: int, batch_size: int) -> int:
     return max(1, math.ceil(train_images / batch_size))
+
+
+def fit_epochs(train_images: int, batch_size: int) -> tuple[int, str]:
+    steps = steps_per_epoch(train_images, batch_size)
+    epochs = min(EPOCH_RANGE[1], max(EPOCH_RANGE[0], math.ceil(MIN_STEPS / steps)))
+    return epochs, (f"{train_images} train images in batches of {batch_size}: {steps} steps per epoch; {epochs} epochs "
+                    f"give {epochs * steps} optimiser steps (aiming at {MIN_STEPS}, within {EPOCH_RANGE[0]}–{EPOCH_RANGE[1]} epochs)")

@@ -53,7 +53,7 @@ class TrainConfig:
     source: str = "efficientnet_lite0"
     data: str = ""
     strategy: str = "full"  # linear | partial | full (torch) | prototype | logistic (instant heads, seconds)
-    epochs: int = 3
+    epochs: int | None = None  # None: fitted to the data (models/recipe.py): 3–30 epochs, about 200 optimiser steps
     batch_size: int = 32
     learning_rate: float = 3e-3  # the head; the backbone gets learning_rate * backbone_lr_scale
     image_size: int | None = None  # None: fitted to the data (models/recipe.py), at most the source's size
@@ -169,7 +169,8 @@ class TrainConfig:
         if self.is_instant() and base and self.is_registry_source():
             problems.append(f"source: strategy {self.strategy!r} fits a head on a stored model's embedding; "
                             f"{base!r} is a backbone, not a stored model (use e.g. 'imagenet')")
-        need(_is_int(self.epochs) and 1 <= self.epochs <= 1000, f"epochs: must be an integer 1..1000, got {self.epochs!r}")
+        if self.epochs is not None:
+            need(_is_int(self.epochs) and 1 <= self.epochs <= 1000, f"epochs: must be null or an integer 1..1000, got {self.epochs!r}")
         need(_is_int(self.batch_size) and 1 <= self.batch_size <= 4096, f"batch_size: must be an integer 1..4096, got {self.batch_size!r}")
         need(_is_num(self.learning_rate) and 0 < self.learning_rate <= 10, f"learning_rate: must be in (0, 10], got {self.learning_rate!r}")
         if self.image_size is not None:

@@ -45,7 +45,7 @@ def main() -> int:
         progress.failed("bad data: every image is unreadable (fake)")
         return 2
     step_s = float(os.environ.get("FAKE_TRAIN_STEP_S", "0.1"))
-    epochs, steps = int(config.get("epochs", 2)), 4
+    epochs, steps = int(config.get("epochs") or 2), 4
     start = 1
     if args.resume:
         done = sorted(int(p.stem.split("-")[1]) for p in out.glob("epoch-*.pt"))

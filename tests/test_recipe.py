@@ -77,3 +77,12 @@ def test_job_status_shows_the_recipe_before_training():
     recipe = {"image_size": 64, "hflip": False, "why": {"image_size": "median shorter side 64px"}}
     assert trace.apply([{"event": "phase", "phase": "loading"}, {"event": "recipe", "recipe": recipe}])
     assert trace.progress["recipe"] == recipe and trace.phase == "loading"
+
+
+def test_small_datasets_get_more_epochs():
+    from models.recipe import fit_epochs
+
+    assert fit_epochs(1257, 32)[0] == 5  # 40 steps per epoch
+    assert fit_epochs(50, 32)[0] == 30  # 2 steps per epoch: capped at 30
+    epochs, why = fit_epochs(100_000, 32)
+    assert epochs == 3 and "3125 steps per epoch" in why

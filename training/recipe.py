@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from models.datasets import Sample
-from models.recipe import Recipe, data_stats, fit_augmentation, fit_budget, fit_image_size, steps_per_epoch
+from models.recipe import Recipe, data_stats, fit_augmentation, fit_budget, fit_epochs, fit_image_size, steps_per_epoch
 from training.config import TrainConfig
 
 RECIPE_FILE = "recipe.json"
@@ -84,8 +84,10 @@ def choose(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[st
     if config.crop_scale is not None:
         crop_scale = config.crop_scale
         given.append("crop_scale")
-    given += [name for name in ("image_size",) if config.image_size]
+    given += [name for name in ("image_size", "epochs") if getattr(config, name)]
     epochs, strategy = config.epochs, config.strategy
+    if epochs is None:
+        epochs, why["epochs"] = fit_epochs(len(splits["train"]), config.batch_size)
     if config.budget_s:
         sized = replace(config, image_size=size, hflip=hflip, crop_scale=crop_scale)
         step_s, per_image = time_steps(sized, splits["train"], labels)

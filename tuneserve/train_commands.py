@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--strategy", choices=STRATEGIES,
                        help="linear: frozen backbone, train the head; partial: last N blocks + head; "
                             f"full: everything, backbone at lr*backbone-lr-scale (default {d.strategy})")
-    train.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    train.add_argument("--epochs", type=int, help="default: fitted to the data (3-30 epochs, about 200 optimiser steps)")
     train.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     train.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help=f"AdamW lr for the head (default {d.learning_rate})")
     train.add_argument("--image-size", type=int, help="input size in pixels (default: fitted to the data: median shorter side "
