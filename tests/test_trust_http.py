@@ -91,3 +91,32 @@ def test_versions_before_calibration_still_served(client):
     refused = http.post("/classify", files={"image": ("x.png", solid_png(RED), "image/png")},
                         data={"model": "old", "min_confidence": "auto"})
     assert refused.status_code == 422 and "no per-label thresholds" in refused.json()["error"]
+
+
+def _v2(http, colours, parameters=None):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(solid_png(c, (16, 16))))) for c in colours])
+    body = {"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
+    if parameters is not None:
+        body["parameters"] = parameters
+    return http.post("/v2/models/trusted/infer", json=body)
+
+
+def test_v2_min_confidence_adds_the_decision_outputs(client):
+    http, _, _ = client
+    plain = _v2(http, [RED, YELLOW])
+    assert plain.status_code == 200, plain.text
+    assert [o["name"] for o in plain.json()["outputs"]] == ["probabilities", "logits"]
+    answer = _v2(http, [RED, YELLOW, BLUE], {"min_confidence": "auto"})
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    assert outputs["label"]["data"] == ["red", "", "blue"] and outputs["label"]["datatype"] == "BYTES"
+    assert outputs["abstained"]["data"] == [False, True, False] and outputs["abstained"]["shape"] == [3]
+    by_classify = [_classify(http, c, min_confidence="auto") for c in (RED, YELLOW, BLUE)]
+    assert outputs["in_domain"]["data"] == pytest.approx([p["in_domain"] for p in by_classify], abs=1e-6)
+    refused = _v2(http, [RED], {"min_confidence": "sure"})
+    assert refused.status_code == 422 and "auto" in refused.json()["error"]

@@ -23,12 +23,14 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from pydantic import BaseModel, Field, ValidationError
 
 from models import store
+from models.decision import MinConfidence, parse_min_confidence
 from models.errors import ImageError, TuneserveError
 from models.preprocess import stack
 from models.runtime import OnnxClassifier
 from service.auth import require_read_access
 from service.config import Settings
 from service.pool import ModelPool, count_request
+from service.pool.registry import prediction_of
 from service.routes.forms import _NAME, errors, pool_of
 
 EXTENSIONS = ["classification", "binary_tensor_data"]
@@ -89,7 +91,8 @@ class RequestedOutput(BaseModel):
 
 class InferRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='{"min_confidence": 0.5 | "auto"} adds the outputs label, abstained and in_domain')
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
     outputs: list[RequestedOutput] | None = None
 
@@ -251,13 +254,29 @@ async def run_inference(request: Request, pool: ModelPool, classifier: OnnxClass
     else:
         arrays = pixel_rows(tensor, raw, classifier.manifest.preprocessing.size, settings.max_batch)
     wanted = infer_request.outputs or [RequestedOutput(name=name) for name in OUTPUTS]
+    min_confidence = parse_min_confidence((infer_request.parameters or {}).get("min_confidence"))
     values = await compute(pool, classifier, arrays, {output.name for output in wanted})
-    return InferResponse(
-        model_name=classifier.name,
-        model_version=classifier.version,
-        id=infer_request.id,
-        outputs=[output_tensor(output, values[output.name], classifier) for output in wanted],
-    )
+    outputs = [output_tensor(output, values[output.name], classifier) for output in wanted]
+    if min_confidence is not None:
+        outputs += await decision_tensors(pool, classifier, arrays, min_confidence)
+    return InferResponse(model_name=classifier.name, model_version=classifier.version, id=infer_request.id, outputs=outputs)
+
+
+async def decision_tensors(pool: ModelPool, classifier: OnnxClassifier, arrays: list[np.ndarray],
+                           min_confidence: MinConfidence) -> list[InferOutput]:
+    """With the request parameter `min_confidence` (a number or "auto"), the same decision as
+    /classify, as three extra outputs: `label` BYTES [N] ("" where abstained), `abstained` BOOL [N],
+    and `in_domain` FP32 [N] for versions that have an in-domain score."""
+    scored = await asyncio.gather(*(pool.infer_scored(classifier, array) for array in arrays))
+    decided = [prediction_of(classifier, probabilities, 1, min_confidence, in_domain) for probabilities, in_domain in scored]
+    count = [len(decided)]
+    outputs = [
+        InferOutput(name="label", datatype="BYTES", shape=count, data=[d.label or "" for d in decided]),
+        InferOutput(name="abstained", datatype="BOOL", shape=count, data=[d.abstained for d in decided]),
+    ]
+    if all(d.in_domain is not None for d in decided):
+        outputs.append(InferOutput(name="in_domain", datatype="FP32", shape=count, data=[float(d.in_domain) for d in decided]))
+    return outputs
 
 
 async def read_request(request: Request) -> tuple[InferRequest, bytes]:
