@@ -38,7 +38,7 @@ if not (CHROMIUM and CHROMEDRIVER):
 
 def _colours_model(stage: Path) -> Path:
     """The tiny colour model with a full eval.json (a real report from models.metrics)."""
-    directory = write_tiny_model(stage)
+    directory = write_tiny_model(stage, embedding=True)  # the advisor ranks models with an embedding
     rng = np.random.default_rng(0)
     y_true = np.repeat(np.arange(3), 8)
     probabilities = np.eye(3)[y_true] * 0.6 + rng.random((24, 3)) * 0.5
@@ -203,12 +203,22 @@ def test_finetune_view_runs_a_real_job(console):
         epochs.clear()
         epochs.send_keys("1")
         driver.find_element(By.ID, "ft-size").send_keys("16")
+        driver.find_element(By.ID, "ft-advise").click()  # reading routes are open, /advise needs the key
+        error = wait.until(EC.visibility_of_element_located((By.ID, "finetune-error")))
+        assert "401" in error.text and "API key" in error.text
         driver.find_element(By.ID, "ft-submit").click()
         error = wait.until(EC.visibility_of_element_located((By.ID, "finetune-error")))
         assert "401" in error.text and "API key" in error.text
 
         _set_key(console, KEY)
-        assert Select(driver.find_element(By.ID, "ft-source")).first_selected_option.get_attribute("value") == "simple_cnn"
+        driver.find_element(By.ID, "ft-advise").click()
+        WebDriverWait(driver, 120, 0.5).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".advice-table tbody tr"))
+        ranked = [row.get_attribute("data-model") for row in driver.find_elements(By.CSS_SELECTOR, ".advice-table tbody tr")]
+        assert ranked and all(model.split(":")[0] == "colours" for model in ranked)  # the one stored model with an embedding
+        assert driver.find_elements(By.CSS_SELECTOR, "#advice svg polyline")  # the learning curve
+        assert not driver.find_element(By.ID, "finetune-error").is_displayed()
+        Select(driver.find_element(By.ID, "ft-source")).select_by_value("simple_cnn")
+        Select(driver.find_element(By.ID, "ft-strategy")).select_by_value("linear")
         driver.find_element(By.ID, "ft-submit").click()
         done = "#jobs-table tr[data-state='succeeded'] a.model-link"
         # the job table re-renders while it polls, so read and click through the DOM in one step

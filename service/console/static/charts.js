@@ -16,7 +16,7 @@ function svgText(parent, x, y, text, attrs) {
 }
 
 // Line chart of several series over epochs: series = [{name, points: [[x, y], ...], axis: "left"|"right"}].
-function lineChart(series, { width = 420, height = 220, title = "" } = {}) {
+function lineChart(series, { width = 420, height = 220, title = "", xLabel = "epoch" } = {}) {
   const pad = { l: 44, r: 44, t: 24, b: 30 };
   const svg = svgEl("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title, class: "chart" });
   const all = series.flatMap((s) => s.points);
@@ -34,7 +34,7 @@ function lineChart(series, { width = 420, height = 220, title = "" } = {}) {
   const Y = (y, axis) => { const [lo, hi] = ranges[axis]; return height - pad.b - ((y - lo) / (hi - lo)) * (height - pad.t - pad.b); };
   svgText(svg, pad.l, 14, title, { class: "chart-title" });
   svgEl("line", { x1: pad.l, y1: height - pad.b, x2: width - pad.r, y2: height - pad.b, class: "axis" }, svg);
-  svgText(svg, width / 2, height - 6, "epoch", { "text-anchor": "middle", class: "tick" });
+  svgText(svg, width / 2, height - 6, xLabel, { "text-anchor": "middle", class: "tick" });
   for (const axis of ["left", "right"]) {
     if (!series.some((s) => (s.axis || "left") === axis)) continue;
     const [lo, hi] = ranges[axis];

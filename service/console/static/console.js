@@ -215,9 +215,17 @@ function extrasSection(manifest, report) {
   const wrap = el("div", { class: "extras" });
   const cal = manifest.calibration;
   if (cal && cal.temperature !== undefined) wrap.append(el("p", {}, `calibration: temperature ${fmt(cal.temperature)}`));
-  const rel = report && (report.calibration || {});
-  if (rel.before && rel.before.bins) wrap.append(charts.reliabilityDiagram(rel.before.bins, { title: `before: ECE ${fmt(rel.before.ece)}` }));
-  if (rel.after && rel.after.bins) wrap.append(charts.reliabilityDiagram(rel.after.bins, { title: `after: ECE ${fmt(rel.after.ece)}` }));
+  const rel = (report && report.calibration) || {};
+  for (const when of ["before", "after"]) {
+    const part = rel[when];
+    if (part && part.reliability) {
+      wrap.append(charts.reliabilityDiagram(part.reliability, { title: `${when}: ECE ${fmt(part.ece)}, NLL ${fmt(part.nll)}` }));
+    }
+  }
+  if (report && report.risk_coverage && report.risk_coverage.length) {
+    const points = report.risk_coverage.map((r) => [r.coverage, r.accuracy]).sort((a, b) => a[0] - b[0]);
+    wrap.append(charts.lineChart([{ name: "accuracy of answered", points }], { title: "risk–coverage", xLabel: "coverage", width: 300 }));
+  }
   if (manifest.thresholds && Object.keys(manifest.thresholds).length) {
     const per = manifest.thresholds.per_label || manifest.thresholds;
     const t = el("table", { class: "table thresholds" }, el("thead", {}, el("tr", {}, el("th", {}, "label"), el("th", {}, "auto threshold"))));
@@ -321,6 +329,50 @@ async function onFinetune(e) {
   } catch (err) { showError("#finetune-error", err); }
 }
 
+// ---- source ranking (the advisor): a durable job like a fine-tune --------------------------
+async function onAdvise() {
+  showError("#finetune-error", null);
+  const box = $("#advice");
+  try {
+    const file = ($("#ft-dataset").files || [])[0];
+    if (!file) throw new Error("pick or drop a dataset zip to rank sources for");
+    const form = new FormData();
+    form.append("config", "{}");
+    form.append("dataset", file);
+    const job = await api("/advise", { method: "POST", body: form });
+    fill(box, el("p", {}, `ranking stored models as sources (job ${job.job_id})…`));
+    let current = job;
+    while (!["succeeded", "failed", "cancelled", "interrupted"].includes(current.state)) {
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      current = await api(`/advise/${job.job_id}`);
+      const p = current.progress || {};
+      if (current.state === "running") fill(box, el("p", {}, `ranking… ${p.candidate || current.phase || ""} ${p.step || 0}/${p.steps || "?"}`));
+    }
+    if (current.state !== "succeeded") throw new Error(`source ranking ${current.state}: ${current.error || ""}`);
+    fill(box, adviceView(current.advice || current.eval));
+  } catch (err) { fill(box); showError("#finetune-error", err); }
+}
+
+function adviceView(advice) {
+  const use = (c) => el("button", { type: "button", class: "use-source", onclick: () => {
+    const source = $("#ft-source");
+    if (![...source.options].some((o) => o.value === c.model)) source.append(el("option", { value: c.model }, c.model));
+    source.value = c.model;
+    $("#ft-strategy").value = c.recommended_strategy;
+  } }, "use");
+  const rows = advice.candidates.map((c) => el("tr", { "data-model": c.model },
+    el("td", {}, c.rank), el("td", {}, c.model), el("td", {}, fmt(c.logme)), el("td", {}, fmt(c.probe_accuracy)),
+    el("td", {}, fmt(c.embed_seconds, 1)), el("td", {}, c.recommended_strategy), el("td", {}, use(c))));
+  const curve = (advice.learning_curve || []).map((p) => [p.images, p.accuracy]);
+  return el("div", { class: "advice" },
+    el("h3", {}, `source ranking (${advice.dataset ? advice.dataset.images + " images" : ""}, ${fmt(advice.seconds, 1)} s)`),
+    el("table", { class: "table advice-table" },
+      el("thead", {}, el("tr", {}, ...["rank", "model", "LogME", "probe accuracy", "embed s", "strategy", ""].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, ...rows)),
+    curve.length ? charts.lineChart([{ name: `probe accuracy (${advice.best})`, points: curve, axis: "right" }],
+      { title: "learning curve (best source)", xLabel: "training images", width: 360 }) : null);
+}
+
 const eta = (s) => (s === null || s === undefined ? "–" : s > 90 ? `${Math.round(s / 60)} min` : `${Math.round(s)} s`);
 async function refreshJobs() {
   let data;
@@ -410,6 +462,7 @@ function init() {
   wireDrop("#evaluate-drop", $("#ev-dataset"), false);
   $("#classify-form").addEventListener("submit", onClassify);
   $("#finetune-form").addEventListener("submit", onFinetune);
+  $("#ft-advise").addEventListener("click", onAdvise);
   $("#evaluate-form").addEventListener("submit", onEvaluate);
   window.addEventListener("hashchange", route);
   route();
