@@ -173,7 +173,7 @@ check_image() {  # $1: full | serve
         log "[$variant] POST /finetune → $(curl -s -o "$WORK/serve-finetune.json" -w '%{http_code}' -H "$AUTH" -F x=1 "$(url /finetune)") $(cat "$WORK/serve-finetune.json")"
     else
         local source final model
-        for source in imagenet efficientnet_lite0; do  # a baked model as the source first (issue 17)
+        for source in imagenet efficientnet_lite0; do  # a baked model as the source first: fine-tuning from it must work
             job=$(finetune "$source")
             started=$(now)
             final=$(wait_job "$job")

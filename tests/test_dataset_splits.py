@@ -1,4 +1,4 @@
-"""Dataset splits (issue 8): every documented layout, given or carved splits, and their record.
+"""Dataset splits: every documented layout, given or carved splits, and their record.
 
 - the whole layout matrix (folder per class; train/val/test, train/test and train-only folders;
   CSV and JSONL manifests with no split, train+test, train+val, train+val+test; each plain and

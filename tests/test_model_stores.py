@@ -1,4 +1,4 @@
-"""One model store for the service and its jobs in every layout (issue 17).
+"""One model store for the service and its jobs in every layout.
 
 Unit level: a bento's baked store (read-only) next to the writable `$BENTOML_HOME/models` —
 found the way a bento worker sees it (BentoML points its model store at the bento) and the way a
