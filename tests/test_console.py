@@ -229,8 +229,9 @@ def test_finetune_view_runs_a_real_job(console):
             lambda d: d.find_element(By.CSS_SELECTOR, "#job-detail h3").text.endswith("succeeded"))
     with screenshots(console, "finetune-new-model", keep=False):
         driver.execute_script(f"document.querySelector(\"{done}\").click()")
-        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#model-detail .lineage")))
-        assert "console-colours" in driver.find_element(By.CSS_SELECTOR, "#model-detail h3").text
+        # the Models view keeps the last model it showed until the new one has rendered
+        wait.until(lambda d: d.find_element(By.ID, "model-detail").get_attribute("data-ref") == model)
+        assert driver.find_element(By.CSS_SELECTOR, "#model-detail h3").text == model
 
 
 def test_evaluate_view_compares_and_reports_errors(console):
