@@ -93,14 +93,18 @@ def test_versions_before_calibration_still_served(client):
     assert refused.status_code == 422 and "no per-label thresholds" in refused.json()["error"]
 
 
-def _v2(http, colours, parameters=None):
+def _v2_body(colours):
     import io
 
     import numpy as np
     from PIL import Image
 
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(solid_png(c, (16, 16))))) for c in colours])
-    body = {"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
+    return {"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8", "data": pixels.ravel().tolist()}]}
+
+
+def _v2(http, colours, parameters=None):
+    body = _v2_body(colours)
     if parameters is not None:
         body["parameters"] = parameters
     return http.post("/v2/models/trusted/infer", json=body)
@@ -120,3 +124,6 @@ def test_v2_min_confidence_adds_the_decision_outputs(client):
     assert outputs["in_domain"]["data"] == pytest.approx([p["in_domain"] for p in by_classify], abs=1e-6)
     refused = _v2(http, [RED], {"min_confidence": "sure"})
     assert refused.status_code == 422 and "auto" in refused.json()["error"]
+    old = http.post("/v2/models/old/infer", json={**_v2_body([RED]), "parameters": {"min_confidence": "auto"}})
+    assert old.status_code == 422 and "number" in old.json()["error"]
+    assert http.post("/v2/models/old/infer", json={**_v2_body([RED]), "parameters": {"min_confidence": 0.2}}).status_code == 200

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from pydantic import BaseModel, Field, ValidationError
 
 from models import store
-from models.decision import MinConfidence, parse_min_confidence
+from models.decision import MinConfidence, check_supported, parse_min_confidence
 from models.errors import ImageError, TuneserveError
 from models.preprocess import stack
 from models.runtime import OnnxClassifier
@@ -255,6 +255,7 @@ async def run_inference(request: Request, pool: ModelPool, classifier: OnnxClass
         arrays = pixel_rows(tensor, raw, classifier.manifest.preprocessing.size, settings.max_batch)
     wanted = infer_request.outputs or [RequestedOutput(name=name) for name in OUTPUTS]
     min_confidence = parse_min_confidence((infer_request.parameters or {}).get("min_confidence"))
+    check_supported(min_confidence, classifier.manifest, classifier.tag)  # `auto` needs thresholds
     values = await compute(pool, classifier, arrays, {output.name for output in wanted})
     outputs = [output_tensor(output, values[output.name], classifier) for output in wanted]
     if min_confidence is not None:
