@@ -100,7 +100,9 @@ def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_setti
     version = store.resolve(final["model"])
     assert version.manifest().labels == ["green", "red"]
     work = ft_settings.jobs_dir / job_id  # the upload copy and checkpoints go after success; logs stay
-    assert not (work / "dataset").exists()
+    # the runner removes them right after it records `succeeded`, so a poll can see the state first
+    wait_for(lambda: not (work / "dataset").exists() and not any((work / "output").glob("*")), 10, 0.05,
+             "the dataset copy and checkpoints removed after success")
     assert (work / "output").is_dir() and sorted(p.name for p in (work / "output").iterdir()) == []  # epoch-N.pt, staging/
     assert (work / "train.log").exists() and (work / "config.json").exists()
     listing = client.get("/finetune", params={"state": "succeeded"}).json()["jobs"]
