@@ -176,8 +176,14 @@ def test_server_stopped_during_job_then_resumed(home, tmp_path, how):
             # shutdown hooks; the training child is left to the kernel's parent-death signal
             import psutil
 
+            def command_line(proc) -> str:  # a child that just exited is a zombie: no command line
+                try:
+                    return " ".join(proc.cmdline())
+                except psutil.Error:
+                    return ""
+
             arbiter = psutil.Process(process.pid)
-            workers = [p for p in arbiter.children(recursive=True) if "_bentoml_impl" in " ".join(p.cmdline())]
+            workers = [p for p in arbiter.children(recursive=True) if "_bentoml_impl" in command_line(p)]
             for proc in [arbiter, *workers]:
                 proc.kill()
         process.wait(30)
