@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from models.api_keys import client_key
 from tests.finetune_support import FAKE_COMMAND, make_dataset, png, wait_for, zip_dir
+from tests.serving import free_port
 from tests.tiny import write_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -30,15 +30,9 @@ httpx = pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(env_extra: dict[str, str], log_path: Path, kill_at_exit=True):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "TUNESERVE_POLL_SECONDS": "0.5", **env_extra}
     log = log_path.open("a")
     process = subprocess.Popen(
