@@ -22,6 +22,7 @@ import numpy as np
 
 from models.datasets import Sample, check_readable, check_trainable, load_dataset, split_samples
 from models.errors import Cancelled, EmbeddingUnavailable, TuneserveError
+from models.jobs.events import ExitCode, Progress
 from models.logme import logme, probe_accuracy
 
 log = logging.getLogger("tuneserve.advise")
@@ -221,24 +222,23 @@ def read_advice(directory: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_advise_job(config_path: str | Path, progress, stop: threading.Event | None = None) -> int:
+def run_advise_job(config_path: str | Path, progress: Progress, stop: threading.Event | None = None) -> int:
     """The job child's body for `"kind": "advise"`: progress events, advice.json, an exit code like training's."""
     from models.errors import DatasetError, ImageError
 
     try:
         config = AdviseConfig.from_dict(json.loads(Path(config_path).read_text())).validate()
         progress.phase("loading")
-        # epoch 1 of 1: the job runner turns step/steps into a percentage
-        advice = advise(config, lambda **fields: progress.emit("progress", epoch=1, epochs=1, **fields), stop)
+        advice = advise(config, lambda step, steps, **detail: progress.count(step, steps, **detail), stop)
     except Cancelled as error:
-        progress.emit("failed", reason=f"cancelled (SIGTERM): {error}", cancelled=True)
-        return 143
+        progress.failed(f"cancelled (SIGTERM): {error}", cancelled=True)
+        return ExitCode.TERMINATED
     except (AdviseConfigError, DatasetError, ImageError, EmbeddingUnavailable) as error:
-        progress.emit("failed", reason=str(error))
-        return 2
+        progress.failed(str(error))
+        return ExitCode.BAD_INPUT
     if config.output_dir:
         write_advice(advice, config.output_dir)
     ranking = [c["model"] for c in advice["candidates"]]
-    progress.emit("succeeded", advice={"best": advice["best"], "recommended_strategy": advice["recommended_strategy"],
-                                       "ranking": ranking, "seconds": advice["seconds"]})
-    return 0
+    progress.advised({"best": advice["best"], "recommended_strategy": advice["recommended_strategy"],
+                      "ranking": ranking, "seconds": advice["seconds"]})
+    return ExitCode.OK

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.jobs.events import ExitCode  # noqa: E402  (torch-free)
 from training.progress import JsonlWriter, Progress  # noqa: E402  (torch-free)
 
 
@@ -36,14 +37,14 @@ def main() -> int:
 
     def on_term(signum, frame):
         progress.failed("cancelled (SIGTERM)", cancelled=True)
-        os._exit(143)
+        os._exit(ExitCode.TERMINATED)
 
     signal.signal(signal.SIGTERM, on_term)
     print(f"fake training pid {os.getpid()} config {args.config} resume={args.resume}", flush=True)
     progress.phase("loading")
     if config["name"].startswith("fail"):
         progress.failed("bad data: every image is unreadable (fake)")
-        return 2
+        return ExitCode.BAD_INPUT
     step_s = float(os.environ.get("FAKE_TRAIN_STEP_S", "0.1"))
     epochs, steps = int(config.get("epochs") or 2), 4
     start = 1

@@ -135,18 +135,19 @@ def test_resume_requeues_only_resumable(tmp_path):
 
 
 def test_client_and_store_agree_on_ended_states():
-    from service.finetune.store import ENDED_STATES, RESUMABLE_STATES, STATES
+    from models.jobs.events import ENDED_STATES, RESUMABLE_STATES, STATES
     from tuneserve.client import ENDED_STATES as CLIENT_ENDED
 
-    assert CLIENT_ENDED == ENDED_STATES == set(STATES) - {"queued", "running"}
+    assert CLIENT_ENDED is ENDED_STATES  # one source, not a copy kept equal
+    assert ENDED_STATES == set(STATES) - {"queued", "running"}
     assert RESUMABLE_STATES < ENDED_STATES
 
 
 def test_log_tail_reads_as_many_lines_as_asked(tmp_path):
-    from service.finetune.runner import _tail
+    from service.finetune.logs import tail_lines
 
     log = tmp_path / "train.log"
     log.write_text("".join(f"line {i:05d} " + "x" * 80 + "\n" for i in range(2000)))
-    tail = _tail(log, 500).splitlines()
+    tail = tail_lines(log, 500).splitlines()
     assert len(tail) == 500 and tail[0].startswith("line 01500") and tail[-1].startswith("line 01999")
-    assert _tail(tmp_path / "missing.log", 5) == ""
+    assert tail_lines(tmp_path / "missing.log", 5) == ""

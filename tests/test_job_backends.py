@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from service.config import SettingsError, load_settings
 from service.finetune import backends
 from service.finetune.backends import Launch, LocalBackend, RayBackend, make_backend, ray_entrypoint, ray_env_vars, ray_exit_code
+from service.finetune.outcome import judge
 from service.finetune.runner import JobManager, JobTrace, Stopping
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import Job
@@ -61,7 +62,7 @@ def test_ray_status_becomes_an_exit_code(status, code, ours, expected):
 def test_outside_stop_is_interrupted_not_failed(tmp_path):
     """A Ray job stopped by someone else ends like a local child SIGTERMed from outside: resumable."""
     code = ray_exit_code("STOPPED", None, False)
-    state, model, _, error = JobManager._outcome(code, JobTrace(progress={}), Stopping(), tmp_path / "none.log")
+    state, model, _, error = judge(code, JobTrace(progress={}), Stopping(), tmp_path / "none.log")
     assert state == "interrupted" and model is None and "resume" in error
 
 

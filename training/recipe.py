@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from models.datasets import Sample
+from models.jobs.events import Progress
 from models.recipe import Recipe, data_stats, fit_augmentation, fit_budget, fit_epochs, fit_image_size, steps_per_epoch
 from training.config import TrainConfig
 
@@ -89,7 +89,7 @@ def choose(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[st
     if epochs is None:
         epochs, why["epochs"] = fit_epochs(len(splits["train"]), config.batch_size)
     if config.budget_s:
-        sized = replace(config, image_size=size, hflip=hflip, crop_scale=crop_scale)
+        sized = config.replace(image_size=size, hflip=hflip, crop_scale=crop_scale)
         step_s, per_image = time_steps(sized, splits["train"], labels)
         held_out = len(splits["val"]) + 2 * len(splits["test"])  # test: evaluated once, and again after calibration
         epochs, strategy, why["budget"] = fit_budget(
@@ -98,7 +98,7 @@ def choose(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[st
     return Recipe(size, hflip, crop_scale, epochs, strategy, why, given)
 
 
-def apply_recipe(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], out: Path, progress,
+def apply_recipe(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], out: Path, progress: Progress,
                  resume: bool = False) -> tuple[TrainConfig, Recipe]:
     """The config with the recipe's values filled in, and the recipe (reused as saved when resuming)."""
     path = out / RECIPE_FILE
@@ -107,7 +107,7 @@ def apply_recipe(config: TrainConfig, splits: dict[str, list[Sample]], labels: l
     else:
         recipe = choose(config, splits, labels)
         path.write_text(json.dumps(recipe.to_dict(), indent=2))
-    progress.emit("recipe", recipe=recipe.to_dict())
-    fitted = replace(config, image_size=recipe.image_size, hflip=recipe.hflip, crop_scale=recipe.crop_scale,
+    progress.recipe(recipe.to_dict())
+    fitted = config.replace(image_size=recipe.image_size, hflip=recipe.hflip, crop_scale=recipe.crop_scale,
                      epochs=recipe.epochs, strategy=recipe.strategy)
     return fitted, recipe

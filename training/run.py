@@ -2,7 +2,8 @@
 
 A config with `"kind": "advise"` runs the (torch-free) advisor instead of a fine-tune.
 
-Exit codes: 0 published; 2 bad config or bad data; 143 SIGTERM (nothing published); 1 anything else.
+Exit codes (models/jobs/events.py ExitCode): 0 published; 2 bad config or bad data; 143 SIGTERM
+(nothing published); 1 anything else.
 Every outcome is also the last line of the progress file (`succeeded` or `failed`).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import threading
 import traceback
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TERMINATED = 0, 1, 2, 143
+from models.jobs.events import ExitCode
 
 
 def _kind(config_path: str) -> str:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig.load(args.config).validate()
         except ConfigError as error:
             progress.failed(str(error))
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
         from training.pipeline import run
         from models.errors import Cancelled
 
@@ -67,21 +68,21 @@ def main(argv: list[str] | None = None) -> int:
             result = run(config, progress, stop, resume=args.resume)
         except Cancelled as error:
             progress.failed(f"cancelled (SIGTERM): {error}", cancelled=True)
-            return EXIT_TERMINATED
+            return ExitCode.TERMINATED
         except (DatasetError, ImageError, ConfigError) as error:
             progress.failed(str(error))
-            return EXIT_BAD_INPUT
+            return ExitCode.BAD_INPUT
         except Exception as error:  # noqa: BLE001 - the job must always end with a failed event
             traceback.print_exc()
             if stop.is_set():
                 progress.failed(f"cancelled (SIGTERM): {error}", cancelled=True)
-                return EXIT_TERMINATED
+                return ExitCode.TERMINATED
             progress.failed(f"{type(error).__name__}: {error}")
-            return EXIT_FAILED
+            return ExitCode.FAILED
         from models.manifest import eval_summary
 
         progress.succeeded(result.version.tag, eval_summary(result.report))
-        return EXIT_OK
+        return ExitCode.OK
     finally:
         writer.close()
 

@@ -21,11 +21,9 @@ from typing import Any, BinaryIO, Callable, Iterable, Union
 
 import httpx
 
+from models.jobs.events import ENDED_STATES  # nothing changes after these until a resume
 from service.schemas import BatchResult, EvalReport, Job, JobList, JobSubmitted, ModelDetail, ModelList, Prediction
 
-# The server's ENDED_STATES (service/finetune/store.py; tests/test_finetune_store.py keeps them equal):
-# nothing changes after these until a resume.
-ENDED_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 
 Image = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821 - PIL is optional
 

@@ -4,187 +4,41 @@ Each serving worker owns one `JobManager`: a loop thread claims queued jobs (up 
 `max_concurrent_jobs`, enforced inside the claim transaction) and starts one supervisor thread
 per job. The supervisor has the job's backend (backends.py: a local child process in its own
 process group, or a Ray job) run `python -m training.run --config ... --progress ...`, tails the
-progress JSONL into the store, honours cancel requests (SIGTERM, SIGKILL after the grace
-period), and sets the final state from the exit status and the last event. The database stays
-the source of truth whichever backend runs the process. Nothing here imports torch or training.
+progress JSONL into the store (trace.py), honours cancel requests (SIGTERM, SIGKILL after the grace
+period), and records the final state that outcome.py judges from the exit status and the last
+event. The database stays the source of truth whichever backend runs the process. Nothing here
+imports torch or training.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 import signal
 import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from models.jobs.events import published, result_of
 from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
 from service.finetune.quotas import disk_too_full, expire_scratch, remove_scratch
 from service.config import Settings
 from service.finetune.settings import FinetuneSettings
+from service.finetune.logs import ProgressReader
+from service.finetune.outcome import Outcome, Stopping, judge, with_disk_note
 from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
+from service.finetune.trace import JobTrace
 
 log = logging.getLogger("tuneserve.finetune")
 
 RETENTION_CHECK_S = 600.0  # how often the loop removes the scratch of jobs past the retention period
 MAX_RECORD_RETRY_S = 8.0
-FULL_DISK_BYTES = 1024**2  # less free than this when a job fails: the failure notes the full disk
-PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "train_loss", "val_accuracy", "val_loss", "eta_s")
-HISTORY_KEYS = ("epoch", "train_loss", "val_accuracy", "val_loss")
 
-
-def _with_disk_note(error: str | None, job_dir: Path) -> str | None:
-    """A failure on a (nearly) full disk says so: the log and progress file may be cut short."""
-    try:
-        free = shutil.disk_usage(job_dir).free
-    except OSError:
-        return error
-    if free >= FULL_DISK_BYTES:
-        return error
-    return f"{error}; the disk holding the job folder has only {free} bytes free (full disk?)"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _tail(path: Path, lines: int = 8) -> str:
-    """The last `lines` lines, reading backwards in blocks (a log can be large)."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            position = handle.tell()
-            data = b""
-            while position > 0 and data.count(b"\n") <= lines:
-                step = min(64 * 1024, position)
-                position -= step
-                handle.seek(position)
-                data = handle.read(step) + data
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").strip().splitlines()[-lines:])
-
-
-class ProgressReader:
-    """Reads complete JSON lines appended since the last call (a partial last line waits)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-        self.buffer = b""
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as handle:
-                handle.seek(self.offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            return []
-        self.offset += len(chunk)
-        self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        events = []
-        for line in lines:
-            if line.strip():
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(event, dict):
-                    events.append(event)
-        return events
-
-
-def _percent(progress: dict[str, Any], epoch_ended: bool) -> float | None:
-    """How much of the whole run is done, from the last progress/epoch event; None until it can be known."""
-    epochs, steps, epoch = progress.get("epochs"), progress.get("steps"), progress.get("epoch")
-    if not (epochs and steps and epoch):
-        return None
-    step = steps if epoch_ended else (progress.get("step") or 0)
-    return round(100.0 * min(1.0, ((epoch - 1) * steps + step) / (epochs * steps)), 1)
-
-
-@dataclass
-class JobTrace:
-    """What the training child has reported so far (its progress file, folded)."""
-
-    progress: dict[str, Any]
-    phase: str = "starting"
-    succeeded: dict[str, Any] | None = None
-    failed: dict[str, Any] | None = None
-
-    def apply(self, events: list[dict[str, Any]]) -> bool:
-        """Fold `events` in; True when the phase or the progress changed (the store needs an update)."""
-        changed = False
-        for event in events:
-            kind = event.get("event")
-            if kind == "phase" and event.get("phase"):
-                self.phase = str(event["phase"])
-                changed = True
-            elif kind == "recipe":  # chosen before training starts: shown in the job status at once
-                self.progress["recipe"] = event.get("recipe")
-                changed = True
-            elif kind in ("progress", "epoch"):
-                self._count(event, kind == "epoch")
-                changed = True
-            elif kind == "succeeded":
-                self.succeeded = event
-            elif kind == "failed":
-                self.failed = event
-        return changed
-
-    def _count(self, event: dict[str, Any], epoch_ended: bool) -> None:
-        self.progress.update({k: event[k] for k in PROGRESS_KEYS if k in event})
-        if epoch_ended:
-            self.progress["epochs_done"] = event.get("epoch")
-            self.progress.setdefault("history", []).append({k: event.get(k) for k in HISTORY_KEYS})
-        percent = _percent(self.progress, epoch_ended)
-        if percent is not None:
-            self.progress["percent"] = percent
-
-
-@dataclass(frozen=True)
-class Stopping:
-    """Why this worker is stopping a job ("cancel" | "shutdown" | "disk"), and which signals it has sent when."""
-
-    why: str | None = None
-    noticed_at: float | None = None
-    term_sent: float | None = None
-    kill_sent: float | None = None
-
-    def noticed(self, why: str | None, now: float) -> Stopping:
-        return Stopping(why, now) if why else self
-
-    def due(self, phase: str, now: float, grace: float) -> str | None:
-        """What to do to the training process now: "terminate", "kill" or nothing."""
-        if self.why and self.term_sent is None:
-            # A publish in progress is let finish (briefly): the version is either fully
-            # there or not at all, and the job then reports what really happened.
-            if phase != "publishing" or now - self.noticed_at > grace:
-                return "terminate"
-        elif self.term_sent is not None and self.kill_sent is None and now - self.term_sent > grace:
-            return "kill"
-        return None
-
-
-class Outcome(NamedTuple):
-    state: str
-    model: str | None
-    eval: dict[str, Any] | None
-    error: str | None
-
-    @classmethod
-    def unfinished(cls, state: str, error: str) -> Outcome:
-        """Any end but success: no model version."""
-        return cls(state, None, None, error)
+__all__ = ["JobManager", "JobTrace", "Outcome", "Stopping"]
 
 
 class JobManager:
@@ -260,12 +114,11 @@ class JobManager:
         parent-death signal. The job database then says what really happened."""
         trace = JobTrace(progress={})
         trace.apply(ProgressReader(Path(job.job_dir) / f"progress-{job.attempts}.jsonl").read())
-        final = trace.succeeded or {}
-        if final.get("model") or final.get("advice"):
+        if published(trace.succeeded):
+            model, result = result_of(trace.succeeded)
             note = "its server worker stopped while it ran; the trainer finished and published on its own"
-            done = self.store.finish(job.id, "succeeded", owner=job.owner, model=final.get("model"),
-                                     eval=final.get("eval") or final.get("advice"), error=note)
-            log.warning("job %s succeeded without its worker (%s is gone) → %s", job.id, job.owner, final.get("model"))
+            done = self.store.finish(job.id, "succeeded", owner=job.owner, model=model, eval=result, error=note)
+            log.warning("job %s succeeded without its worker (%s is gone) → %s", job.id, job.owner, model)
             return done
         reason = "the server worker running this job stopped; resume with POST /finetune/{id}/resume".format(id=job.id)
         if self.store.finish(job.id, "interrupted", owner=job.owner, error=reason):
@@ -346,7 +199,7 @@ class JobManager:
         if process is None:
             return
         returncode, trace, stopping = self._watch(job, process, launch.cwd / f"progress-{job.attempts}.jsonl")
-        self._record(job, self._outcome(returncode, trace, stopping, launch.log_path))
+        self._record(job, judge(returncode, trace, stopping, launch.log_path))
 
     def _start(self, job: Job, launch: Launch) -> RunningJob | None:
         """Hand the attempt to the backend; None (and the job failed) when it cannot start it."""
@@ -416,7 +269,7 @@ class JobManager:
     def _record(self, job: Job, outcome: Outcome) -> None:
         state, model, error = outcome.state, outcome.model, outcome.error
         if state == "failed":
-            error = _with_disk_note(error, Path(job.job_dir))
+            error = with_disk_note(error, Path(job.job_dir))
         if self._finish(job.id, state, model=model, eval=outcome.eval, error=error):
             log.info("job %s: %s%s", job.id, state, f" ({error})" if error else f" → {model}")
             if state == "succeeded":
@@ -444,45 +297,3 @@ class JobManager:
             if self._stop.wait(delay) and delay >= MAX_RECORD_RETRY_S:
                 return False
             delay = min(delay * 2, MAX_RECORD_RETRY_S)
-
-    @staticmethod
-    def _outcome(returncode: int | None, trace: JobTrace, stopping: Stopping, log_path: Path) -> Outcome:
-        """The job's final state from the exit status, the last events and whether this worker stopped it."""
-        final, why_stopped = trace.succeeded, stopping.why
-        if final is not None and (final.get("model") or final.get("advice")):  # a version published, or advice written
-            note = None
-            if why_stopped == "cancel":
-                note = "cancel arrived after the model version was published; it stays published"
-            elif returncode != 0:
-                note = f"training exited with {returncode} after publishing"
-            return Outcome("succeeded", final.get("model"), final.get("eval") or final.get("advice"), note)
-        if why_stopped == "shutdown":
-            return Outcome.unfinished("interrupted", "the server stopped during the job; resume with POST /finetune/<job_id>/resume")
-        if why_stopped == "cancel":
-            how = " (killed after the grace period)" if stopping.kill_sent else ""
-            return Outcome.unfinished("cancelled", f"cancelled on request{how}; no model version was published")
-        if why_stopped == "disk":
-            return Outcome.unfinished("failed", (
-                "stopped: the disk holding the job folder fell below the free-space floor (TUNESERVE_FINETUNE_MIN_FREE_MB); "
-                "no model version was published; free some space, then resume with POST /finetune/<job_id>/resume"
-            ))
-        if returncode in (143, -signal.SIGTERM, 130, -signal.SIGINT):
-            # SIGTERM/SIGINT that this worker did not send: a server shutdown (BentoML's process
-            # supervisor signals a worker's children) or the parent-death signal. Resumable.
-            name = "SIGINT" if returncode in (130, -signal.SIGINT) else "SIGTERM"
-            return Outcome.unfinished("interrupted", (
-                f"training process was stopped by {name} from outside the job (server shutdown?); "
-                "resume with POST /finetune/<job_id>/resume"
-            ))
-        if returncode is not None and returncode < 0:
-            number = -returncode
-            reason = f"training process was killed by signal {number} ({_signal_name(number)})"
-            if number == signal.SIGKILL:
-                reason += "; out of memory or killed by an operator?"
-            return Outcome.unfinished("failed", reason)
-        if trace.failed is not None:
-            return Outcome.unfinished("failed", str(trace.failed.get("reason") or f"training failed (exit code {returncode})"))
-        if returncode == 0:
-            return Outcome.unfinished("failed", "training exited 0 without reporting a published model")
-        tail = _tail(log_path)
-        return Outcome.unfinished("failed", f"training exited with code {returncode}" + (f"; log ends with:\n{tail}" if tail else ""))

@@ -19,13 +19,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from models.errors import StorageFull, is_disk_full
+from models.jobs.events import ENDED_STATES, RESUMABLE_STATES, STATES
 from service.finetune.quotas import check_job_counts, retry_after
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-KINDS = ("finetune", "advise")  # one store and state machine for every long task; the child dispatches on it
-# No process behind the job any more; only a resume (RESUMABLE_STATES) moves it on.
-ENDED_STATES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
-RESUMABLE_STATES = frozenset({"interrupted", "failed", "cancelled"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -96,7 +92,7 @@ class Job:
     updated: float = 0.0
     submitted_by: str | None = None  # the API key name (service/auth.py)
     scratch_removed: float | None = None  # when retention removed the dataset copy and checkpoints
-    kind: str = "finetune"  # KINDS
+    kind: str = "finetune"  # a job kind (service/jobs/kinds.py); one store and state machine for every long task
 
     @property
     def ended(self) -> bool:
@@ -239,7 +235,6 @@ class JobStore:
     ) -> Job:
         """Queue a job; with `quota` (max_jobs_per_key, max_jobs_total) the counts are checked in
         the same transaction, so concurrent submits cannot pass a limit together (QuotaExceeded)."""
-        assert kind in KINDS, kind
         job_id = job_id or new_job_id()
         now = time.time()
         with self._tx() as conn:

@@ -1,0 +1,2 @@
+"""The job contract shared by the job child (training/run.py and the entries it runs) and the
+service's job runner: event names and fields, exit codes, job states (events.py). Torch-free."""
