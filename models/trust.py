@@ -21,6 +21,7 @@ from models.errors import ManifestError
 from models.evaluate import run_samples
 from models.manifest import ONNX_FILE, Calibration, Manifest, OodSection, write_manifest
 from models.ood import OodModel, fit_ood
+from models.reference import Reference, build_reference
 from models.preprocess import prepare, stack
 from models.runtime import OnnxClassifier, RuntimeOptions
 
@@ -36,6 +37,7 @@ class TrustFit:
     ood: OodModel | None
     val_samples: int
     train_samples: int
+    reference: Reference | None = None  # what served traffic should look like (drift monitoring)
 
 
 def _indices(samples: list[Sample], kept: list[int], labels: list[str]) -> np.ndarray:
@@ -65,7 +67,8 @@ def fit_trust(classifier: OnnxClassifier, train: list[Sample], val: list[Sample]
                       manifest.num_classes)
     log.info("%s: temperature %.3f from %d val images; in-domain score %s", classifier.tag, temperature,
              len(val_kept), f"from {train_count} train images" if ood else "unavailable (no embedding output)")
-    return TrustFit(temperature, thresholds, ood, len(val_kept), train_count)
+    reference = build_reference(val_out[embedding], y_val, probabilities.argmax(1), manifest.labels) if embedding else None
+    return TrustFit(temperature, thresholds, ood, len(val_kept), train_count, reference)
 
 
 def apply_trust(directory: str | Path, fit: TrustFit, manifest: Manifest) -> Manifest:
@@ -77,6 +80,8 @@ def apply_trust(directory: str | Path, fit: TrustFit, manifest: Manifest) -> Man
     cal.bake_temperature(graph, fit.temperature, *manifest.output_names)
     onnx.save(graph, str(directory / ONNX_FILE))
     ood = None
+    if fit.reference is not None:
+        fit.reference.save(directory)
     if fit.ood is not None:
         fit.ood.save(directory)
         ood = OodSection(**fit.ood.section(train=fit.train_samples, val=fit.val_samples))

@@ -1,0 +1,136 @@
+"""The capture store: images of served requests, kept for review and fine-tuning, opt-in per model.
+
+Files live under `$TUNESERVE_HOME/capture/<model>/<capture_id>` (the upload's bytes as sent), rows
+in the loop database. Limits (size, count, age) are enforced on every write, oldest out first,
+and a write is skipped when the disk would keep less than `min_free_bytes` free: capture never
+fills the disk. Sampling (`should_capture`): every abstained or out-of-domain request, plus a
+random `fraction` of the rest.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.ood import IN_DOMAIN_THRESHOLD
+from service.loop.db import LoopDb
+
+CAPTURE_DIR = "capture"
+
+
+@dataclass(frozen=True)
+class CaptureLimits:
+    max_bytes: int
+    max_items: int
+    max_age_seconds: float
+    min_free_bytes: int
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One request to keep: its bytes and what was answered."""
+
+    capture_id: str
+    model: str
+    version: str
+    data: bytes
+    label: str | None
+    confidence: float
+    margin: float | None
+    entropy: float | None
+    in_domain: float | None
+    abstained: bool
+    reason: str
+    embedding: np.ndarray | None = None
+
+
+def capture_reason(abstained: bool, in_domain: float | None, fraction: float, rng: random.Random) -> str | None:
+    """Why this request is kept (`abstained`, `out_of_domain`, `sampled`), or None to skip it."""
+    if abstained:
+        return "abstained"
+    if in_domain is not None and in_domain < IN_DOMAIN_THRESHOLD:
+        return "out_of_domain"
+    return "sampled" if rng.random() < fraction else None
+
+
+class CaptureStore:
+    """Bounded files + rows; see the module docstring."""
+
+    def __init__(self, db: LoopDb, home: Path, limits: CaptureLimits):
+        self.db = db
+        self.root = home / CAPTURE_DIR
+        self.limits = limits
+
+    def _path(self, model: str, capture_id: str) -> Path:
+        return self.root / model / capture_id
+
+    def write(self, items: list[Captured]) -> int:
+        """Store what fits within the limits; returns how many were stored."""
+        stored = 0
+        for item in items:
+            self.prune(extra_bytes=len(item.data), extra_items=1)
+            if not self._room_on_disk(len(item.data)) or len(item.data) > self.limits.max_bytes:
+                continue
+            path = self._path(item.model, item.capture_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(item.data)
+            embedding = None if item.embedding is None else np.asarray(item.embedding, np.float16).tobytes()
+            with self.db.write() as conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO captures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
+                    (item.capture_id, item.model, item.version, str(path), len(item.data), time.time(), item.label,
+                     item.confidence, item.margin, item.entropy, item.in_domain, int(item.abstained), item.reason,
+                     embedding),
+                )
+            stored += 1
+        return stored
+
+    def _room_on_disk(self, size: int) -> bool:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.root).free - size >= self.limits.min_free_bytes
+
+    def prune(self, extra_bytes: int = 0, extra_items: int = 0) -> int:
+        """Remove the oldest captures until age, count and size (with room for `extra_*`) fit."""
+        removed = []
+        with self.db.write() as conn:
+            too_old = time.time() - self.limits.max_age_seconds
+            removed += conn.execute("SELECT capture_id, model, path FROM captures WHERE created < ?", (too_old,)).fetchall()
+            count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM captures WHERE created >= ?",
+                                       (too_old,)).fetchone()
+            count += extra_items
+            size += extra_bytes
+            if count > self.limits.max_items or size > self.limits.max_bytes:
+                for row in conn.execute("SELECT capture_id, model, path, bytes FROM captures WHERE created >= ? "
+                                        "ORDER BY created", (too_old,)):
+                    if count <= self.limits.max_items and size <= self.limits.max_bytes:
+                        break
+                    removed.append(row)
+                    count, size = count - 1, size - row["bytes"]
+            conn.executemany("DELETE FROM captures WHERE capture_id = ?", [(r["capture_id"],) for r in removed])
+        for row in removed:
+            Path(row["path"]).unlink(missing_ok=True)
+        return len(removed)
+
+    def counts(self, model: str | None = None) -> dict:
+        """Captured images and bytes (all models, or one), by reason, and the limits."""
+        where, params = ("WHERE model = ?", (model,)) if model else ("", ())
+        total = self.db.read(f"SELECT COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS bytes, "
+                             f"COALESCE(SUM(reviewed IS NOT NULL), 0) AS reviewed FROM captures {where}", params)[0]
+        reasons = self.db.read(f"SELECT reason, COUNT(*) AS n FROM captures {where} GROUP BY reason", params)
+        return {"images": total["n"], "bytes": total["bytes"], "reviewed": total["reviewed"],
+                "by_reason": {r["reason"]: r["n"] for r in reasons},
+                "limits": {"max_bytes": self.limits.max_bytes, "max_items": self.limits.max_items,
+                           "max_age_seconds": self.limits.max_age_seconds}}
+
+    def image(self, model: str, capture_id: str) -> bytes | None:
+        rows = self.db.read("SELECT path FROM captures WHERE model = ? AND capture_id = ?", (model, capture_id))
+        if not rows:
+            return None
+        try:
+            return Path(rows[0]["path"]).read_bytes()
+        except OSError:
+            return None
