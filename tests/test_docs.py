@@ -18,7 +18,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 PROJECT_PATH = re.compile(r"(?<![\w./~$-])((?:models|service|training|tuneserve|tests|bench|docs|\.ci)/[\w./-]*)")
 MODULE = re.compile(r"(?<![\w./~$-])((?:%s)(?:\.[A-Za-z_]\w*)+)" % "|".join(PACKAGES))
 # a bare file name (`runner.py`): some file of the project has that name
-BARE_FILE = re.compile(r"(?<![\w./~$<*-])([\w-]+\.py)\b")
+BARE_FILE = re.compile(r"(?<![\w./~$<>*-])([\w-]+\.py)\b")
 FILE_SUFFIXES = {"py", "md", "json", "jsonl", "yaml", "toml", "onnx", "txt", "sh", "png", "csv", "html", "js", "css",
                  "pt", "npz", "sqlite3", "zip", "parquet"}
 
