@@ -17,7 +17,7 @@ from models.manifest import Preprocessing
 DEFAULT_MAX_PIXELS = 40_000_000
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 
-_RESAMPLING = {
+RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -87,7 +87,7 @@ def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     # the crop window, mapped back into source pixels per axis as a full resize would map it
     sx, sy = width / new_width, height / new_height
     box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
-    resized = image.resize((spec.size, spec.size), _RESAMPLING[spec.interpolation], box=box, reducing_gap=None)
+    resized = image.resize((spec.size, spec.size), RESAMPLING[spec.interpolation], box=box, reducing_gap=None)
     return np.asarray(resized, dtype=np.uint8)
 
 

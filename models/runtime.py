@@ -106,7 +106,7 @@ def select_providers(available: list[str], gpu_count: int, options: RuntimeOptio
     return plan
 
 
-def _convert_fp16(path: Path) -> bytes:
+def convert_fp16(path: Path) -> bytes:
     import onnx  # only needed for this opt-in path
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -114,7 +114,7 @@ def _convert_fp16(path: Path) -> bytes:
     return model.SerializeToString()
 
 
-def _tensorrt_precision(plan: ProviderPlan, choice: VariantChoice) -> None:
+def tensorrt_precision(plan: ProviderPlan, choice: VariantChoice) -> None:
     """TensorRT builds its engine in the precision of the variant served (QDQ → explicit int8)."""
     for name, provider_options in plan.providers:
         if name == TENSORRT:
@@ -164,9 +164,9 @@ class OnnxClassifier:
             settings.inter_op_num_threads = self.options.inter_op_threads
             settings.log_severity_level = 3
             choice = self.choose_variant(on_gpu=plan.names[0] != CPU)
-            _tensorrt_precision(plan, choice)
+            tensorrt_precision(plan, choice)
             model = self.directory / choice.file
-            graph: bytes | str = _convert_fp16(model) if choice.convert_fp16 else str(model)
+            graph: bytes | str = convert_fp16(model) if choice.convert_fp16 else str(model)
             session = ort.InferenceSession(graph, sess_options=settings, providers=plan.providers)
             self.variant, self.variant_reason = choice.variant, choice.reason
             self.active_providers = session.get_providers()

@@ -154,13 +154,13 @@ def test_variant_file_must_sit_next_to_the_model():
 
 
 def test_tensorrt_builds_the_served_precision():
-    from models.runtime import TENSORRT, ProviderPlan, _tensorrt_precision
+    from models.runtime import TENSORRT, ProviderPlan, tensorrt_precision
     from models.variants import VariantChoice
 
     plan = ProviderPlan(providers=[(TENSORRT, {"trt_fp16_enable": False}), ("CPUExecutionProvider", {})])
-    _tensorrt_precision(plan, VariantChoice("int8", INT8_FILE, "int8 requested"))
+    tensorrt_precision(plan, VariantChoice("int8", INT8_FILE, "int8 requested"))
     assert plan.providers[0][1] == {"trt_fp16_enable": False, "trt_int8_enable": True}
-    _tensorrt_precision(plan, VariantChoice("fp16", "model.onnx", "auto on a GPU"))
+    tensorrt_precision(plan, VariantChoice("fp16", "model.onnx", "auto on a GPU"))
     assert plan.providers[0][1] == {"trt_fp16_enable": True, "trt_int8_enable": False}
 
 

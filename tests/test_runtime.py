@@ -92,10 +92,10 @@ def test_fp16_conversion_keeps_uint8_input_and_float_outputs(tmp_path):
     import onnxruntime as ort
 
     from models.manifest import read_manifest
-    from models.runtime import _convert_fp16
+    from models.runtime import convert_fp16
 
     directory = write_tiny_model(tmp_path / "m")
-    session = ort.InferenceSession(_convert_fp16(directory / "model.onnx"), providers=[CPU])
+    session = ort.InferenceSession(convert_fp16(directory / "model.onnx"), providers=[CPU])
     assert [i.type for i in session.get_inputs()] == ["tensor(uint8)"]
     assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
     spec = read_manifest(directory).preprocessing

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from models.datasets import Sample, check_readable, load_dataset, prepare_splits  # noqa: F401 (torch-free, re-exported)
 from models.manifest import Preprocessing
-from models.preprocess import _RESAMPLING, decode_image, prepare
+from models.preprocess import RESAMPLING, decode_image, prepare
 
 
 def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Random, hflip: bool,
@@ -40,7 +40,7 @@ def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Ran
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
         box = (left, top, left + side, top + side)
-    crop = image.resize((spec.size, spec.size), _RESAMPLING[spec.interpolation], box=box, reducing_gap=None)
+    crop = image.resize((spec.size, spec.size), RESAMPLING[spec.interpolation], box=box, reducing_gap=None)
     if hflip and rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(crop, dtype=np.uint8)
