@@ -79,6 +79,23 @@ class Settings:
     finetune_disk_budget_mb: float = 20480.0  # uploads + job folders (507 beyond)
     finetune_retention_hours: float = 168.0  # finished jobs' dataset copy and checkpoints are removed after this
     finetune_min_free_mb: float = 64.0  # kept free on the job disk: submissions 507, running jobs stopped below it
+    # the production loop (service/loop; docs/production-loop.md)
+    loop_max_records: int = 100_000  # prediction records kept for feedback by request_id (oldest out first)
+    capture_models: tuple[str, ...] = ()  # models whose request images are captured ("*": all); POST /models/{name}/capture switches one
+    capture_fraction: float = 0.05  # share of confident in-domain requests captured (abstained / out-of-domain: all)
+    capture_max_mb: float = 1024.0  # capture store size limit (oldest out first)
+    capture_max_items: int = 10_000  # capture store image count limit
+    capture_max_age_hours: float = 168.0  # captured images older than this are removed
+    capture_min_free_mb: float = 256.0  # capture skips an image rather than leave less free on the disk
+    drift_fraction: float = 0.25  # share of answered images sampled for drift windows
+    drift_window: int = 200  # samples per drift window (the newest, per version)
+    drift_max_samples: int = 2000  # drift samples kept per version
+    drift_interval_s: float = 30.0  # how often each version's drift window is computed
+    drift_alpha: float = 0.01  # MMD permutation p-value below which a window counts as drifted
+    loop_refresh_s: float = 1.0  # how often each worker re-reads rollouts and capture switches
+    auto_promote: bool = False  # promote a candidate whose live accuracy is no worse than stable's
+    auto_promote_min_feedback: int = 100  # labelled requests each version needs before auto-promote decides
+    auto_promote_margin: float = 0.0  # how much lower than stable's the candidate's live accuracy may be
 
     @property
     def keys_file(self) -> Path:
@@ -177,6 +194,10 @@ def _names(name: str, raw: str) -> tuple[str, ...]:
     return items
 
 
+def _names_or_all(name: str, raw: str) -> tuple[str, ...]:
+    return ("*",) if raw.strip() == "*" else _names(name, raw)
+
+
 def _model_ref(name: str, raw: str) -> str:
     refs = _names(name, raw)
     if len(refs) != 1:
@@ -214,6 +235,13 @@ def _key_list(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     if len({n for n, _ in pairs}) != len(pairs):
         raise SettingsError(f"{name}: a key name appears twice")
     return tuple(pairs)
+
+
+def _share(name: str, raw: str) -> float:
+    value = _number(float, minimum=0)(name, raw)
+    if value > 1:
+        raise SettingsError(f"{name}={raw!r}: must be between 0 and 1")
+    return value
 
 
 def _python(name: str, raw: str) -> str:
@@ -267,6 +295,22 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "finetune_disk_budget_mb": _number(float, positive=True),
     "finetune_retention_hours": _number(float, positive=True),
     "finetune_min_free_mb": _number(float, minimum=0),
+    "loop_max_records": _number(int, minimum=1),
+    "capture_models": _names_or_all,
+    "capture_fraction": _share,
+    "capture_max_mb": _number(float, positive=True),
+    "capture_max_items": _number(int, minimum=1),
+    "capture_max_age_hours": _number(float, positive=True),
+    "capture_min_free_mb": _number(float, minimum=0),
+    "drift_fraction": _share,
+    "drift_window": _number(int, minimum=10),
+    "drift_max_samples": _number(int, minimum=10),
+    "drift_interval_s": _number(float, positive=True),
+    "drift_alpha": _share,
+    "loop_refresh_s": _number(float, positive=True),
+    "auto_promote": _bool,
+    "auto_promote_min_feedback": _number(int, minimum=1),
+    "auto_promote_margin": _share,
 }
 
 
