@@ -49,6 +49,8 @@ class Prediction(BaseModel):
     model: str
     version: str
     variant: str = Field("fp32", description="Which ONNX file answered: fp32, fp16 or int8")
+    request_id: str | None = Field(None, description="This answer's id: POST /feedback with it and the true label "
+                                   "(docs/production-loop.md)")
 
     @classmethod
     def of(cls, ranked: list[dict[str, Any]], model: str, version: str, **extra: Any) -> "Prediction":
