@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tuneserve.score_commands",
     "tuneserve.quantize_commands",
     "tuneserve.advise_commands",
+    "tuneserve.loop_commands",
 ]
 
 
