@@ -184,6 +184,27 @@ def test_bento_spec_models_serve_only_and_base_image():
     assert spec["models"] == [] and "torch==2.14.1" in spec["python"]["packages"]  # the input is not changed
 
 
+
+def test_bento_spec_cpu_swaps_onnxruntime_and_drops_cuda():
+    import pytest
+    import yaml
+
+    from models.errors import TuneserveError
+    from tuneserve.serve_commands import ROOT, TRAINING_PACKAGES, bento_spec, requirement_name
+
+    spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    gpu = bento_spec(spec, ["imagenet:abc"], serve_only=True)
+    cpu = bento_spec(spec, ["imagenet:abc"], serve_only=True, cpu=True)
+    names = {requirement_name(p) for p in cpu["python"]["packages"]}
+    assert cpu["name"] == "tuneserve-serve-cpu" and cpu["labels"]["variant"] == "serve-only-cpu"
+    assert "onnxruntime" in names and "onnxruntime-gpu" not in names and not names & TRAINING_PACKAGES
+    assert not any(name.startswith("nvidia-") for name in names) and {"bentoml", "ray"} <= names
+    version = next(p for p in gpu["python"]["packages"] if requirement_name(p) == "onnxruntime-gpu").split("==")[1]
+    assert f"onnxruntime=={version}" in cpu["python"]["packages"]  # the same ONNX Runtime release
+    assert cpu["docker"]["env"]["TUNESERVE_DEVICE"] == "cpu" and "TUNESERVE_DEVICE" not in gpu["docker"]["env"]
+    with pytest.raises(TuneserveError, match="--serve-only"):
+        bento_spec(spec, [], cpu=True)  # torch's default wheel carries CUDA: CPU images are serving images
+
 # ---- body limit middleware -------------------------------------------------------------------
 def test_body_limit_middleware_per_path():
     from starlette.applications import Starlette

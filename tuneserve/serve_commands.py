@@ -32,8 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--serve-only", action="store_true",
                        help="bento 'tuneserve-serve': serving code, models/, ONNX Runtime and the Ray job client; "
                             "no torch, torchvision or training/ (fine-tune jobs go to TUNESERVE_JOB_BACKEND=ray, else 501)")
+    build.add_argument("--cpu", action="store_true",
+                       help="with --serve-only: bento 'tuneserve-serve-cpu' with plain onnxruntime instead of "
+                            "onnxruntime-gpu and none of the CUDA wheels (for hosts without a GPU)")
     build.add_argument("--base-image", help="docker.base_image for `bentoml containerize` (default: BentoML's Debian "
                                             "python:3.11-slim); it must have python3.11, pip and CA certificates")
+    build.add_argument("--pip-index-url", help="python.index_url: the package index the image's install step "
+                                                "uses (default: pip's own default)")
     build.add_argument("--dockerfile-template", type=Path, help="docker.dockerfile_template (a Jinja file extending BentoML's)")
     build.set_defaults(handler=run_build)
 
@@ -84,6 +89,12 @@ TRAINING_PACKAGES = frozenset({
 TRAINING_CODE = "training/"
 
 
+# What `--cpu` swaps: the GPU build of ONNX Runtime for the plain one (same version), and the CUDA
+# wheels the GPU build loads are left out; nothing else in a serve-only bento needs CUDA.
+GPU_RUNTIME, CPU_RUNTIME = "onnxruntime-gpu", "onnxruntime"
+CUDA_WHEEL_PREFIX = "nvidia-"
+
+
 def requirement_name(requirement: str) -> str:
     return re.split(r"[<>=!~\[;@ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
@@ -98,9 +109,26 @@ def ray_client_requirement() -> str:
         return "ray[default]>=2.9"
 
 
+def cpu_requirements(packages: list[str]) -> list[str]:
+    """`packages` for a host without a GPU: onnxruntime instead of onnxruntime-gpu, no CUDA wheels."""
+    chosen = []
+    for package in packages:
+        name = requirement_name(package)
+        if name.startswith(CUDA_WHEEL_PREFIX):
+            continue
+        chosen.append(CPU_RUNTIME + package.strip()[len(GPU_RUNTIME):] if name == GPU_RUNTIME else package)
+    return chosen
+
+
 def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image: str | None = None,
-               dockerfile_template: Path | None = None) -> dict:
-    """The bentofile `spec` with the chosen models, and optionally serve-only and a custom image base."""
+               dockerfile_template: Path | None = None, cpu: bool = False) -> dict:
+    """The bentofile `spec` with the chosen models, and optionally serve-only (on CPU only) and a
+    custom image base."""
+    if cpu and not serve_only:
+        from models.errors import TuneserveError
+
+        # torch's default Linux wheel carries CUDA itself: a CPU image is a serving image
+        raise TuneserveError("--cpu builds a serving image: use it with --serve-only")
     spec = copy.deepcopy(spec)
     spec["models"] = list(tags)
     if serve_only:
@@ -110,6 +138,11 @@ def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image
         spec["exclude"] = [*spec.get("exclude", []), TRAINING_CODE]
         packages = [p for p in spec["python"]["packages"] if requirement_name(p) not in TRAINING_PACKAGES]
         spec["python"]["packages"] = [*packages, ray_client_requirement()]
+    if cpu:
+        spec["name"] = f"{spec['name']}-cpu"
+        spec["labels"]["variant"] = "serve-only-cpu"
+        spec["python"]["packages"] = cpu_requirements(spec["python"]["packages"])
+        spec["docker"] = {**spec.get("docker", {}), "env": {**spec.get("docker", {}).get("env", {}), "TUNESERVE_DEVICE": "cpu"}}
     docker = spec.setdefault("docker", {})
     if base_image:
         # BentoML 1.4 keeps `distro` (the package manager for system_packages) and `python_version`
@@ -135,7 +168,9 @@ def run_build(args: argparse.Namespace) -> int:
         print("warning: no tuneserve models in the store; the bento will serve nothing until models are added", file=sys.stderr)
     spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     spec = bento_spec(spec, tags, getattr(args, "serve_only", False), getattr(args, "base_image", None),
-                      getattr(args, "dockerfile_template", None))
+                      getattr(args, "dockerfile_template", None), getattr(args, "cpu", False))
+    if getattr(args, "pip_index_url", None):
+        spec["python"]["index_url"] = args.pip_index_url
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, prefix=".bentofile-", delete=False) as handle:
         yaml.safe_dump(spec, handle, sort_keys=False)
         path = Path(handle.name)
