@@ -31,7 +31,8 @@ from models.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, re
 MODULE = "tuneserve"
 BAKED_ENV = "TUNESERVE_BAKED_MODELS"
 WRITABLE, BAKED = "writable", "baked"
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$")
+NAME_PATTERN = re.compile(  # a model name or version; the service declares it in its OpenAPI too
+    r"^[a-z0-9]([a-z0-9_.-]{0,62}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ModelVersion:
 
 
 def validate_name(name: str) -> str:
-    if not _NAME.match(name or ""):
+    if not NAME_PATTERN.match(name or ""):
         raise ManifestError(
             f"invalid model name {name!r}: use 1-64 lowercase letters, digits, '-', '_' or '.', "
             "starting and ending with a letter or digit"
@@ -76,7 +77,7 @@ def split_ref(ref: str) -> tuple[str, str]:
     """`name` or `name:version` → (name, version or 'latest')."""
     name, _, version = ref.partition(":")
     version = version.strip() or "latest"
-    if not _NAME.match(version):
+    if not NAME_PATTERN.match(version):
         raise ManifestError(f"invalid model version {version!r} in {ref!r}: versions are lowercase letters and digits")
     return validate_name(name.strip().lower()), version
 

@@ -126,25 +126,24 @@ def allowed_methods(app: FastAPI, path: str) -> set[str]:
 
 
 def mount_jobs(app: FastAPI, settings: Settings):
-    """Fine-tune jobs (service/finetune): returns the JobManager, or None if absent."""
+    """Jobs of every kind (service/jobs/registry.py) on one runner: returns the JobManager, or None
+    when jobs cannot run here (then every job route answers 501 saying why)."""
     try:
         from service.finetune import JobManager
-        from service.routes.finetune import build_router
+        from service.jobs.registry import KINDS
+        from service.jobs.router import build_router, unavailable_router
     except ImportError as error:
-        level = logging.INFO if (error.name or "").startswith("service.finetune") else logging.WARNING
-        log.log(level, "fine-tune jobs unavailable (service.finetune not importable: %s)", error)
+        level = logging.INFO if (error.name or "").startswith(("service.finetune", "service.jobs")) else logging.WARNING
+        log.log(level, "jobs unavailable (service.jobs not importable: %s)", error)
         return None
     from service.finetune.backends import unavailable_reason
-    from service.routes.finetune import unavailable_router
 
     reason = unavailable_reason(settings.job_backend)
     if reason:
-        log.warning("fine-tune jobs unavailable: %s", reason)
-        app.include_router(unavailable_router(reason))
+        log.warning("jobs unavailable: %s", reason)
+        app.include_router(unavailable_router(reason, tuple(f"/{name}" for name in KINDS)))
         return None
-    from service.routes import advise
-
     manager = JobManager(settings)
-    app.include_router(build_router(manager, settings))
-    app.include_router(advise.build_router(manager, settings))  # same job store and runner, kind "advise"
+    for kind in KINDS.values():  # one job store and runner for every kind
+        app.include_router(build_router(kind, manager, settings))
     return manager

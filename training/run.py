@@ -1,6 +1,7 @@
 """Job entry point: `python -m training.run --config CONFIG.json --progress PROGRESS.jsonl [--resume]`.
 
-A config with `"kind": "advise"` runs the (torch-free) advisor instead of a fine-tune.
+A config with another `kind` ("advise", "quantize") runs that kind's entry instead of a fine-tune
+(models/jobs/events.py RUNNER_ENTRIES; both are torch-free).
 
 Exit codes (models/jobs/events.py ExitCode): 0 published; 2 bad config or bad data; 143 SIGTERM
 (nothing published); 1 anything else.
@@ -9,13 +10,14 @@ Every outcome is also the last line of the progress file (`succeeded` or `failed
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 import threading
 import traceback
 
-from models.jobs.events import ExitCode
+from models.jobs.events import RUNNER_ENTRIES, ExitCode
 
 
 def _kind(config_path: str) -> str:
@@ -52,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from models.errors import DatasetError, ImageError
         from training.config import ConfigError, TrainConfig
 
-        if _kind(args.config) == "advise":
-            from models.advise import run_advise_job
-
-            return run_advise_job(args.config, progress, stop)
+        entry = RUNNER_ENTRIES.get(_kind(args.config))
+        if entry is not None:  # another kind of job (the advisor, the quantizer): its own body
+            module, function = entry.split(":")
+            return getattr(importlib.import_module(module), function)(args.config, progress, stop)
         try:
             config = TrainConfig.load(args.config).validate()
         except ConfigError as error:

@@ -1,15 +1,16 @@
 """POST /evaluate: labelled images (a zip upload or a folder under the data root) → eval report."""
 import asyncio
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 
+from models.datasets import ZipLimits
 from models.errors import DatasetError
 from service.auth import require_read_access
 from service.config import Settings
+from service.jobs.uploads import unpack_upload
 from service.limits import inside_root
 from service.pool import ModelPool, count_request
 from service.routes.forms import NO_NUL, UPLOAD_ERRORS, before_body, form_route, errors, exactly_one_of, model_field, pool_of, top_k_field
@@ -61,23 +62,13 @@ def build_router(settings: Settings) -> APIRouter:
 
 
 async def _extract_upload(upload, scratch: Path, settings: Settings) -> Path:
-    """The uploaded zip, saved and extracted under `scratch` within the zip limits."""
-    from models.datasets import ZipLimits, safe_extract_zip
-
-    archive = scratch / "dataset.zip"
-
-    def save() -> None:
-        upload.file.seek(0)
-        with archive.open("wb") as handle:
-            shutil.copyfileobj(upload.file, handle)
-
-    await asyncio.to_thread(save)
+    """The uploaded zip, saved and extracted under `scratch` within the zip limits (service/jobs/uploads.py)."""
     limits = ZipLimits(
         max_archive_bytes=settings.max_body_bytes,
         max_entries=settings.max_zip_entries,
         max_unpacked_bytes=settings.max_unpacked_bytes,
     )
-    return await asyncio.to_thread(safe_extract_zip, archive, scratch / "data", limits)
+    return await asyncio.to_thread(unpack_upload, upload.file, scratch / "dataset.zip", scratch / "data", limits)
 
 
 def _evaluate(root: Path, split: str | None, model, other, top_k: int, settings: Settings) -> dict[str, Any]:

@@ -28,8 +28,8 @@ from service.pool import ModelPool
 from service.schemas import Error
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-_NAME = store._NAME.pattern.removeprefix("^").removesuffix("$")  # models/store.py's rule for names and versions
-MODEL_REF = f"^{_NAME}(:{_NAME})?$"
+NAME = store.NAME_PATTERN.pattern.removeprefix("^").removesuffix("$")  # models/store.py's rule for names and versions
+MODEL_REF = f"^{NAME}(:{NAME})?$"
 MODEL_REF_HELP = "A stored model: `name` (its latest version) or `name:version`; lowercase letters, digits, `-`, `_`, `.`"
 NO_NUL = r"^[^\x00]+$"
 
@@ -218,6 +218,22 @@ def exactly_one_of(*fields: str) -> dict[str, Any]:
 def json_form_part(field: str, schema: dict[str, Any]) -> dict[str, Any]:
     """`openapi_extra` for a text form field that carries JSON with `schema` (sent as application/json)."""
     return {FORM_PART_KEY: {field: {"schema": schema, "contentType": "application/json"}}}
+
+
+def file_form_part(field: str, media_type: str, description: str) -> dict[str, Any]:
+    """`openapi_extra` for a file field that must hold a `media_type` file (a zip): its part is sent
+    with that content type, and the schema says so (`contentMediaType`)."""
+    schema = {"type": "string", "format": "binary", "contentMediaType": media_type, "description": description}
+    return {FORM_PART_KEY: {field: {"schema": schema, "contentType": media_type}}}
+
+
+def form_rules(*rules: dict[str, Any]) -> dict[str, Any]:
+    """Several `openapi_extra` rules of this module as one (their form parts merged)."""
+    merged: dict[str, Any] = {}
+    for rule in rules:
+        for key, value in rule.items():
+            merged[key] = {**merged.get(key, {}), **value} if key == FORM_PART_KEY else value
+    return merged
 
 
 def form_part(field: str, schema: dict[str, Any]) -> dict[str, Any]:
