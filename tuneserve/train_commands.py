@@ -7,9 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
-from models.train_config import BACKBONE_NAMES, CLASS_BALANCE, DEVICES, STRATEGIES, TrainConfig
+from models.train_config import BACKBONE_NAMES, TrainConfig
 from training.bootstrap import DEFAULT_NAME
 from training.demo_data import DEMO_SETS, TEXTURES
+from tuneserve.model_flags import add_model_flags, given_values
 
 TRAIN_HELP = f"""\
 Fine-tune SOURCE on DATA, export to ONNX (parity-checked), evaluate on the held-out test split,
@@ -25,52 +26,11 @@ example:
 """
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="fine-tune a source model on a dataset and publish it",
                                   description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = TrainConfig()
     train.add_argument("--config", type=Path, help="JSON file of TrainConfig fields; flags given here override it")
-    train.add_argument("--name", help="model name to publish under (a new version each run)")
-    train.add_argument("--source", help=f"backbone[:weights] or stored model name[:version] (default {d.source})")
-    train.add_argument("--data", help="folder per class, CSV/JSONL manifest, or zip")
-    train.add_argument("--strategy", choices=STRATEGIES,
-                       help="linear: frozen backbone, train the head; partial: last N blocks + head; "
-                            f"full: everything, backbone at lr*backbone-lr-scale (default {d.strategy})")
-    train.add_argument("--epochs", type=int, help="default: fitted to the data (3-30 epochs, about 200 optimiser steps)")
-    train.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
-    train.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, help=f"AdamW lr for the head (default {d.learning_rate})")
-    train.add_argument("--image-size", type=int, help="input size in pixels (default: fitted to the data: median shorter side "
-                                                      "rounded to a multiple of 32, at most the source's size)")
-    train.add_argument("--seed", type=int, help=f"default {d.seed}")
-    train.add_argument("--val-fraction", type=float, help=f"val carved from train when the data gives no val split (default {d.val_fraction})")
-    train.add_argument("--test-fraction", type=float, help=f"test carved from train when the data gives no test split; 0: none (default {d.test_fraction})")
-    train.add_argument("--output-dir", help="work dir for checkpoints, metrics, config.json (default runs/NAME)")
-    train.add_argument("--weights", help="'none' (from scratch), a torchvision weight name (IMAGENET1K_V1, DEFAULT), or a state-dict file")
-    train.add_argument("--backbone-lr-scale", type=float, help=f"backbone lr = lr * scale (default {d.backbone_lr_scale})")
-    train.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
-    train.add_argument("--partial-blocks", type=int, help=f"partial: number of last blocks trained (default {d.partial_blocks})")
-    train.add_argument("--patience", type=int, help="early stopping after N epochs without val-loss improvement (default 0: off)")
-    train.add_argument("--augment", type=_bool, metavar="BOOL", help="random resized crops (+ flips); default on for partial/full, off for linear (features cached)")
-    train.add_argument("--hflip", type=_bool, metavar="BOOL", help="horizontal flips when augmenting (default: off for grey scans/text, on for photos)")
-    train.add_argument("--crop-scale", type=float, help="smallest area share of the random training crop (default: 0.85 for scans/text, 0.5 for photos)")
-    train.add_argument("--budget-s", type=float, help="wall-clock budget in seconds: the first steps are timed and epochs "
-                                                      "(and, if one epoch does not fit, the strategy) chosen to finish within it")
-    train.add_argument("--crop-fraction", type=float, help="center crop / resize at evaluation (default: the backbone's, 1.0 = no crop)")
-    train.add_argument("--class-balance", choices=CLASS_BALANCE, help=f"imbalance handling (default {d.class_balance})")
-    train.add_argument("--num-workers", type=int, help=f"data loader processes (default {d.num_workers})")
-    train.add_argument("--device", choices=DEVICES, help=f"default {d.device} (AMP and channels-last on CUDA)")
-    train.add_argument("--bn-momentum", type=float, help=f"BatchNorm momentum, torch convention (default {d.bn_momentum})")
-    train.add_argument("--min-images-per-class", type=int, help=f"default {d.min_images_per_class}")
-    train.add_argument("--int8", type=_bool, metavar="BOOL",
-                       help="also write a static INT8 variant, calibrated on train and checked against fp32 on test (default true)")
+    add_model_flags(train, TrainConfig, aliases={"learning_rate": ["--lr"]})
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
     train.add_argument("--progress", type=Path, help="also append JSONL progress events to this file")
     train.set_defaults(handler=run_train)
@@ -102,16 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     data = json.loads(args.config.read_text()) if args.config else {}
-    for name in TrainConfig.field_names():
-        value = getattr(args, name, None)
-        if value is not None:
-            data[name] = value
-    for name in ("data", "output_dir"):
-        if data.get(name):
-            data[name] = str(data[name])
-    config = TrainConfig.from_dict(data)
+    config = TrainConfig.from_dict({**data, **given_values(args, TrainConfig)})
     if not config.output_dir:
-        config.output_dir = str(config.resolved_output_dir())
+        config = config.replace(output_dir=str(config.resolved_output_dir()))
     return config.validate()
 
 
