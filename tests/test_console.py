@@ -80,6 +80,7 @@ def console(tmp_path_factory):
         options.binary_location = CHROMIUM
         for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
             options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for the error check
         os.environ.setdefault("SE_AVOID_STATS", "true")
         driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
         try:
@@ -132,6 +133,23 @@ def test_page_weight_is_small():
     total = sum(p.stat().st_size for p in static.rglob("*") if p.is_file())
     print(f"console page weight: {total / 1024:.1f} KB")
     assert total < 300 * 1024
+
+
+def test_page_loads_without_console_errors(console):
+    """A fresh load logs nothing at error level in the browser's console: the page names its icon, so the
+    browser does not ask for a /favicon.ico that is not there (it asks a second or two after the load)."""
+    driver = console["driver"]
+    driver.get("about:blank")
+    driver.get_log("browser")  # drop what earlier pages logged
+    wait = _open(console, "classify")
+    wait.until(lambda d: Select(d.find_element(By.ID, "classify-model")).options)
+    icon = driver.find_element(By.CSS_SELECTOR, "link[rel='icon']").get_attribute("href")
+    assert console["client"].get(icon).status_code == 200
+    logged, deadline = [], time.monotonic() + 4
+    while time.monotonic() < deadline:
+        logged += driver.get_log("browser")
+        time.sleep(0.2)
+    assert [entry["message"] for entry in logged if entry["level"] == "SEVERE"] == []
 
 
 def test_classify_view_shows_the_top_label(console):
