@@ -40,6 +40,7 @@ class TuneServe:
     """One instance per worker process."""
 
     def __init__(self) -> None:
+        from service.dataplane import DataPlane
         from service.pool import ModelPool
         from service.storage import prepare_state
 
@@ -47,7 +48,8 @@ class TuneServe:
         # before any job starts: children must see the bento's baked models (models/store.py)
         self.state_warnings = prepare_state(SETTINGS.home)
         self.pool = ModelPool(SETTINGS)
-        app.state.pool = self.pool
+        self.dataplane = DataPlane(self.pool, SETTINGS)  # every inference of this worker, HTTP and gRPC
+        app.state.pool, app.state.dataplane = self.pool, self.dataplane
         # ---- fine-tune jobs (service/finetune) ------------------------------------------
         # One JobManager per worker; its routes join the REST app. Absent package → no /finetune.
         self.jobs = getattr(app.state, "jobs", None)
@@ -67,6 +69,7 @@ class TuneServe:
         if self.jobs is not None:
             self.jobs.stop()
         await self.pool.stop()
+        self.dataplane.close()
 
     def __is_ready__(self) -> bool:
         return self.pool.ready()

@@ -1,10 +1,12 @@
 """Per-model micro-batching: one queue and one batcher task per model name (all its versions).
 
-`submit(classifier, array)` puts one prepared image into the queue; the batcher takes up to
+`submit(classifier, array, extras)` puts one prepared image into the queue; the batcher takes up to
 `max_size` images (waiting at most `max_latency_s` for more), groups them by classifier version,
-and runs ONNX Runtime in a thread so the event loop stays free. Requests with different `top_k`
-share a batch because top-k is applied per request afterwards, and a bad image never reaches the
-batch: it fails while decoding, in its own request.
+and runs ONNX Runtime once per group in a thread so the event loop stays free. `extras` names graph
+outputs wanted beside the probabilities (`logits`, `embedding`); a group fetches the union of its
+items' extras in the same pass, so asking for logits costs no second run. Requests with different
+`top_k` share a batch because top-k is applied per request afterwards, and a bad image never reaches
+the batch: it fails while decoding, in its own request.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,12 +24,39 @@ from models.runtime import OnnxClassifier
 from service.pool.metrics import metrics, observe
 
 log = logging.getLogger("tuneserve.service")
+EXTRAS = ("logits", "embedding")  # graph outputs a caller may ask for beside the probabilities
+
+
+class Row(NamedTuple):
+    """One image's outputs: probabilities `[C]`, in-domain score (None without OOD data), and the
+    extras asked for by any request of its batch (None where no one asked)."""
+
+    probabilities: np.ndarray
+    in_domain: float | None
+    logits: np.ndarray | None = None
+    embedding: np.ndarray | None = None
+
+
+def run_batch(classifier: OnnxClassifier, batch: np.ndarray, extras: frozenset[str]) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """One ONNX Runtime pass: probabilities `[N, C]`, in-domain scores `[N]` or None, and `extras`."""
+    if not extras:
+        probabilities, in_domain = classifier.predict_scored(batch)
+        return probabilities, in_domain, {}
+    manifest = classifier.manifest
+    names = {"logits": manifest.output_names[0], "probabilities": manifest.output_names[1]}
+    if "embedding" in extras or classifier.ood is not None:
+        names["embedding"] = classifier.require_embedding("the embedding output")
+    wanted = ["probabilities", *sorted(n for n in names if n != "probabilities")]
+    values = dict(zip(wanted, classifier.run(batch, [names[n] for n in wanted])))
+    in_domain = classifier.ood.score(values["embedding"]) if classifier.ood is not None else None
+    return values["probabilities"], in_domain, {name: values[name] for name in extras}
 
 
 @dataclass
 class _Item:
     classifier: OnnxClassifier
     array: np.ndarray
+    extras: frozenset[str]
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
@@ -42,11 +72,11 @@ class Batcher:
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.task: asyncio.Task | None = None
 
-    async def submit(self, classifier: OnnxClassifier, array: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Probabilities `[C]` of one prepared image and its in-domain score (None without OOD data)."""
+    async def submit(self, classifier: OnnxClassifier, array: np.ndarray, extras: frozenset[str] = frozenset()) -> Row:
+        """The `Row` of one prepared image: probabilities, in-domain score, and the `extras` asked for."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.queue.put_nowait(_Item(classifier, array, future))
+        self.queue.put_nowait(_Item(classifier, array, frozenset(extras), future))
         if self.task is None or self.task.done():
             self.task = loop.create_task(self._run(), name=f"batcher-{self.name}")
         return await future
@@ -88,7 +118,8 @@ class Batcher:
             observe("queue", self.name, started - item.queued)
         try:
             batch = stack([item.array for item in group])
-            probabilities, in_domain = await loop.run_in_executor(self.executor, classifier.predict_scored, batch)
+            extras = frozenset().union(*(item.extras for item in group))
+            probabilities, in_domain, more = await loop.run_in_executor(self.executor, run_batch, classifier, batch, extras)
         except Exception as error:  # one failing batch fails only its own items, never the task
             log.exception("%s: inference failed for a batch of %d", classifier.tag, len(group))
             for item in group:
@@ -103,9 +134,10 @@ class Batcher:
         except Exception:  # metrics must never strand the requests of a batch
             log.exception("could not record metrics for %s", self.name)
         scores = in_domain if in_domain is not None else [None] * len(group)
-        for item, row, score in zip(group, probabilities, scores):
+        for index, (item, score) in enumerate(zip(group, scores)):
             if not item.future.done():
-                item.future.set_result((row, None if score is None else float(score)))
+                asked = {name: more[name][index] for name in item.extras}
+                item.future.set_result(Row(probabilities[index], None if score is None else float(score), **asked))
 
     async def close(self) -> None:
         if self.task is not None:

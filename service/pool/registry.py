@@ -7,8 +7,8 @@
 - A poller checks `models.store.latest_version(name)` every `poll_seconds`; a new version is
   loaded off the event loop and swapped in with one assignment. A request keeps the classifier
   object it started with, so it finishes on that version and its response names it.
-- `classify(classifier, data, top_k)` decodes in a thread pool, then goes through the model's
-  micro-batcher (service/pool/batching.py).
+- `submit(classifier, array, extras)` runs one prepared image through the model's micro-batcher
+  (service/pool/batching.py). Decoding, the decision and top-k live in service/dataplane.py.
 """
 from __future__ import annotations
 
@@ -22,13 +22,10 @@ from typing import Any
 import numpy as np
 
 from models import store
-from models.preprocess import decode_image, resize_and_crop
-from models.decision import MinConfidence, decide
-from models.runtime import OnnxClassifier, RuntimeOptions, default_threads
-from service.pool.batching import Batcher
+from models.runtime import OnnxClassifier, RuntimeOptions
+from service.pool.batching import Batcher, Row
 from service.pool.devices import runtime_options, runtime_summary
-from service.pool.metrics import metrics, observe
-from service.schemas import Prediction
+from service.pool.metrics import metrics
 
 log = logging.getLogger("tuneserve.service")
 
@@ -39,8 +36,6 @@ class ModelPool:
     def __init__(self, settings, options: RuntimeOptions | None = None):
         self.settings = settings
         self.options = options or runtime_options(settings)
-        decode_threads = settings.decode_threads or default_threads(settings.worker_count)
-        self._decode = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="decode")
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._load = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._latest: dict[str, OnnxClassifier] = {}
@@ -66,7 +61,7 @@ class ModelPool:
                 task.cancel()
         for batcher in self._batchers.values():
             await batcher.close()
-        for executor in (self._decode, self._infer, self._load):
+        for executor in (self._infer, self._load):
             executor.shutdown(wait=False, cancel_futures=True)
 
     async def _preload(self) -> None:
@@ -180,25 +175,8 @@ class ModelPool:
         return classifier
 
     # ---- work ------------------------------------------------------------------------------
-    def _prepare_sync(self, data: bytes, classifier: OnnxClassifier) -> np.ndarray:
-        started = time.perf_counter()
-        spec = classifier.manifest.preprocessing
-        image = decode_image(data, self.settings.max_pixels, self.settings.allowed_formats, draft_size=spec.resize)
-        array = resize_and_crop(image, spec)
-        observe("decode", classifier.name, time.perf_counter() - started)
-        return array
-
-    async def prepare(self, data: bytes, classifier: OnnxClassifier) -> np.ndarray:
-        """Decode, check and resize one upload (in a thread); raises models.errors.ImageError."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._decode, self._prepare_sync, data, classifier)
-
-    async def infer(self, classifier: OnnxClassifier, array: np.ndarray) -> np.ndarray:
-        """Probabilities for one prepared image, computed in a micro-batch."""
-        return (await self.infer_scored(classifier, array))[0]
-
-    async def infer_scored(self, classifier: OnnxClassifier, array: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Probabilities and in-domain score (None for versions without one) of one prepared image."""
+    async def submit(self, classifier: OnnxClassifier, array: np.ndarray, extras: frozenset[str] = frozenset()) -> Row:
+        """One prepared image through its model's micro-batcher: probabilities, in-domain score, `extras`."""
         batcher = self._batchers.get(classifier.name)
         if batcher is None:
             batcher = self._batchers[classifier.name] = Batcher(
@@ -207,14 +185,7 @@ class ModelPool:
                 self.settings.batch_max_latency_ms / 1000.0,
                 self._infer,
             )
-        return await batcher.submit(classifier, array)
-
-    async def classify(self, classifier: OnnxClassifier, data: bytes, top_k: int,
-                       min_confidence: MinConfidence = None) -> Prediction:
-        """One upload → its `Prediction` (the one prediction shape of the API); abstains per `min_confidence`."""
-        array = await self.prepare(data, classifier)
-        probabilities, in_domain = await self.infer_scored(classifier, array)
-        return prediction_of(classifier, probabilities, top_k, min_confidence, in_domain)
+        return await batcher.submit(classifier, array, extras)
 
     # ---- description -----------------------------------------------------------------------
     def loaded(self) -> dict[str, dict[str, Any]]:
@@ -226,10 +197,3 @@ class ModelPool:
     def runtime(self) -> dict[str, Any]:
         return runtime_summary(self.options, self.load_errors)
 
-
-def prediction_of(classifier: OnnxClassifier, probabilities: np.ndarray, top_k: int,
-                  min_confidence: MinConfidence = None, in_domain: float | None = None) -> Prediction:
-    """The `Prediction` for one image's probabilities `[C]`: the top-k labels, the decision, who answered."""
-    ranked = classifier.top_k(probabilities[None, :], top_k)[0]
-    decided = decide(classifier.manifest, ranked, min_confidence, in_domain)
-    return Prediction(**decided, model=classifier.name, version=classifier.version, variant=classifier.variant)

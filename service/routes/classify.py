@@ -1,15 +1,15 @@
-"""POST /classify (one image) and POST /classify_batch (several, one result each)."""
-import asyncio
+"""POST /classify (one image) and POST /classify_batch (several, one result each): multipart in,
+`Prediction`s out; the inference is service/dataplane.py's."""
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Request, UploadFile
 
-from models.errors import ImageError
 from service.auth import require_read_access
 from service.config import Settings
-from service.pool import ModelPool, count_request
+from service.dataplane import DataPlane, InferenceRequest
+from service.pool import count_request
 from service.routes.forms import (
-    MIN_CONFIDENCE_SCHEMA, UPLOAD_ERRORS, before_body, form_part, form_route, min_confidence_field, min_confidence_of, model_field, pool_of, top_k_field,
+    MIN_CONFIDENCE_SCHEMA, UPLOAD_ERRORS, before_body, form_part, form_route, min_confidence_field, model_field, plane_of, top_k_field,
 )
 from service.schemas import BatchItem, BatchItemError, BatchResult, Classification
 
@@ -20,7 +20,7 @@ def build_router(settings: Settings) -> APIRouter:
     TopK = top_k_field(settings)
     Model = model_field()
     MinConfidence = min_confidence_field()
-    Pool = Annotated[ModelPool, Depends(pool_of)]
+    Plane = Annotated[DataPlane, Depends(plane_of)]
 
     @router.post(
         "/classify",
@@ -31,19 +31,22 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def classify(
         request: Request,
-        pool: Pool,
+        plane: Plane,
         image: Annotated[UploadFile, File(description="The image (JPEG, PNG, WebP, …), as a multipart file")],
         top_k: TopK = settings.default_top_k,
         model: Model = None,
         min_confidence: MinConfidence = None,
     ) -> Classification:
         """Classify one image with `model` (the default model when absent)."""
-        classifier = await pool.get(model)
+        classifier = await plane.resolve(model)
         request.state.model = classifier.name
-        threshold = min_confidence_of(min_confidence, classifier)
-        prediction = await pool.classify(classifier, await image.read(), top_k, threshold)
+        asked = InferenceRequest(model=classifier, images=[await image.read()], outputs=frozenset(),
+                                 top_k=top_k, min_confidence=min_confidence)
+        answer = (await plane.infer(asked)).images[0]
+        if answer.error is not None:
+            raise answer.error
         count_request("classify", classifier.name, "ok")
-        return prediction
+        return answer.prediction
 
     @router.post(
         "/classify_batch",
@@ -54,7 +57,7 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def classify_batch(
         request: Request,
-        pool: Pool,
+        plane: Plane,
         images: Annotated[
             list[UploadFile],
             File(min_length=1, max_length=settings.max_batch, description=f"1..{settings.max_batch} images, each a multipart file named `images`"),
@@ -64,18 +67,16 @@ def build_router(settings: Settings) -> APIRouter:
         min_confidence: MinConfidence = None,
     ) -> BatchResult:
         """One result per image, in order; an image that cannot be classified gets its own error."""
-        classifier = await pool.get(model)
+        classifier = await plane.resolve(model)
         request.state.model = classifier.name
-        threshold = min_confidence_of(min_confidence, classifier)
-
-        async def one(upload: UploadFile) -> BatchItem | BatchItemError:
-            try:
-                prediction = await pool.classify(classifier, await upload.read(), top_k, threshold)
-                return BatchItem(filename=upload.filename, **prediction.model_dump())
-            except ImageError as error:
-                return BatchItemError(filename=upload.filename, error=str(error), status=error.status)
-
-        results = await asyncio.gather(*(one(upload) for upload in images))
+        asked = InferenceRequest(model=classifier, images=[await upload.read() for upload in images], outputs=frozenset(),
+                                 top_k=top_k, min_confidence=min_confidence, partial=True)
+        answers = (await plane.infer(asked)).images
+        results = [
+            BatchItem(filename=upload.filename, **answer.prediction.model_dump()) if answer.error is None
+            else BatchItemError(filename=upload.filename, error=str(answer.error), status=answer.error.status)
+            for upload, answer in zip(images, answers)
+        ]
         failed = sum(1 for r in results if isinstance(r, BatchItemError))
         count_request("classify_batch", classifier.name, "ok" if not failed else "partial")
         return BatchResult(

@@ -12,8 +12,9 @@ from service.auth import require_read_access
 from service.config import Settings
 from service.jobs.uploads import unpack_upload
 from service.limits import inside_root
-from service.pool import ModelPool, count_request
-from service.routes.forms import NO_NUL, UPLOAD_ERRORS, before_body, form_route, errors, exactly_one_of, model_field, pool_of, top_k_field
+from service.dataplane import BoundModel, DataPlane
+from service.pool import count_request
+from service.routes.forms import NO_NUL, UPLOAD_ERRORS, before_body, form_route, errors, exactly_one_of, model_field, plane_of, top_k_field
 from service.schemas import EvalReport
 
 
@@ -30,7 +31,7 @@ def build_router(settings: Settings) -> APIRouter:
     )
     async def evaluate_route(
         request: Request,
-        pool: Annotated[ModelPool, Depends(pool_of)],
+        plane: Annotated[DataPlane, Depends(plane_of)],
         dataset: Annotated[UploadFile | None, File(description="A zip of labelled images (`label/image.jpg` or `split/label/image.jpg`)")] = None,
         data_path: Annotated[str | None, Form(pattern=NO_NUL, description="Or a folder of labelled images, relative to the data root")] = None,
         top_k: top_k_field(settings) = settings.default_top_k,
@@ -41,9 +42,11 @@ def build_router(settings: Settings) -> APIRouter:
         """Labelled images (a zip `dataset` or a `data_path` under the data root) → the eval.json report."""
         if (dataset is None) == (data_path is None):
             raise HTTPException(400, "send exactly one of 'dataset' (a zip upload) or 'data_path' (under the data root)")
-        classifier = await pool.get(model)
+        classifier = await plane.resolve(model)
         request.state.model = classifier.name
-        other = await pool.get(compare_with) if compare_with else None
+        other = await plane.resolve(compare_with) if compare_with else None
+        loop = asyncio.get_running_loop()  # the images go through the data plane (its batcher), from the thread below
+        classifier, other = BoundModel(plane, classifier, loop), other and BoundModel(plane, other, loop)
 
         with tempfile.TemporaryDirectory(prefix="tuneserve-eval-") as scratch:
             if dataset is not None:

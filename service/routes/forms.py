@@ -20,10 +20,9 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import store
-from models.decision import MinConfidence, check_supported, parse_min_confidence
 from models.errors import TuneserveError
-from models.runtime import OnnxClassifier
 from service.config import Settings
+from service.dataplane import DataPlane
 from service.pool import ModelPool
 from service.schemas import Error
 
@@ -67,6 +66,15 @@ def pool_of(request: Request) -> ModelPool:
     if pool is None:
         raise HTTPException(503, "the service is starting; models are not loaded yet")
     return pool
+
+
+def plane_of(request: Request) -> DataPlane:
+    """The worker's data plane over its pool (made here when a test sets only `app.state.pool`)."""
+    state, pool = request.app.state, pool_of(request)
+    plane = getattr(state, "dataplane", None)
+    if plane is None or plane.pool is not pool:
+        plane = state.dataplane = DataPlane(pool, state.settings)
+    return plane
 
 
 Receive = Callable[[], Awaitable[dict]]
@@ -176,18 +184,8 @@ MIN_CONFIDENCE_SCHEMA = {
 
 
 def min_confidence_field():
-    """A text field checked by `min_confidence_of`; its schema is MIN_CONFIDENCE_SCHEMA (`form_part`)."""
+    """A text field checked by service/dataplane.py `min_confidence_of`; its schema is MIN_CONFIDENCE_SCHEMA (`form_part`)."""
     return Annotated[str | None, Form()]
-
-
-def min_confidence_of(raw: str | None, classifier: OnnxClassifier) -> MinConfidence:
-    """The declared `min_confidence` → what models/decision.py applies; 422 for anything the schema does
-    not allow and for `auto` on a version without thresholds."""
-    if raw is not None and (raw != raw.strip() or (raw.lower() == "auto" and raw != "auto")):
-        raise HTTPException(422, f"min_confidence must be a number in [0, 1] or 'auto', got {raw!r}")
-    value = parse_min_confidence(raw)
-    check_supported(value, classifier.manifest, classifier.tag)
-    return value
 
 
 def model_field(description: str = MODEL_REF_HELP):
