@@ -22,6 +22,7 @@ from models.errors import TuneserveError, is_disk_full
 from service.config import Settings
 from service.pool import count_request
 from service.routes import classify, evaluate, models, v2
+from service.openapi import complete
 from service.routes.forms import apply_form_rules
 
 log = logging.getLogger("tuneserve.service")
@@ -51,7 +52,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = apply_form_rules(get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes))
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = complete(apply_form_rules(document), app.routes, job_kinds())
         return app.openapi_schema
 
     app.openapi = openapi
@@ -61,6 +63,15 @@ def create_app(settings: Settings) -> FastAPI:
         return get_swagger_ui_html(openapi_url="/api/openapi.json", title="tuneserve API", **SWAGGER_ASSETS)
 
     return app
+
+
+def job_kinds() -> tuple[str, ...]:
+    """The job kinds whose routes may be mounted (their URL prefixes), for the OpenAPI links."""
+    try:
+        from service.jobs.registry import KINDS
+    except ImportError:  # a serve-only build without the job system
+        return ()
+    return tuple(KINDS)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:

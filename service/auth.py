@@ -161,6 +161,7 @@ def require_api_key(settings: Any) -> Callable[[Request], str]:
         request.state.api_key_name = name = ring.identify(request.headers.get("authorization"))
         return name
 
+    dependency.key_required = ring.config.enabled  # what OpenAPI declares (service/openapi.py)
     return dependency
 
 
@@ -172,4 +173,5 @@ def require_read_access(settings: Any) -> Callable[[Request], None]:
         if ring.config.protect_reads:
             request.state.api_key_name = ring.identify(request.headers.get("authorization"))
 
+    dependency.key_required = ring.config.enabled and ring.config.protect_reads  # what OpenAPI declares
     return dependency
