@@ -95,6 +95,7 @@ def window_report(db: LoopDb, model: str, version: str, reference: Reference | N
     """Drift of the newest `window` samples of `model:version` (see the module docstring)."""
     rows = latest_samples(db, model, version, window)
     return {"version": version, "at": time.time(), "window": len(rows), "alpha": alpha,
+            "newest_id": rows[0]["id"] if rows else 0,
             **rates(rows), "embedding": embedding_drift(rows, reference, alpha, permutations),
             "labels": label_drift(rows, reference, labels)}
 
@@ -114,11 +115,8 @@ def history(db: LoopDb, model: str, version: str, limit: int = 100) -> list[dict
     return [json.loads(r["report"]) for r in reversed(rows)]
 
 
-def new_samples_since(db: LoopDb, model: str, version: str, at: float) -> int:
-    return db.read("SELECT COUNT(*) AS n FROM samples WHERE model = ? AND version = ? AND created > ?",
-                   (model, version, at))[0]["n"]
-
-
-def last_report_at(db: LoopDb, model: str, version: str) -> float:
-    rows = db.read("SELECT MAX(at) AS at FROM drift WHERE model = ? AND version = ?", (model, version))
-    return rows[0]["at"] or 0.0
+def last_reported_id(db: LoopDb, model: str, version: str) -> int:
+    """The newest sample id the last report of `model:version` saw (0 before any): samples are
+    written in batches after their time stamps, so ids, not times, say what is new."""
+    latest = history(db, model, version, 1)
+    return latest[0].get("newest_id", 0) if latest else 0

@@ -142,10 +142,10 @@ class LoopWorker:
     # ---- drift, gauges, auto-promote -------------------------------------------------------------
     def drift_pass(self) -> None:
         db, s = self.plane.db, self.plane.settings
-        active = db.read("SELECT model, version, MAX(created) AS newest FROM samples GROUP BY model, version")
+        active = db.read("SELECT model, version, MAX(id) AS newest FROM samples GROUP BY model, version")
         for row in active:
             model, version = row["model"], row["version"]
-            if row["newest"] > drift.last_report_at(db, model, version):
+            if row["newest"] > drift.last_reported_id(db, model, version):
                 try:
                     reference, labels = reference_of(model, version)
                 except Exception as error:  # a deleted version: its samples age out

@@ -4,8 +4,6 @@ POST /models/{name}/capture, /rollout, /promote, /rollback; the captured images 
 Reading routes follow TUNESERVE_PROTECT_READS; every route that changes state needs a key, and the
 key's name is recorded as who did it. The work is service/loop's; this module only translates.
 """
-from __future__ import annotations
-
 import asyncio
 import json
 from typing import Annotated, Any
@@ -28,15 +26,17 @@ from service.loop.schemas import (
 )
 from service.routes.forms import ModelPath, errors
 
+FEEDBACK_FORM = {"type": "object", "additionalProperties": False, "required": ["label"], "properties": {
+    "request_id": {"type": "string", "minLength": 1, "description": "The request_id of a classification result"},
+    "label": {"type": "string", "minLength": 1, "description": "The true label"},
+}}
 FEEDBACK_BODY = {
-    "requestBody": {"content": {
+    "requestBody": {"required": True, "content": {
         "application/json": {"schema": FeedbackIn.model_json_schema()},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "request_id": {"type": "string"}, "label": {"type": "string"},
-            "image": {"type": "string", "format": "binary", "description": "Instead of request_id: the image itself"},
-            "model": {"type": "string", "description": "With image: which model (default: the default model)"}},
-            "required": ["label"]}},
-    }}
+        "application/x-www-form-urlencoded": {"schema": FEEDBACK_FORM},
+    }},
+    "description": "JSON or a form with `request_id` and `label`; or a multipart form with `image` (the image "
+                   "itself), `label` and optionally `model`, to label an image that was never served.",
 }
 
 
@@ -50,11 +50,11 @@ Loop = Annotated[LoopPlane, Depends(loop_of)]
 def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(tags=["loop"])
     read = [Depends(require_read_access(settings))]
-    Key = Annotated[str, Depends(require_api_key(settings))]
+    key = require_api_key(settings)
 
     @router.post("/feedback", response_model=FeedbackOut, responses=errors(400, 401, 404, 413, 415, 422),
                  openapi_extra=FEEDBACK_BODY)
-    async def feedback(request: Request, loop: Loop, by: Key) -> dict[str, Any]:
+    async def feedback(request: Request, loop: Loop, by: str = Depends(key)) -> dict[str, Any]:
         """The true label of a served request (`request_id`), or of an uploaded `image`; JSON or a form."""
         fields, image = await _feedback_fields(request)
         if image is not None:
@@ -85,14 +85,14 @@ def build_router(settings: Settings) -> APIRouter:
         return Response(data, media_type="application/octet-stream")
 
     @router.post("/models/{name}/review/{capture_id}/skip", responses=errors(401, 404))
-    async def skip(name: ModelPath, capture_id: str, loop: Loop, by: Key) -> dict:
+    async def skip(name: ModelPath, capture_id: str, loop: Loop, by: str = Depends(key)) -> dict:
         """Take an image out of the review queue without a label."""
         if not await asyncio.to_thread(review.skip, loop.db, name, capture_id):
             raise ModelNotFound(f"no captured image {capture_id!r} of model {name!r}")
         return {"model": name, "capture_id": capture_id, "skipped": True, "by": by}
 
     @router.post("/models/{name}/capture", responses=errors(401, 404, 422))
-    async def capture_switch(name: ModelPath, switch: CaptureSwitch, loop: Loop, by: Key) -> dict:
+    async def capture_switch(name: ModelPath, switch: CaptureSwitch, loop: Loop, by: str = Depends(key)) -> dict:
         """Turn capture of this model's requests on or off (every worker within a second)."""
         model = _known(name)
         return await asyncio.to_thread(loop.set_capture, model, switch.enabled, switch.fraction, by)
@@ -103,25 +103,25 @@ def build_router(settings: Settings) -> APIRouter:
         return await asyncio.to_thread(monitor, loop, _known(name))
 
     @router.post("/models/{name}/rollout", response_model=RolloutOut, responses=errors(401, 404, 409, 422))
-    async def start_rollout(name: ModelPath, body: RolloutIn, loop: Loop, by: Key) -> dict:
+    async def start_rollout(name: ModelPath, body: RolloutIn, loop: Loop, by: str = Depends(key)) -> dict:
         """Make `version` a canary (`percent` of un-pinned traffic) or a shadow of the stable version."""
         model = _known(name)
         await asyncio.to_thread(store.resolve, f"{model}:{body.version}")  # 404 naming it when unknown
-        serving = await asyncio.to_thread(store.latest_version, model)
+        serving = await asyncio.to_thread(_serving_before, model, body.version)
         state = await asyncio.to_thread(rollouts.start, loop.db, model, body.version, body.mode, body.percent,
                                         serving, by)
         await asyncio.to_thread(loop.refresh)
         return state.public()
 
     @router.post("/models/{name}/promote", response_model=RolloutOut, responses=errors(401, 404, 409))
-    async def promote(name: ModelPath, loop: Loop, by: Key) -> dict:
+    async def promote(name: ModelPath, loop: Loop, by: str = Depends(key)) -> dict:
         """The candidate becomes stable: all un-pinned traffic, on every worker within a second."""
         state = await asyncio.to_thread(rollouts.promote, loop.db, _known(name), by)
         await asyncio.to_thread(loop.refresh)
         return state.public()
 
     @router.post("/models/{name}/rollback", response_model=RolloutOut, responses=errors(401, 404, 409))
-    async def rollback(name: ModelPath, loop: Loop, by: Key) -> dict:
+    async def rollback(name: ModelPath, loop: Loop, by: str = Depends(key)) -> dict:
         """Drop the candidate; without one, return to the stable version before the last promotion."""
         state = await asyncio.to_thread(rollouts.rollback, loop.db, _known(name), by)
         await asyncio.to_thread(loop.refresh)
@@ -135,6 +135,17 @@ def _known(ref: str) -> str:
     if store.latest_version(name) is None:
         raise ModelNotFound(f"unknown model {name!r}")
     return name
+
+
+def _serving_before(model: str, candidate: str) -> str | None:
+    """The version un-pinned traffic had before `candidate`: `latest`, or, when the candidate was just
+    published and is `latest` itself, the newest version before it (so publish, then roll out)."""
+    latest = store.latest_version(model)
+    if latest != candidate:
+        return latest
+    names = [v.version for v in store.list_models().get(model, [])]  # newest first
+    index = names.index(candidate) if candidate in names else len(names)
+    return names[index + 1] if index + 1 < len(names) else latest
 
 
 def _explain(error: ValidationError) -> str:
