@@ -66,6 +66,14 @@ def test_outside_stop_is_interrupted_not_failed(tmp_path):
     assert state == "interrupted" and model is None and "resume" in error
 
 
+def test_lost_ray_node_is_interrupted_not_failed(tmp_path):
+    """The node running the trainer died (Ray: the job's supervisor actor died with it): resumable."""
+    code = ray_exit_code("FAILED", None, False, "JobErrorType.JOB_SUPERVISOR_ACTOR_DIED")
+    state, _, _, error = judge(code, JobTrace(progress={}), Stopping(), tmp_path / "none.log")
+    assert state == "interrupted" and "resume" in error
+    assert ray_exit_code("FAILED", 2, False, "JOB_ENTRYPOINT_COMMAND_ERROR") == 2  # the trainer's own failure stays one
+
+
 def _settings(tmp_path, **changes) -> FinetuneSettings:
     return FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None,
                             training_command=(sys.executable, "-m", "training.run"), **changes)

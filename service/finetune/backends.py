@@ -180,7 +180,8 @@ class RayJob:
         if not info.status.is_terminal():
             return None
         self._final_info = info
-        return ray_exit_code(str(info.status), getattr(info, "driver_exit_code", None), self._stopped)
+        return ray_exit_code(str(info.status), getattr(info, "driver_exit_code", None), self._stopped,
+                             str(getattr(info, "error_type", None) or ""))
 
     def terminate(self) -> None:
         self._stopped = True
@@ -212,13 +213,21 @@ class RayJob:
             self._log_chars = len(text)
 
 
-def ray_exit_code(status: str, driver_exit_code: int | None, stopped_by_us: bool) -> int:
+# Ray's error type when the actor supervising the trainer died with its node (not the trainer's doing).
+NODE_LOST_ERROR = "JOB_SUPERVISOR_ACTOR_DIED"
+
+
+def ray_exit_code(status: str, driver_exit_code: int | None, stopped_by_us: bool, error_type: str = "") -> int:
     """A process-style exit code for a finished Ray job, so the runner judges it like a local one."""
     status = status.rsplit(".", 1)[-1].upper()
     if status == "SUCCEEDED":
         return 0
     if status == "STOPPED":
         # stopped by this runner (cancel/shutdown) or by someone through Ray: a SIGTERM either way
+        return -signal.SIGTERM
+    if driver_exit_code is None and error_type.rsplit(".", 1)[-1].upper() == NODE_LOST_ERROR:
+        # the node running the trainer was lost: like a local child whose host went down, the job
+        # was stopped from outside (resumable on another node), not failed by its data or code
         return -signal.SIGTERM
     if driver_exit_code is not None:
         return int(driver_exit_code)
