@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from models.transferability import weighted_kendall_tau  # noqa: E402
+
 SOURCES = ("imagenet", "fonts", "textures", "faces", "shapes")
 TARGETS = ("handwritten", "photo-tex", "new-shapes")
 FONT_DIRS = ("/usr/share/fonts/truetype", "/usr/share/fonts")
@@ -256,8 +258,6 @@ def raw_pixel_baseline(splits, labels, size: int = 16) -> float:
 
 
 def rank_target(target: str, data: Path, tags: dict[str, str], args) -> dict:
-    from scipy.stats import weightedtau
-
     from models.advise import AdviseConfig, advise
 
     splits, labels = splits_of(data)
@@ -270,7 +270,7 @@ def rank_target(target: str, data: Path, tags: dict[str, str], args) -> dict:
         seconds.append(spent)
         print(f"  {target}: fine-tune from {name}: {truth[name]:.3f} in {spent:.0f}s", flush=True)
     names = list(tags)
-    tau = weightedtau([logme[tags[n]] for n in names], [truth[n] for n in names]).statistic
+    tau = weighted_kendall_tau({n: logme[tags[n]] for n in names}, truth)
     return {"target": target, "classes": len(labels), "train": len(splits["train"]), "test": len(splits["test"]),
             "logme": {n: logme[tags[n]] for n in names}, "probe": {n: probe[tags[n]] for n in names},
             "finetune_accuracy": truth, "weighted_tau": round(float(tau), 3), "advise_seconds": round(advise_s, 1),
@@ -354,14 +354,12 @@ def build_sources(args, results: dict, out: Path) -> dict[str, str]:
 
 def markdown(results: dict) -> str:
     """The README tables from a results file (`python bench/advise.py --table FILE`)."""
-    from scipy.stats import weightedtau
-
     names = list(results["sources"])
     lines = ["| target (classes, train / shifted test) | " + " | ".join(names)
              + " | τw LogME | τw probe | raw pixels | advise s / fine-tune s |", "|---|" + "---|" * (len(names) + 4)]
     for t in results.get("targets", []):
         cells = [f"{t['logme'][n]:.3f} / {t['probe'][n]:.2f} / **{t['finetune_accuracy'][n]:.2f}**" for n in names]
-        probe_tau = weightedtau([t["probe"][n] for n in names], [t["finetune_accuracy"][n] for n in names]).statistic
+        probe_tau = weighted_kendall_tau({n: t["probe"][n] for n in names}, {n: t["finetune_accuracy"][n] for n in names})
         lines.append(f"| {t['target']} ({t['classes']}, {t['train']} / {t['test']}) | " + " | ".join(cells)
                      + f" | {t['weighted_tau']:.2f} | {probe_tau:.2f} | {t['raw_pixel_logistic']:.2f} | "
                      f"{t['advise_seconds']:.0f} / {t['mean_finetune_seconds']:.0f} |")

@@ -1,8 +1,11 @@
 """The transfer advisor: which stored model to start from, and would more labels help.
 
 For each candidate source (a stored version whose graph gives its `embedding`): embed the train
-split once, score it with LogME and a cross-validated logistic probe (models/logme.py), and time
-the embedding. Candidates are ranked by LogME. The best one also gets a learning curve: a probe
+split once, score it with LogME (models/logme.py), SFDA and a cross-validated cosine k-NN
+(models/transferability.py), and a cross-validated logistic probe, and time the embedding.
+Candidates are ranked by the agreement of LogME, SFDA and k-NN: their mean rank (no single score
+ranks sources reliably on small data; the probe decides the recommended strategy and is shown,
+not ranked by). The best one also gets a learning curve: a probe
 fitted on 10/25/50/100 % of the train split, scored on the held-out (val + test) images.
 Torch-free: the CLI runs it in process, the service as a durable job (`python -m training.run`
 dispatches `"kind": "advise"` configs here).
@@ -24,12 +27,14 @@ from models.datasets import Sample, check_readable, check_trainable, load_datase
 from models.errors import Cancelled, EmbeddingUnavailable, TuneserveError
 from models.jobs.events import ExitCode, Progress
 from models.logme import logme, probe_accuracy
+from models.transferability import knn_cv_score, rank_by_agreement, reduce, scoring_dims, sfda
 
 log = logging.getLogger("tuneserve.advise")
 
 ADVICE_FILE = "advice.json"
 LINEAR_MARGIN = 0.01  # linear is enough when the probe is within 1 point of perfect
 CURVE = (0.1, 0.25, 0.5, 1.0)
+RANKED_BY = ("logme", "sfda", "knn_accuracy")  # the scores whose mean rank orders the candidates
 
 
 class AdviseConfigError(TuneserveError, ValueError):
@@ -92,11 +97,14 @@ class AdviseConfig:
 class Candidate:
     model: str
     logme: float
+    sfda: float | None  # None when the features do not vary within any class (nothing to fit)
+    knn_accuracy: float
     probe_accuracy: float
     embed_seconds: float
     images: int
     dimensions: int
     recommended_strategy: str = "full"
+    mean_rank: float = 0.0  # over RANKED_BY; ties share their average rank
     rank: int = 0
 
 
@@ -126,9 +134,32 @@ def score_candidate(ref: str, train: list[Sample], labels: list[str], folds: int
     features, targets = embed_samples(source, train, labels)
     seconds = time.monotonic() - started
     probe = probe_accuracy(features, targets, folds)
-    candidate = Candidate(source.tag, round(logme(features, targets), 6), round(probe, 4), round(seconds, 3),
-                          len(targets), int(features.shape[1]), recommend(probe))
+    candidate = Candidate(model=source.tag, logme=round(logme(features, targets), 6), sfda=sfda_score(features, targets),
+                          knn_accuracy=round(knn_cv_score(features, targets, folds=folds), 4),
+                          probe_accuracy=round(probe, 4), embed_seconds=round(seconds, 3), images=len(targets),
+                          dimensions=int(features.shape[1]), recommended_strategy=recommend(probe))
     return candidate, features
+
+
+def sfda_score(features: np.ndarray, targets: np.ndarray) -> float | None:
+    """SFDA on the leading principal components (it fits and scores the same images; see scoring_dims)."""
+    dims = scoring_dims(len(targets), int(np.unique(targets).size))
+    try:
+        return round(sfda(reduce(features, dims), targets), 6)
+    except ValueError:  # no variation within any class: the Fisher fit is undefined
+        return None
+
+
+def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """Candidates ordered by the mean rank of their RANKED_BY scores (a missing SFDA ranks last)."""
+    by_model = {c.model: c for c in candidates}
+    scores = {method: {c.model: float("nan") if getattr(c, method) is None else getattr(c, method) for c in candidates}
+              for method in RANKED_BY}
+    ranked = []
+    for rank, (model, mean_rank) in enumerate(rank_by_agreement(scores), 1):
+        by_model[model].rank, by_model[model].mean_rank = rank, round(mean_rank, 3)
+        ranked.append(by_model[model])
+    return ranked
 
 
 def learning_curve(ref: str, train: list[Sample], held_out: list[Sample], labels: list[str], features: np.ndarray,
@@ -187,13 +218,11 @@ def advise(config: AdviseConfig, on_progress: Callable[..., None] | None = None,
             continue
         ranked.append(candidate)
         features[candidate.model] = embedded
-        log.info("advise: %s LogME %.3f probe %.3f (%.1fs)", candidate.model, candidate.logme, candidate.probe_accuracy,
-                 candidate.embed_seconds)
+        log.info("advise: %s LogME %.3f SFDA %s k-NN %.3f probe %.3f (%.1fs)", candidate.model, candidate.logme,
+                 candidate.sfda, candidate.knn_accuracy, candidate.probe_accuracy, candidate.embed_seconds)
     if not ranked:
         raise EmbeddingUnavailable(f"no candidate can be embedded: {skipped}")
-    ranked.sort(key=lambda c: c.logme, reverse=True)
-    for rank, candidate in enumerate(ranked, 1):
-        candidate.rank = rank
+    ranked = rank_candidates(ranked)
     best = ranked[0]
     _check(stop, "before the learning curve")
     emit(step=len(refs), steps=len(refs), candidate="learning curve")
@@ -239,6 +268,9 @@ def run_advise_job(config_path: str | Path, progress: Progress, stop: threading.
     if config.output_dir:
         write_advice(advice, config.output_dir)
     ranking = [c["model"] for c in advice["candidates"]]
+    scores = [{key: c[key] for key in ("model", "rank", "mean_rank", *RANKED_BY, "probe_accuracy")}
+              for c in advice["candidates"]]
     progress.advised({"best": advice["best"], "recommended_strategy": advice["recommended_strategy"],
-                      "ranking": ranking, "seconds": advice["seconds"]})
+                      "ranking": ranking, "scores": scores,
+                      "seconds": advice["seconds"]})
     return ExitCode.OK

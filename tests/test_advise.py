@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from models import store
-from models.advise import AdviseConfig, AdviseConfigError, advise, recommend
+from models.advise import RANKED_BY, AdviseConfig, AdviseConfigError, Candidate, advise, rank_candidates, recommend
 from models.errors import EmbeddingUnavailable
 from tests.finetune_support import make_dataset
 from tests.tiny import write_tiny_model
@@ -33,6 +33,9 @@ def test_ranks_the_source_that_separates_the_classes_first(sources, colours):
     ranked = advice["candidates"]
     assert [c["model"] for c in ranked] == [good.tag, poor.tag] and [c["rank"] for c in ranked] == [1, 2]
     assert ranked[0]["logme"] > ranked[1]["logme"]
+    assert ranked[0]["sfda"] > ranked[1]["sfda"] and 0 <= ranked[1]["sfda"] <= ranked[0]["sfda"] <= 1
+    assert ranked[0]["knn_accuracy"] == 1.0 and ranked[1]["knn_accuracy"] < 0.9
+    assert [c["mean_rank"] for c in ranked] == [1.0, 2.0]  # every score agrees
     assert ranked[0]["probe_accuracy"] == 1.0 and ranked[1]["probe_accuracy"] < 0.9
     assert ranked[0]["recommended_strategy"] == "linear" and ranked[1]["recommended_strategy"] == "full"
     assert ranked[0]["dimensions"] == 3 and ranked[1]["dimensions"] == 1 and ranked[0]["embed_seconds"] >= 0
@@ -61,6 +64,19 @@ def test_config_problems_are_named():
     assert AdviseConfig.from_dict({"kind": "advise", "data": "x"}).to_dict()["kind"] == "advise"
 
 
+def candidate(model: str, logme: float, sfda: float | None, knn: float) -> Candidate:
+    return Candidate(model=model, logme=logme, sfda=sfda, knn_accuracy=knn, probe_accuracy=0.5, embed_seconds=0.1,
+                     images=10, dimensions=4)
+
+
+def test_candidates_are_ranked_by_the_agreement_of_their_scores():
+    assert RANKED_BY == ("logme", "sfda", "knn_accuracy")
+    # LogME alone would put "loud" first; SFDA and k-NN both prefer "quiet"
+    ranked = rank_candidates([candidate("loud", 2.0, 0.4, 0.6), candidate("quiet", 1.0, 0.9, 0.8),
+                              candidate("flat", 0.0, None, 0.8)])
+    assert [(c.model, c.rank, c.mean_rank) for c in ranked] == [("quiet", 1, 1.5), ("loud", 2, 2.0), ("flat", 3, 2.5)]
+
+
 def test_recommendation_rule():
     assert recommend(1.0) == recommend(0.99) == "linear"
     assert recommend(0.98) == "full"
@@ -73,6 +89,7 @@ def test_advise_command_prints_the_ranking_and_writes_json(sources, colours, tmp
     assert main(["advise", str(colours), "--folds", "3", "--output", str(tmp_path / "advice.json")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:2] == ["1", good.tag] and table[2].split()[:2] == ["2", poor.tag]
+    assert table[0].split()[2:8] == ["mean", "rank", "LogME", "SFDA", "k-NN", "probe"] and table[1].split()[2] == "1.00"
     assert "skipped" in table[3] and table[-1].startswith(f"best: {good.tag} (linear)")
     assert json.loads((tmp_path / "advice.json").read_text())["best"] == good.tag
     assert main(["advise", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
@@ -137,6 +154,9 @@ def test_advise_job_over_http_ranks_and_keeps_the_advice(jobs_client, sources, c
     assert done["state"] == "succeeded", done
     assert done["progress"]["percent"] == 100.0 and done["model"] is None
     assert done["eval"]["ranking"] == [good.tag, poor.tag] and done["eval"]["best"] == good.tag
+    scores = done["eval"]["scores"]  # the job result carries every score and the rank
+    assert [(s["model"], s["rank"], s["mean_rank"]) for s in scores] == [(good.tag, 1, 1.0), (poor.tag, 2, 2.0)]
+    assert set(scores[0]) == {"model", "rank", "mean_rank", "logme", "sfda", "knn_accuracy", "probe_accuracy"}
     advice = done["advice"]
     assert [c["model"] for c in advice["candidates"]] == [good.tag, poor.tag]
     assert advice["skipped"][0]["model"] == old.tag and len(advice["learning_curve"]) == 4
@@ -172,9 +192,9 @@ def test_queued_advise_job_can_be_cancelled(jobs_client, sources, colours):
 def test_job_databases_from_before_kinds_read_as_fine_tunes(tmp_path):
     import sqlite3
 
-    from service.finetune.store import _SCHEMA, JobStore
+    from service.finetune.store import SCHEMA, JobStore
 
-    old = _SCHEMA.replace(",\n    kind TEXT NOT NULL DEFAULT 'finetune'", "")
+    old = SCHEMA.replace(",\n    kind TEXT NOT NULL DEFAULT 'finetune'", "")
     assert "kind" not in old.split("CREATE INDEX")[0]
     with sqlite3.connect(tmp_path / "jobs.db") as conn:
         conn.executescript(old)

@@ -9,7 +9,7 @@ from typing import Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     advise = subparsers.add_parser(
-        "advise", help="rank stored models as fine-tune sources for a dataset (LogME, probe accuracy, learning curve)")
+        "advise", help="rank stored models as fine-tune sources for a dataset (LogME, SFDA, k-NN, probe, learning curve)")
     advise.add_argument("data", type=Path, help="folder per class, CSV/JSONL manifest, or zip of either")
     advise.add_argument("--candidates", nargs="+", metavar="MODEL", default=[],
                         help="stored models (name or name:version) to compare; default: every stored model")
@@ -22,10 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def table(advice: dict[str, Any]) -> str:
-    rows = [f"{'rank':>4}  {'model':<40} {'LogME':>8} {'probe':>6} {'embed s':>8}  strategy"]
+    rows = [f"{'rank':>4}  {'model':<40} {'mean rank':>9} {'LogME':>8} {'SFDA':>6} {'k-NN':>6} {'probe':>6} "
+            f"{'embed s':>8}  strategy"]
     for c in advice["candidates"]:
-        rows.append(f"{c['rank']:>4}  {c['model']:<40} {c['logme']:>8.3f} {c['probe_accuracy']:>6.3f} "
-                    f"{c['embed_seconds']:>8.2f}  {c['recommended_strategy']}")
+        sfda = "-" if c["sfda"] is None else f"{c['sfda']:.3f}"
+        rows.append(f"{c['rank']:>4}  {c['model']:<40} {c['mean_rank']:>9.2f} {c['logme']:>8.3f} {sfda:>6} "
+                    f"{c['knn_accuracy']:>6.3f} {c['probe_accuracy']:>6.3f} {c['embed_seconds']:>8.2f}  "
+                    f"{c['recommended_strategy']}")
     for skipped in advice["skipped"]:
         rows.append(f"   -  {skipped['model']:<40} skipped: {skipped['reason']}")
     curve = ", ".join(f"{p['images']} img → {p['accuracy']:.3f}" for p in advice["learning_curve"])
