@@ -23,7 +23,8 @@ from models.jobs.events import ENDED_STATES, RESUMABLE_STATES, STATES
 from service.finetune.quotas import check_job_counts, retry_after
 
 
-_SCHEMA = """
+# The tables; an older database gets the columns added since (_ADDED_COLUMNS) when opened.
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL,
@@ -181,7 +182,7 @@ class JobStore:
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
         conn = self._conn()
-        conn.executescript(_SCHEMA)
+        conn.executescript(SCHEMA)
         present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
         for name, kind in _ADDED_COLUMNS:
             if name not in present:
