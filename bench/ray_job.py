@@ -57,8 +57,9 @@ def server(env: dict[str, str], log_path: Path):
                 raise RuntimeError(log_path.read_text()[-2000:])
             time.sleep(0.2)
         from models.api_keys import client_key
+        from service.config import key_settings
 
-        client.headers["Authorization"] = f"Bearer {client_key(str(client.base_url), env)}"  # keys are on by default
+        client.headers["Authorization"] = f"Bearer {client_key(str(client.base_url), key_settings(env))}"  # keys are on by default
         yield client
     finally:
         process.terminate()

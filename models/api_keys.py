@@ -4,14 +4,14 @@ clients on the same machine (the CLI, the Python client), so neither needs the k
 Format: one key per line, `name: key`; blank lines and `#` comments are ignored. The name is what
 a fine-tune job records as its submitter and what quotas count per key.
 
-Location, first that applies: $TUNESERVE_API_KEYS_FILE; $TUNESERVE_HOME/api-keys;
-$BENTOML_HOME/tuneserve/api-keys; ~/bentoml/tuneserve/api-keys.
+Where the file is and which key a client sends come in as `KeySettings`, read from the environment
+by the settings model (service/config.py), so this module reads no environment itself.
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
@@ -25,17 +25,17 @@ class KeyFileError(ValueError):
     """A key file or TUNESERVE_API_KEYS value that cannot be parsed."""
 
 
-def service_home(env: Mapping[str, str]) -> Path:
-    """The service home: $TUNESERVE_HOME, else $BENTOML_HOME/tuneserve (BentoML's default ~/bentoml)."""
-    if env.get("TUNESERVE_HOME", "").strip():
-        return Path(env["TUNESERVE_HOME"]).expanduser().resolve()
-    bentoml_home = Path(env.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser()
-    return (bentoml_home / "tuneserve").resolve()
+@dataclass(frozen=True)
+class KeySettings:
+    """What finding and sending a key needs (service/config.py: `key_settings()`, `Settings.keys`)."""
 
+    home: Path  # the service home; the key file defaults to home/api-keys
+    api_keys_file: Path | None = None
+    api_key: str | None = None  # a key given outright (TUNESERVE_API_KEY)
 
-def keys_file_path(env: Mapping[str, str]) -> Path:
-    configured = env.get("TUNESERVE_API_KEYS_FILE", "").strip()
-    return Path(configured).expanduser().resolve() if configured else service_home(env) / KEYS_FILE_NAME
+    @property
+    def keys_file(self) -> Path:
+        return self.api_keys_file or self.home / KEYS_FILE_NAME
 
 
 def parse_entry(entry: str, where: str) -> tuple[str, str]:
@@ -77,17 +77,16 @@ def is_local(server_url: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname().lower()) or host.startswith("127.")
 
 
-def client_key(server_url: str, env: Mapping[str, str] | None = None) -> str | None:
-    """The key a client sends: $TUNESERVE_API_KEY; else, for a server on this machine, the key
+def client_key(server_url: str, keys: KeySettings) -> str | None:
+    """The key a client sends: the key given outright; else, for a server on this machine, the key
     file's `default` key (else its first); else None. The local key file is never sent to another
     machine. An unreadable file counts as absent (the server then answers 401 saying what to send)."""
-    env = os.environ if env is None else env
-    if env.get("TUNESERVE_API_KEY", "").strip():
-        return env["TUNESERVE_API_KEY"].strip()
+    if keys.api_key:
+        return keys.api_key
     if not is_local(server_url):
         return None
     try:
-        keys = parse_keys(keys_file_path(env).read_text(), "key file")
+        found = parse_keys(keys.keys_file.read_text(), "key file")
     except (OSError, KeyFileError):
         return None
-    return keys.get(DEFAULT_KEY_NAME) or next(iter(keys.values()), None)
+    return found.get(DEFAULT_KEY_NAME) or next(iter(found.values()), None)

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from models.api_keys import client_key, parse_keys
 from service.app import create_app
 from service.auth import AuthConfig, KeyRing
-from service.config import SettingsError, load_settings
+from service.config import SettingsError, key_settings, load_settings
 
 RELOAD = "/models/imagenet/reload"
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdefgh"
@@ -99,7 +99,7 @@ def test_clients_on_this_machine_find_the_key_file(tmp_path):
     settings, _ = _app(tmp_path)
     key = parse_keys(settings.keys_file.read_text(), "test")["default"]
     env = {"TUNESERVE_HOME": str(tmp_path / "home")}
-    assert client_key("http://127.0.0.1:3000", env) == key
-    assert client_key("localhost:3000", env) == key
-    assert client_key("https://tuneserve.example.com", env) is None  # the local key never goes elsewhere
-    assert client_key("https://tuneserve.example.com", {**env, "TUNESERVE_API_KEY": "given"}) == "given"
+    assert client_key("http://127.0.0.1:3000", key_settings(env)) == key
+    assert client_key("localhost:3000", key_settings(env)) == key
+    assert client_key("https://tuneserve.example.com", key_settings(env)) is None  # the local key never goes elsewhere
+    assert client_key("https://tuneserve.example.com", key_settings({**env, "TUNESERVE_API_KEY": "given"})) == "given"

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from models.api_keys import client_key
+from service.config import key_settings
 from tests.finetune_support import FAKE_COMMAND, make_dataset, png, wait_for, zip_dir
 from tests.serving import free_port
 from tests.tiny import write_tiny_model
@@ -52,7 +53,7 @@ def serve(env_extra: dict[str, str], log_path: Path, kill_at_exit=True):
                 raise RuntimeError(f"server not ready: {log_path.read_text()[-3000:]}")
             time.sleep(0.3)
         # keys are on by default: the server created one under TUNESERVE_HOME; read it as a local client does
-        key = client_key(str(client.base_url), env)
+        key = client_key(str(client.base_url), key_settings(env))
         assert key, "the server should have written its default key file"
         client.headers["Authorization"] = f"Bearer {key}"
         yield client, process

@@ -39,9 +39,10 @@ class ClientError(Exception):
 class Client:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0, transport: httpx.BaseTransport | None = None):
         from models.api_keys import client_key
+        from service.config import key_settings
 
         self.url = url.rstrip("/")
-        self.api_key = api_key or client_key(self.url)
+        self.api_key = api_key or client_key(self.url, key_settings())
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
 
