@@ -185,15 +185,23 @@ start_cluster() {
     wait_until 120 "2 Ray nodes" ray_alive_nodes 2 || { fail ray_nodes; return 1; }
     wait_until 180 "replica 1 ready" replica_ready "$R1" || { fail r1_ready; return 1; }
     wait_until 180 "replica 2 ready" replica_ready "$R2" || { fail r2_ready; return 1; }
+    local server
+    for server in replicas/r1 replicas/r2 controller/r1; do
+        wait_until 30 "haproxy to mark $server UP" "$PY" "$HERE/bench/cluster_probe.py" server-up "$WORK/haproxy.sock" "$server" \
+            || { fail haproxy_checks; return 1; }
+    done
     log "cluster up in $(elapsed "$started") s: Ray head $HEAD + worker $WORKER, replicas $R1 $R2 behind $LB:8080"
 }
 
 # -- steps ------------------------------------------------------------------------------------
 submit_finetune() {  # NAME EPOCHS → job id
-    api POST /finetune -F dataset=@"$WORK/train.zip" \
-        -F "config={\"name\": \"$1\", \"source\": \"simple_cnn:none\", \"epochs\": $2}" | json "d['job_id']"
+    local answer
+    answer=$(api POST /finetune -F dataset=@"$WORK/train.zip" \
+        -F "config={\"name\": \"$1\", \"source\": \"simple_cnn:none\", \"epochs\": $2}")
+    echo "$answer" | json "d['job_id']" 2>/dev/null || { log "POST /finetune answered: ${answer:0:300}"; return 1; }
 }
 job_field() { api GET "/finetune/$1" | json "$2"; }
+epochs_done_at_least() { [ "$(job_field "$1" "d['progress'].get('epochs_done') or 0")" -ge "$2" ]; }
 job_ended() { case "$(job_field "$1" "d['state']")" in succeeded|failed|cancelled|interrupted) return 0;; esac; return 1; }
 versions_of() { api GET /models | json "len(d['models'].get('$1', {}).get('versions', []))"; }
 replica_version() {  # REPLICA_ADDR MODEL → the version it answers /classify with
@@ -276,12 +284,10 @@ step_replica_kill() {
 
 step_ray_worker_kill() {
     local job state attempts
-    job=$(submit_finetune survivor 30) || { fail survivor_submit; return; }
-    wait_until 120 "survivor training on the worker" \
-        bash -c "[ \"\$(curl -s -m 5 -H 'Authorization: Bearer $KEY' http://$LB:8080/finetune/$job | $PY -c 'import json,sys; print(json.load(sys.stdin)[\"progress\"].get(\"epochs_done\") or 0)')\" -ge 1 ]" \
-        || { fail survivor_never_trained; return; }
+    job=$(submit_finetune survivor 60) || { fail survivor_submit; return; }
+    wait_until 120 "survivor training on the worker" epochs_done_at_least "$job" 1 || { fail survivor_never_trained; return; }
     kill_host rw
-    log "Ray worker node SIGKILLed during job $job (epoch ≥ 1 of 30)"
+    log "Ray worker node SIGKILLed during job $job (epoch $(job_field "$job" "d['progress'].get('epochs_done')") of 60)"
     wait_until 120 "job $job to end" job_ended "$job" || { fail survivor_hung; return; }
     state=$(job_field "$job" "d['state']")
     RESULT[worker_kill_state]=$state
