@@ -43,7 +43,7 @@ class AuthConfig:
 
     @classmethod
     def of(cls, settings: Any) -> "AuthConfig":
-        """From the service `Settings` or `FinetuneSettings` (both carry the same fields)."""
+        """From the service `Settings`."""
         static = tuple(getattr(settings, "api_keys", ()) or ())
         if getattr(settings, "api_key", None):
             static = ((DEFAULT_KEY_NAME, settings.api_key), *static)

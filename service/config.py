@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from contextvars import ContextVar
 from pathlib import Path
@@ -138,6 +139,30 @@ class Settings(BaseSettings):
     def models_to_load(self) -> list[str]:
         names = [self.models.default_model, *self.models.preload]
         return list(dict.fromkeys(n for n in names if n))
+
+    # ---- what jobs derive: their folders and the child's command -----------------------------
+    @property
+    def jobs_root(self) -> Path:
+        return self.storage.home / "finetune"
+
+    @property
+    def db_path(self) -> Path:
+        return self.jobs_root / "jobs.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.jobs_root / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.jobs_root / "uploads"
+
+    @property
+    def job_command(self) -> tuple[str, ...]:
+        """The job child's argv before its own arguments: TUNESERVE_TRAINING_COMMAND split like a
+        shell would, else `<training_python> -m training.run`."""
+        command = self.jobs.training_command
+        return tuple(shlex.split(command)) if command else (self.jobs.training_python, "-m", "training.run")
 
     def public(self) -> dict[str, Any]:
         """Settings as flat JSON-able values, with the API keys hidden."""

@@ -241,6 +241,8 @@ class ServingSettings(Section):
     batch_max_size: Int(1) = Field(32, description="Most images in one micro-batch of /classify requests per model")
     batch_max_latency_ms: Float(minimum=0) = Field(0.0, description="Wait for a batch to fill; 0: batches form while the model is busy (a wait only adds latency)")
     access_log: Bool = Field(True, description="BentoML's per-request access log line")
+    grpc_port: Int(0) = Field(8001, description="Port of the Open Inference Protocol over gRPC (Triton's default), "
+                              "bound by every worker with SO_REUSEPORT so they share it (docs/protocol.md); 0: no gRPC")
 
 
 class JobSettings(Section):
@@ -278,6 +280,10 @@ class JobSettings(Section):
     @property
     def finetune_max_upload_bytes(self) -> int:
         return int(self.finetune_max_upload_mb * MIB)
+
+    @property
+    def retention_seconds(self) -> float:
+        return self.finetune_retention_hours * 3600.0
 
 
 class LoopSettings(Section):

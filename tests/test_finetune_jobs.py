@@ -4,7 +4,6 @@ process (tests/finetune_fake_train.py). Covers success with advancing progress, 
 two workers, the API key, and every bad upload refused at submit time."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -228,7 +227,7 @@ def test_dead_worker_job_that_published_is_succeeded(make_client, dataset_zip, f
 
 def test_two_workers_each_job_once(make_client, dataset_zip, ft_settings, monkeypatch):
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.05")
-    settings = dataclasses.replace(ft_settings, max_concurrent_jobs=2)
+    settings = ft_settings.replace(max_concurrent_jobs=2)
     client_a, a = make_client(settings, start=False)
     client_b, b = make_client(settings, start=False)
     ids = [submit(client_a, dataset_zip, {"name": f"two{i}", "source": "simple_cnn:none", "epochs": 1}).json()["job_id"] for i in range(2)]
@@ -243,7 +242,7 @@ def test_two_workers_each_job_once(make_client, dataset_zip, ft_settings, monkey
 
 
 def test_api_key_guards_mutating_routes(make_client, ft_settings, dataset_zip):
-    client, _ = make_client(dataclasses.replace(ft_settings, auth=True, api_key="sekrit"), start=False)
+    client, _ = make_client(ft_settings.replace(auth=True, api_key="sekrit"), start=False)
     missing = submit(client, dataset_zip)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"  # service/auth.py's check
     assert submit(client, dataset_zip, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -253,7 +252,7 @@ def test_api_key_guards_mutating_routes(make_client, ft_settings, dataset_zip):
     assert client.get(f"/finetune/{job_id}").status_code == 200  # reads stay open
     assert client.post(f"/finetune/{job_id}/cancel").status_code == 401
     assert client.post(f"/finetune/{job_id}/cancel", headers={"Authorization": "Bearer sekrit"}).status_code == 200
-    guarded, _ = make_client(dataclasses.replace(ft_settings, auth=True, api_key="sekrit", protect_reads=True), start=False)
+    guarded, _ = make_client(ft_settings.replace(auth=True, api_key="sekrit", protect_reads=True), start=False)
     assert guarded.get(f"/finetune/{job_id}").status_code == 401  # TUNESERVE_PROTECT_READS guards reads too
     assert guarded.get("/finetune", headers={"Authorization": "Bearer sekrit"}).status_code == 200
 
@@ -353,14 +352,13 @@ def test_data_path_inside_root_only(make_client, ft_settings, tmp_path, monkeypa
 def test_cancel_during_publish_reports_what_happened(make_client, ft_settings, dataset_zip, monkeypatch):
     """A cancel that races the publish: the worker lets the publish finish (within the grace
     period) and the job says `succeeded` with a note, never `cancelled` for a served model."""
-    from dataclasses import replace
 
     from models import store
 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
     monkeypatch.setenv("FAKE_TRAIN_PUBLISH_S", "1.0")
     # a grace period far longer than the publish, however busy the machine (the first publish imports bentoml)
-    client, _ = make_client(replace(ft_settings, grace_seconds=60.0))
+    client, _ = make_client(ft_settings.replace(job_grace_seconds=60.0))
     job_id = submit(client, dataset_zip, {"name": "racy", "source": "simple_cnn:none", "epochs": 1}).json()["job_id"]
     wait_for(lambda: job(client, job_id)["phase"] == "publishing", 20, 0.02, "publishing phase")
     assert client.post(f"/finetune/{job_id}/cancel").status_code == 202

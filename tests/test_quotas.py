@@ -3,7 +3,6 @@ total (429 + Retry-After), the disk budget (507 before the upload is stored), re
 jobs' scratch, the submitting key recorded on the job, and job-database writes that fail."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import shlex
 import sqlite3
@@ -16,6 +15,7 @@ from fastapi.testclient import TestClient
 from service.finetune import JobManager
 from service.routes.finetune import build_router
 from service.finetune.quotas import expire_scratch
+from models.datasets import MIB
 from service.finetune.settings import FinetuneSettings
 from service.finetune.store import JobStore
 from tests.finetune_support import FAKE_COMMAND, make_dataset, submit, wait_for, zip_dir
@@ -84,7 +84,7 @@ def test_jobs_per_key_and_in_total(serve, settings, dataset):
 
 
 def test_disk_budget_refuses_before_storing(serve, settings, dataset, tmp_path):
-    tight = dataclasses.replace(settings, disk_budget_bytes=len(dataset) // 2)
+    tight = settings.replace(finetune_disk_budget_mb=len(dataset) // 2 / MIB)
     client, manager = serve(tight)
     refused = submit(client, dataset, headers=_as("alice"))
     assert refused.status_code == 507 and "TUNESERVE_FINETUNE_DISK_BUDGET_MB" in refused.json()["error"]
@@ -95,7 +95,7 @@ def test_disk_budget_refuses_before_storing(serve, settings, dataset, tmp_path):
     with zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_DEFLATED) as bundle:
         bundle.writestr("notes.txt", b"0" * 1024**2)  # compresses to about 1 KB
     bomb = buffer.getvalue()
-    roomy = dataclasses.replace(settings, disk_budget_bytes=len(bomb) + 256 * 1024)
+    roomy = settings.replace(finetune_disk_budget_mb=(len(bomb) + 256 * 1024) / MIB)
     client, manager = serve(roomy)
     unpacked = submit(client, bomb, headers=_as("alice"))
     assert unpacked.status_code == 507 and "budget" in unpacked.json()["error"]
@@ -168,8 +168,8 @@ def test_running_job_stops_below_the_free_space_floor(serve, settings, dataset, 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.05")
     client, manager = serve(settings)
     job_id = submit(client, dataset, {"name": "roomy", "source": "simple_cnn:none", "epochs": 2}, headers=_as("alice")).json()["job_id"]
-    floor = shutil.disk_usage(settings.root).free + 1024**3  # for this worker the disk is already too full
-    _, cramped = serve(dataclasses.replace(settings, min_free_bytes=floor), start=True)
+    floor = shutil.disk_usage(settings.jobs_root).free + 1024**3  # for this worker the disk is already too full
+    _, cramped = serve(settings.replace(finetune_min_free_mb=floor / MIB), start=True)
     stopped = wait_for(lambda: (j := manager.store.get(job_id)).state not in ("queued", "running") and j, 30, what="the stop")
     assert stopped.state == "failed" and "free-space floor" in stopped.error and stopped.model is None
     cramped.stop(timeout=10)

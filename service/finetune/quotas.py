@@ -80,21 +80,21 @@ def used_bytes(settings: Any) -> int:
 def check_disk(settings: Any, incoming: int) -> int:
     """InsufficientStorage unless `incoming` more bytes fit the budget and the disk itself; → bytes left."""
     used = used_bytes(settings)
-    budget = settings.disk_budget_bytes
+    budget = settings.finetune_disk_budget_bytes
     if used + incoming > budget:
         raise InsufficientStorage(
             f"fine-tune disk budget exceeded: uploads and job folders use {used} bytes, this submission needs "
             f"{incoming} more, the budget is {budget} (TUNESERVE_FINETUNE_DISK_BUDGET_MB). Delete finished jobs "
             "(DELETE /finetune/{job_id}) or raise the budget."
         )
-    settings.root.mkdir(parents=True, exist_ok=True)
-    free = free_bytes(settings.root)
-    if incoming + settings.min_free_bytes > free:
+    settings.jobs_root.mkdir(parents=True, exist_ok=True)
+    free = free_bytes(settings.jobs_root)
+    if incoming + settings.finetune_min_free_bytes > free:
         raise InsufficientStorage(
-            f"the disk holding {settings.root} has {free} bytes free; this submission needs {incoming} plus "
-            f"{settings.min_free_bytes} kept free (TUNESERVE_FINETUNE_MIN_FREE_MB). Free some space and submit again."
+            f"the disk holding {settings.jobs_root} has {free} bytes free; this submission needs {incoming} plus "
+            f"{settings.finetune_min_free_bytes} kept free (TUNESERVE_FINETUNE_MIN_FREE_MB). Free some space and submit again."
         )
-    return min(budget - used, free - settings.min_free_bytes)
+    return min(budget - used, free - settings.finetune_min_free_bytes)
 
 
 def free_bytes(folder: Path) -> int:
@@ -104,10 +104,10 @@ def free_bytes(folder: Path) -> int:
 def disk_too_full(settings: Any, job_dir: Path) -> bool:
     """A running job stops below the free-space floor: job scratch must never fill the disk the
     service (its job database, and BentoML's metrics files when they share it) needs."""
-    if settings.min_free_bytes <= 0:
+    if settings.finetune_min_free_bytes <= 0:
         return False
     try:
-        return free_bytes(job_dir) < settings.min_free_bytes
+        return free_bytes(job_dir) < settings.finetune_min_free_bytes
     except OSError:  # the folder is gone: the job will say so itself
         return False
 

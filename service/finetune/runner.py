@@ -27,7 +27,6 @@ from models.jobs.events import published, result_of
 from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
 from service.finetune.quotas import disk_too_full, expire_scratch, remove_scratch
 from service.config import Settings
-from service.finetune.settings import FinetuneSettings
 from service.finetune.logs import ProgressReader
 from service.finetune.outcome import Outcome, Stopping, judge, with_disk_note
 from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
@@ -37,14 +36,14 @@ log = logging.getLogger("tuneserve.finetune")
 
 RETENTION_CHECK_S = 600.0  # how often the loop removes the scratch of jobs past the retention period
 MAX_RECORD_RETRY_S = 8.0
+STALE_WORKER_SECONDS = 30.0  # a running job whose worker has not been seen for this long is orphaned
 
 __all__ = ["JobManager", "JobTrace", "Outcome", "Stopping"]
 
 
 class JobManager:
-    def __init__(self, settings: Settings | FinetuneSettings):
-        """`settings`: the service Settings (service/config.py) or the FinetuneSettings view of them."""
-        self.settings = FinetuneSettings.from_settings(settings)
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(self.settings.db_path)
@@ -78,7 +77,7 @@ class JobManager:
         self._loop.join(timeout)
         with self._lock:
             threads = list(self._jobs.values())
-        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.grace_seconds + 10)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.job_grace_seconds + 10)
         for thread in threads:
             thread.join(max(0.1, deadline - time.monotonic()))
         self.store.unregister_worker(self.worker_id)
@@ -97,12 +96,12 @@ class JobManager:
     def recover(self) -> list[str]:
         """Running jobs whose worker is gone → `interrupted`; a leftover child is ended."""
         recovered = []
-        for job in self.store.orphaned_running(self.host, self.settings.stale_worker_seconds):
+        for job in self.store.orphaned_running(self.host, STALE_WORKER_SECONDS):
             if job.owner == self.worker_id:
                 continue
             if job.pid and job.host == self.host and pid_alive(job.pid) and job.id in process_cmdline(job.pid):
                 killpg(job.pid, signal.SIGTERM)
-                threading.Timer(self.settings.grace_seconds, killpg, (job.pid, signal.SIGKILL)).start()
+                threading.Timer(self.settings.job_grace_seconds, killpg, (job.pid, signal.SIGKILL)).start()
             self.backend.stop_orphan(job)
             if self._finish_orphan(job):
                 recovered.append(job.id)
@@ -163,7 +162,7 @@ class JobManager:
         return path
 
     def command(self, job: Job, config_path: Path, progress_path: Path) -> list[str]:
-        command = [*self.settings.training_command, "--config", str(config_path), "--progress", str(progress_path)]
+        command = [*self.settings.job_command, "--config", str(config_path), "--progress", str(progress_path)]
         if job.resume:
             command.append("--resume")
         return command
@@ -249,7 +248,7 @@ class JobManager:
 
     def _stop_if_due(self, job: Job, process: RunningJob, stopping: Stopping, phase: str) -> Stopping:
         """Terminate once a stop is asked for, kill a grace period later; returns `stopping` with what was done."""
-        now, grace = time.monotonic(), self.settings.grace_seconds
+        now, grace = time.monotonic(), self.settings.job_grace_seconds
         due = stopping.due(phase, now, grace)
         if due == "terminate":
             log.info("job %s: %s → stopping %s", job.id, stopping.why, process.label)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import DatasetError, TuneserveError
-from service.finetune.settings import FinetuneSettings
+from service.config import Settings
 from service.limits import inside_root
 
 MAX_BAD_PATHS = 20  # unreadable images named in one refusal
@@ -20,7 +20,7 @@ class SubmitError(TuneserveError):
         self.status = status
 
 
-def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: int,
+def check_dataset(directory: Path, settings: Settings, min_per_class: int,
                   config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Layout, classes, per-class counts, split labels, the split training will make (with the
     config's fractions and seed), and every image decodes; → a summary."""
@@ -39,7 +39,7 @@ def check_dataset(directory: Path, settings: FinetuneSettings, min_per_class: in
             "splits_derived": origins["derived"], "split_sizes": {name: len(group) for name, group in splits.items()}}
 
 
-def check_images(directory: Path, settings: FinetuneSettings) -> dict[str, Any]:
+def check_images(directory: Path, settings: Settings) -> dict[str, Any]:
     """Images a job may use unlabelled (a quantizer calibrates on them): there are some, and each decodes."""
     from models.datasets import load_samples
 
@@ -51,7 +51,7 @@ def check_images(directory: Path, settings: FinetuneSettings) -> dict[str, Any]:
     return {"images": len(samples), "classes": len(labels), "labelled": sum(1 for s in samples if s.label)}
 
 
-def check_decodable(samples: list, directory: Path, settings: FinetuneSettings) -> None:
+def check_decodable(samples: list, directory: Path, settings: Settings) -> None:
     """Every image decodes within the pixel and format limits, or one DatasetError naming the first ones."""
     from models.preprocess import decode_image
 
@@ -75,7 +75,7 @@ def relative(path: Path, root: Path) -> str:
         return Path(path).name
 
 
-def resolve_data_path(value: str, settings: FinetuneSettings) -> Path:
+def resolve_data_path(value: str, settings: Settings) -> Path:
     """A `data_path` form field → its folder inside the data root (403 outside, 404 missing)."""
     if settings.data_root is None:
         raise SubmitError("data_path is disabled: no data root is configured (TUNESERVE_DATA_ROOT)", 400)

@@ -37,7 +37,7 @@ LOG_RESPONSE = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
 
 
 def build_router(kind: JobKind, manager: JobManager, settings: Any = None) -> APIRouter:  # no __future__ annotations: FastAPI reads `Parts`
-    """The routes of one job kind; `settings`: the service Settings or FinetuneSettings (both carry the key)."""
+    """The routes of one job kind; `settings`: the service Settings."""
     auth = settings if settings is not None else manager.settings
     require_write = require_api_key(auth)
     write, read = [Depends(require_write)], [Depends(require_read_access(auth))]

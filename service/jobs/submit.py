@@ -13,9 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from models.datasets import ZipLimits
 from models.errors import TuneserveError, is_disk_full
+from service.config import Settings
 from service.finetune import quotas
 from service.finetune.runner import JobManager
-from service.finetune.settings import FinetuneSettings
 from service.finetune.store import JobStore, new_job_id
 from service.jobs.datasets import SubmitError, check_dataset, check_images, resolve_data_path
 from service.jobs.kinds import JobKind
@@ -64,18 +64,18 @@ async def submit_job(request: Request, manager: JobManager, kind: JobKind, parts
         upload_path(ft, job_id).unlink(missing_ok=True)
 
 
-def upload_path(ft: FinetuneSettings, job_id: str) -> Path:
+def upload_path(ft: Settings, job_id: str) -> Path:
     return ft.uploads_dir / f"{job_id}.zip"
 
 
-async def receive_submission(ft: FinetuneSettings, job_id: str, job_dir: Path, kind: JobKind,
+async def receive_submission(ft: Settings, job_id: str, job_dir: Path, kind: JobKind,
                              parts: Submission) -> tuple[dict[str, Any], Path, dict[str, Any]]:
     """`config` + (`dataset` zip | `data_path`) → (validated config, dataset folder, dataset summary)."""
     config = kind.validate(parts.config)
     if (parts.dataset is None) == (parts.data_path is None):
         raise SubmitError("send exactly one of `dataset` (zip upload) or `data_path` (inside the data root)", 400)
     if parts.dataset is not None:
-        limits = ZipLimits(max_archive_bytes=ft.max_upload_bytes, max_entries=ft.max_entries,
+        limits = ZipLimits(max_archive_bytes=ft.finetune_max_upload_bytes, max_entries=ft.max_zip_entries,
                            max_unpacked_bytes=ft.max_unpacked_bytes)
         dataset_dir = await run_in_threadpool(unpack_upload, parts.dataset.file, upload_path(ft, job_id), job_dir / "dataset",
                                               limits, lambda unpacked: quotas.check_disk(ft, unpacked))  # the archive is counted already
@@ -83,7 +83,7 @@ async def receive_submission(ft: FinetuneSettings, job_id: str, job_dir: Path, k
         dataset_dir = resolve_data_path(parts.data_path, ft)
     if not kind.labelled:
         return config, dataset_dir, await run_in_threadpool(check_images, dataset_dir, ft)
-    min_per_class = max(ft.min_per_class, int(config.get("min_images_per_class") or 2))
+    min_per_class = max(ft.finetune_min_per_class, int(config.get("min_images_per_class") or 2))
     summary = await run_in_threadpool(check_dataset, dataset_dir, ft, min_per_class, config)
     return config, dataset_dir, summary
 
@@ -102,7 +102,7 @@ def submission_route(manager: JobManager, kind: JobKind, require_write: Callable
                 return quotas.InsufficientStorage(f"upload passes the fine-tune disk budget: {room} bytes are left")
             return None
 
-        return limited_receive(request.receive, manager.settings.max_upload_bytes, over_budget)
+        return limited_receive(request.receive, manager.settings.finetune_max_upload_bytes, over_budget)
 
     def parts(
         config: Annotated[str, Form(description=kind.config_help)],
@@ -122,7 +122,7 @@ def submission_route(manager: JobManager, kind: JobKind, require_write: Callable
     return form_route(admit), options, Annotated[Submission, Depends(parts)]
 
 
-def precheck(request: Request, ft: FinetuneSettings, jobs: JobStore, key_name: str) -> int:
+def precheck(request: Request, ft: Settings, jobs: JobStore, key_name: str) -> int:
     """Quotas (429) and the disk budget (507), before a byte of the upload is read; → bytes left in the budget."""
     per_key, everyone = jobs.active(key_name), jobs.active()
     quotas.check_job_counts(len(per_key), len(everyone), key_name, ft, quotas.retry_after(everyone))
