@@ -86,14 +86,18 @@ def test_advise_command_prints_the_ranking_and_writes_json(sources, colours, tmp
     from tuneserve.cli import main
 
     good, poor, _ = sources
-    assert main(["advise", str(colours), "--folds", "3", "--output", str(tmp_path / "advice.json")]) == 0
+    assert main(["advise", "--data", str(colours), "--folds", "3", "--output", str(tmp_path / "advice.json")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:2] == ["1", good.tag] and table[2].split()[:2] == ["2", poor.tag]
     assert table[0].split()[2:8] == ["mean", "rank", "LogME", "SFDA", "k-NN", "probe"] and table[1].split()[2] == "1.00"
     assert "skipped" in table[3] and table[-1].startswith(f"best: {good.tag} (linear)")
     assert json.loads((tmp_path / "advice.json").read_text())["best"] == good.tag
-    assert main(["advise", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
+    assert main(["advise", "--data", str(tmp_path / "missing")]) == 2  # a clear error, not a traceback
     assert "data: path does not exist" in capsys.readouterr().err
+    assert main(["advise", str(tmp_path / "missing")]) == 2  # the positional form: deprecated, still read
+    err = capsys.readouterr().err
+    assert "use `tuneserve advise --data DIR`" in err and "data: path does not exist" in err
+    assert main(["advise"]) == 2 and "tuneserve advise --data DIR" in capsys.readouterr().err
 
 
 # ---- over HTTP: a durable job in the fine-tune job store ------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,9 @@ from typing import Any
 def register(subparsers: argparse._SubParsersAction) -> None:
     advise = subparsers.add_parser(
         "advise", help="rank stored models as fine-tune sources for a dataset (LogME, SFDA, k-NN, probe, learning curve)")
-    advise.add_argument("data", type=Path, help="folder per class, CSV/JSONL manifest, or zip of either")
+    advise.add_argument("--data", type=Path, help="the dataset: folder per class, CSV/JSONL manifest, or zip of either")
+    # the dataset as a positional argument: deprecated (every command takes a dataset as --data)
+    advise.add_argument("positional_data", nargs="?", type=Path, metavar="DATA", help=argparse.SUPPRESS)
     advise.add_argument("--candidates", nargs="+", metavar="MODEL", default=[],
                         help="stored models (name or name:version) to compare; default: every stored model")
     advise.add_argument("--folds", type=int, default=5, help="cross-validation folds of the probe (capped by the smallest class)")
@@ -36,10 +39,23 @@ def table(advice: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def dataset_argument(args: argparse.Namespace) -> Path:
+    """`--data DIR`; a positional DIR still works, with a deprecation note, for one release."""
+    from models.errors import TuneserveError
+
+    if args.data and args.positional_data:
+        raise TuneserveError("give the dataset once, as --data DIR")
+    if args.positional_data:
+        print("note: `tuneserve advise DIR` is deprecated; use `tuneserve advise --data DIR`", file=sys.stderr)
+    if not (args.data or args.positional_data):
+        raise TuneserveError("the dataset is required: tuneserve advise --data DIR")
+    return args.data or args.positional_data
+
+
 def run_advise(args: argparse.Namespace) -> int:
     from models.advise import AdviseConfig, advise
 
-    config = AdviseConfig(data=str(args.data), candidates=list(args.candidates), folds=args.folds, seed=args.seed,
+    config = AdviseConfig(data=str(dataset_argument(args)), candidates=list(args.candidates), folds=args.folds, seed=args.seed,
                           device=args.device)
     advice = advise(config)
     if args.output:
