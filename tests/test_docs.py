@@ -1,6 +1,6 @@
 """The docs stay true to the tree: every relative link in README.md and docs/*.md leads to a file (and,
-with `#anchor`, to a heading in it), every project path or module the docs name in code exists, and
-the README stays short enough to read (its reference lives in docs/)."""
+with `#anchor`, to a heading in it), every project path, module and file name the docs name in code
+exists, and the README stays short enough to read while linking every page that holds the reference."""
 from __future__ import annotations
 
 import re
@@ -108,6 +108,12 @@ def test_every_project_path_and_module_named_exists(path):
 def test_readme_is_short():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; reference belongs in docs/"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = ROOT / "README.md"
+    linked = {(readme.parent / target.partition("#")[0]).resolve() for target in LINK.findall(without_code(readme.read_text()))}
+    assert [str(page.relative_to(ROOT)) for page in sorted((ROOT / "docs").glob("*.md")) if page.resolve() not in linked] == []
 
 
 def test_readme_keeps_the_two_commands():
