@@ -11,7 +11,18 @@ from models.jobs.events import RUNNER_ENTRIES
 from service.finetune.store import Job as StoredJob
 from service.jobs.datasets import SubmitError
 from service.jobs.kinds import JobKind, parse_submitted_config, schema_without, without_server_fields
+from service.routes.forms import NAME
 from service.schemas import Job
+
+
+FRACTION = {"minimum": 0, "exclusiveMaximum": 0.9}
+ADVISE_RULES = {
+    "candidates": {"items": {"type": "string", "pattern": f"^{NAME}(:{NAME})?$"}},
+    "folds": {"minimum": 2, "maximum": 20},
+    "curve": {"minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+    "val_fraction": FRACTION, "test_fraction": FRACTION,
+    "min_images_per_class": {"minimum": 2},
+}
 
 
 class AdviseJob(Job):
@@ -56,8 +67,12 @@ def advise_config_schema() -> dict[str, Any]:
     from pydantic import TypeAdapter
 
     schema = schema_without(TypeAdapter(AdviseConfig).json_schema(), "kind")
-    for field in schema["properties"].values():  # types only: ranges and defaults are AdviseConfig.validate's
+    properties = schema["properties"]
+    for field in properties.values():  # the defaults are AdviseConfig's, applied by the child
         field.pop("default", None)
+    for name, rule in ADVISE_RULES.items():  # AdviseConfig.validate's ranges, declared
+        properties[name].update(rule)
+    schema["additionalProperties"] = False  # AdviseConfig names an unknown field (422)
     return schema
 
 

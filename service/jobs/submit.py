@@ -19,12 +19,11 @@ from service.finetune.runner import JobManager
 from service.finetune.store import JobStore, new_job_id
 from service.jobs.datasets import SubmitError, check_dataset, check_images, resolve_data_path
 from service.jobs.kinds import JobKind
-from service.jobs.uploads import ZIP_MEDIA_TYPE, limited_receive, unpack_upload
+from service.jobs.uploads import DATASET_HELP, ZIP_MEDIA_TYPE, limited_receive, unpack_upload
 from service.routes.forms import (
     NO_NUL, call_auth, error_response, errors, exactly_one_of, file_form_part, form_route, form_rules, json_form_part,
 )
 
-DATASET_HELP = "A zip of labelled images (`label/image.jpg` or `split/label/image.jpg`)"
 SUBMIT_ERRORS = errors(400, 401, 403, 404, 409, 413, 415, 422, 429, 507)
 
 

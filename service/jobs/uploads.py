@@ -14,6 +14,7 @@ from models.errors import TuneserveError
 
 BLOCK_BYTES = 1024 * 1024
 ZIP_MEDIA_TYPE = "application/zip"
+DATASET_HELP = "A zip of labelled images (`label/image.jpg` or `split/label/image.jpg`)"
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 

@@ -10,11 +10,14 @@ from models.datasets import ZipLimits
 from models.errors import DatasetError
 from service.auth import require_read_access
 from service.config import Settings
-from service.jobs.uploads import unpack_upload
+from service.jobs.uploads import DATASET_HELP, ZIP_MEDIA_TYPE, unpack_upload
 from service.limits import inside_root
 from service.dataplane import BoundModel, DataPlane
 from service.pool import count_request
-from service.routes.forms import NO_NUL, UPLOAD_ERRORS, before_body, form_route, errors, exactly_one_of, model_field, plane_of, top_k_field
+from service.routes.forms import (
+    NO_NUL, UPLOAD_ERRORS, before_body, errors, exactly_one_of, file_form_part, form_route, form_rules, model_field, plane_of,
+    top_k_field,
+)
 from service.schemas import EvalReport
 
 
@@ -27,12 +30,12 @@ def build_router(settings: Settings) -> APIRouter:
         response_model=EvalReport,
         responses={**UPLOAD_ERRORS, **errors(403)},
         form_limits={"max_files": 1, "max_fields": 10},
-        openapi_extra=exactly_one_of("dataset", "data_path"),
+        openapi_extra=form_rules(exactly_one_of("dataset", "data_path"), file_form_part("dataset", ZIP_MEDIA_TYPE, DATASET_HELP)),
     )
     async def evaluate_route(
         request: Request,
         plane: Annotated[DataPlane, Depends(plane_of)],
-        dataset: Annotated[UploadFile | None, File(description="A zip of labelled images (`label/image.jpg` or `split/label/image.jpg`)")] = None,
+        dataset: Annotated[UploadFile | None, File(description=DATASET_HELP)] = None,
         data_path: Annotated[str | None, Form(pattern=NO_NUL, description="Or a folder of labelled images, relative to the data root")] = None,
         top_k: top_k_field(settings) = settings.default_top_k,
         split: Annotated[Literal["train", "val", "test"] | None, Form(description="Evaluate on this split only")] = None,

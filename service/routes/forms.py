@@ -258,12 +258,30 @@ def apply_form_rules(openapi: dict[str, Any]) -> dict[str, Any]:
                 field = _as_file_input(_without_null(field))
                 body["properties"][name] = field if name in required else _empty_means_default(field)
             if one_of:
-                body["oneOf"] = [{"required": [field]} for field in one_of]
+                body["oneOf"] = exactly_one_schema(body["properties"], one_of)
             for field, part in (parts or {}).items():
                 body["properties"][field] = part["schema"]
                 if "contentType" in part:
                     media.setdefault("encoding", {})[field] = {"contentType": part["contentType"]}
     return openapi
+
+
+def exactly_one_schema(properties: dict[str, Any], fields: list[str]) -> list[dict[str, Any]]:
+    """`oneOf` branches for "exactly one of `fields`", as the server counts them: a text field sent
+    empty is absent (FastAPI reads "" as absent), so each branch has its field present (non-empty
+    text) and every other one absent (not sent, or empty text)."""
+    def is_file(name: str) -> bool:
+        field = properties[name]
+        return field.get("format") == "binary" or "contentMediaType" in field
+
+    branches = []
+    for chosen in fields:
+        rules: dict[str, Any] = {chosen: {} if is_file(chosen) else {"minLength": 1}}
+        for other in fields:
+            if other != chosen:
+                rules[other] = False if is_file(other) else {"maxLength": 0}
+        branches.append({"required": [chosen], "properties": rules})
+    return branches
 
 
 def _empty_means_default(field: dict[str, Any]) -> dict[str, Any]:
