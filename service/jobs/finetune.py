@@ -5,7 +5,7 @@ import re
 from typing import Any
 
 from models.errors import ModelNotFound, TuneserveError
-from models.train_config import TrainConfig
+from models.train_config import BACKBONE_NAMES, TrainConfig
 from service.jobs.datasets import SubmitError
 from service.jobs.kinds import JobKind, parse_submitted_config, schema_without, without_server_fields
 from models.store import NAME_PATTERN
@@ -54,7 +54,13 @@ def config_schema() -> dict[str, Any]:
     """The JSON schema of the `config` form field: TrainConfig's fields, types and choices, less the
     fields the server sets. Cross-field rules are checked when the model is built (422)."""
     schema = schema_without(TrainConfig.model_json_schema())
-    schema["properties"]["name"].update(pattern=NAME_PATTERN.pattern)
+    properties = schema["properties"]
+    properties["name"].update(pattern=NAME_PATTERN.pattern)
+    # what this route takes of the CLI's forms: a backbone with a weights name, or a stored model
+    name = NAME_PATTERN.pattern.removeprefix("^").removesuffix("$")
+    backbones = "|".join(re.escape(backbone) for backbone in BACKBONE_NAMES)
+    properties["source"].update(pattern=f"^(({backbones})(:{WEIGHT_NAME.pattern[1:-1]})?|{name}(:{name})?)$")
+    properties["weights"] = {**properties["weights"], "anyOf": [{"type": "string", "pattern": WEIGHT_NAME.pattern}, {"type": "null"}]}
     schema.update(required=["name"], additionalProperties=False)
     return schema
 
