@@ -21,7 +21,8 @@ from starlette.routing import compile_path
 from models.errors import TuneserveError, is_disk_full
 from service.config import Settings
 from service.pool import count_request
-from service.routes import classify, evaluate, models, v2
+from service.loop.plane import ClientIdMiddleware
+from service.routes import classify, evaluate, loop, models, v2
 from service.openapi import complete
 from service.routes.forms import apply_form_rules
 
@@ -47,8 +48,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.pool = None  # set by each BentoML worker (service/service.py)
     add_error_handlers(app)
-    for area in (classify, evaluate, models, v2):
+    for area in (classify, evaluate, models, v2, loop):
         app.include_router(area.build_router(settings))
+    app.add_middleware(ClientIdMiddleware)  # X-Client-Id: sticky canary routing (service/loop)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +29,7 @@ from models.decision import AUTO, InvalidMinConfidence, MinConfidence, check_sup
 from models.errors import ImageError, TuneserveError
 from models.preprocess import decode_image, resize_and_crop
 from models.runtime import OnnxClassifier, default_threads
+from service.loop.plane import loop_for
 from service.pool import EXTRAS, ModelPool, Row, observe
 from service.schemas import Prediction
 
@@ -77,6 +78,7 @@ class InferenceResult:
     id: str | None = None
     min_confidence: MinConfidence = None
     elapsed_s: float = 0.0
+    request_ids: list[str] = field(default_factory=list)  # one per image of a classification (POST /feedback)
 
     @property
     def model(self) -> str:
@@ -119,6 +121,7 @@ class DataPlane:
     def __init__(self, pool: ModelPool, settings):
         self.pool = pool
         self.settings = settings
+        self.loop = loop_for(settings)  # the production loop: routing, request ids, feedback, capture, drift
         threads = settings.decode_threads or default_threads(settings.worker_count)
         self._decode = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode")
 
@@ -131,6 +134,8 @@ class DataPlane:
         started = time.perf_counter()
         classifier = await self.resolve(request.model)
         min_confidence = min_confidence_of(request.min_confidence, classifier)
+        asked = request
+        request = replace(request, outputs=self.loop.outputs_for(asked.outputs, classifier, asked.top_k))
         extras = self._extras(request, classifier)
         arrays = await self._inputs(request, classifier)
         images = [ImageResult(error=a) if isinstance(a, TuneserveError) else None for a in arrays]
@@ -141,13 +146,16 @@ class DataPlane:
             images = [image or self._answer(classifier, next(answered), request, min_confidence) for image in images]
         else:
             images = [image or ImageResult() for image in images]
-        return InferenceResult(classifier, images, request.id, min_confidence, time.perf_counter() - started)
+        result = InferenceResult(classifier, images, request.id, min_confidence, time.perf_counter() - started)
+        self.loop.ensure_worker(self.pool)
+        self.loop.after(asked.id, asked.outputs, asked.top_k, asked.images or asked.pixels, result)
+        return result
 
     async def resolve(self, model: str | OnnxClassifier | None) -> OnnxClassifier:
         """The classifier that answers: the one given, or the pool's for a name / name:version."""
         if isinstance(model, OnnxClassifier):
             return model
-        return await self.pool.get(model)
+        return await self.pool.get(self.loop.route(model))  # an un-pinned name: by its rollout, if any
 
     # ---- steps -------------------------------------------------------------------------------
     @staticmethod

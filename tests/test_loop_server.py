@@ -1,0 +1,249 @@
+"""The production loop on the real server (`bentoml serve`, two workers): request ids and feedback,
+capture within its limits under load, the review queue's order, drift that fires on a shifted
+stream and stays quiet on a like one, a canary split, shadow mode that never changes an answer,
+and promote/rollback under load without a failed request."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models import store
+from tests.serving import bento_store, running_server
+from tests.tiny import write_trusted_tiny_model
+
+pytestmark = pytest.mark.slow
+KEY = "loop-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CAPTURE_ITEMS, CAPTURE_MB = 40, 0.05
+
+
+def png(rgb) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), tuple(int(v) for v in rgb)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def like_training(rng) -> tuple[bytes, str]:
+    """An image drawn as the training data was (tests/tiny.py: noisy_colour_samples)."""
+    c = int(rng.integers(0, 3))
+    rgb = rng.integers(0, 150, 3)
+    rgb[c] = rng.integers(110, 256)
+    return png(rgb), ("red", "green", "blue")[c]
+
+
+def shifted(rng) -> bytes:
+    """Bright two-channel colours: nothing like the training data."""
+    rgb = rng.integers(200, 256, 3)
+    rgb[int(rng.integers(0, 3))] = rng.integers(0, 40)
+    return png(rgb)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import httpx
+
+    root = tmp_path_factory.mktemp("loop-server")
+    with bento_store(root / "bentoml"):
+        v1 = store.publish("colours", write_trusted_tiny_model(root / "stage" / "v1", root / "fit1")).version
+        v2 = store.publish("colours", write_trusted_tiny_model(root / "stage" / "v2", root / "fit2")).version
+        store.publish("other", write_trusted_tiny_model(root / "stage" / "o", root / "fit3"))
+        env = {"TUNESERVE_HOME": str(root / "home"), "TUNESERVE_DEFAULT_MODEL": "colours", "TUNESERVE_API_KEY": KEY,
+               "TUNESERVE_WORKERS": "2", "TUNESERVE_PRELOAD": f"colours:{v1}", "TUNESERVE_POLL_SECONDS": "1",
+               "TUNESERVE_CAPTURE_MODELS": "colours", "TUNESERVE_CAPTURE_FRACTION": "0.5",
+               "TUNESERVE_CAPTURE_MAX_ITEMS": str(CAPTURE_ITEMS), "TUNESERVE_CAPTURE_MAX_MB": str(CAPTURE_MB),
+               "TUNESERVE_CAPTURE_MIN_FREE_MB": "0", "TUNESERVE_DRIFT_FRACTION": "1", "TUNESERVE_DRIFT_WINDOW": "60",
+               "TUNESERVE_DRIFT_INTERVAL_S": "0.5", "TUNESERVE_ACCESS_LOG": "off"}
+        with running_server(env, root / "server.log") as url, httpx.Client(base_url=url, timeout=60) as http:
+            # v2 was published last, so it is `latest`; rolled out at 0 % it waits as a candidate beside v1
+            held = http.post("/models/colours/rollout", json={"version": v2, "percent": 0}, headers=AUTH)
+            assert held.status_code == 200 and held.json()["stable"] == v1, held.text
+            time.sleep(1.5)
+            yield http, url, v1, v2, root
+
+
+def classify(http, data: bytes, model: str | None = None, headers=None) -> dict:
+    fields = {"model": model} if model else {}
+    answer = http.post("/classify", files={"image": ("x.png", data, "image/png")}, data=fields, headers=headers or {})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def many(url: str, jobs, threads: int = 8) -> list:
+    import httpx
+
+    local = threading.local()
+
+    def run(job):
+        if not hasattr(local, "http"):
+            local.http = httpx.Client(base_url=url, timeout=60)
+        return job(local.http)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(run, jobs))
+
+
+def wait_for(check, timeout=30.0, interval=0.3):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def test_request_id_and_feedback_give_live_accuracy(server):
+    http, _, v1, _, _ = server
+    rng = np.random.default_rng(0)
+    answers = [(classify(http, data), truth) for data, truth in (like_training(rng) for _ in range(12))]
+    assert all(len(a["request_id"]) >= 16 for a, _ in answers) and len({a["request_id"] for a, _ in answers}) == 12
+    assert http.post("/feedback", json={"request_id": answers[0][0]["request_id"], "label": "red"}).status_code == 401
+    time.sleep(0.6)  # records are written after the response
+    for i, (answer, truth) in enumerate(answers):
+        label = truth if i < 9 else next(x for x in ("red", "green", "blue") if x != answer["label"])
+        body = {"request_id": answer["request_id"], "label": label}
+        sent = http.post("/feedback", json=body, headers=AUTH) if i % 2 else http.post("/feedback", data=body, headers=AUTH)
+        assert sent.status_code == 200, sent.text
+        assert sent.json()["version"] == v1
+    assert http.post("/feedback", json={"request_id": "nope", "label": "red"}, headers=AUTH).status_code == 404
+    bad = http.post("/feedback", json={"request_id": answers[0][0]["request_id"], "label": "mauve"}, headers=AUTH)
+    assert bad.status_code == 422 and "mauve" in bad.json()["error"]
+    batch = http.post("/classify_batch", files=[("images", ("a.png", like_training(rng)[0], "image/png"))] * 3).json()
+    assert [r["request_id"].rsplit("-", 1)[1] for r in batch["results"]] == ["0", "1", "2"]
+    live = http.get("/models/colours/monitor").json()["versions"][v1]
+    correct = sum(a["label"] == t for a, t in answers[:9])
+    assert live["live"]["count"] == 12 and live["live"]["correct"] == correct
+    assert live["live"]["interval"][0] <= correct / 12 <= live["live"]["interval"][1]
+    assert live["eval_accuracy"] is None or 0 <= live["eval_accuracy"] <= 1
+
+
+def test_capture_stays_within_its_limits_under_load(server):
+    http, url, _, _, root = server
+    rng = np.random.default_rng(1)
+    images = [like_training(rng)[0] if i % 3 else shifted(rng) for i in range(300)]
+    answers = many(url, [lambda h, d=d: classify(h, d) for d in images])
+    assert len(answers) == 300
+    time.sleep(1.0)
+    counts = http.get("/models/colours/monitor").json()["captures"]
+    folder = root / "home" / "capture" / "colours"
+    on_disk = sum(p.stat().st_size for p in folder.iterdir())
+    print(f"captured {counts['images']} images, {counts['bytes']} bytes ({on_disk} on disk); {counts['by_reason']}")
+    assert 0 < counts["images"] <= CAPTURE_ITEMS and on_disk <= CAPTURE_MB * 1024 * 1024
+    assert counts["by_reason"].get("out_of_domain", 0) > 0
+    assert http.get("/models/other/monitor").json()["captures"]["images"] == 0  # capture is per model
+
+
+def test_review_queue_is_ordered_by_uncertainty(server):
+    http, _, _, _, _ = server
+    queue = http.get("/models/colours/review", params={"limit": 10}).json()
+    items = queue["items"]
+    assert items and queue["waiting"] >= len(items)
+    assert items[0]["uncertainty"] == max(i["uncertainty"] for i in items)
+    assert items[0]["uncertainty"] > items[-1]["uncertainty"]
+    image = http.get(items[0]["image_url"])
+    assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (16, 16)
+    labelled = http.post("/feedback", json={"request_id": items[0]["capture_id"], "label": "red"}, headers=AUTH)
+    assert labelled.status_code == 200 and labelled.json()["captured"] is True
+    assert http.post(f"/models/colours/review/{items[1]['capture_id']}/skip", headers=AUTH).status_code == 200
+    after = [i["capture_id"] for i in http.get("/models/colours/review", params={"limit": 50}).json()["items"]]
+    assert items[0]["capture_id"] not in after and items[1]["capture_id"] not in after
+
+
+def _report_after_one_more(http, version, data):
+    """The first drift report computed after every earlier sample is written: one more request
+    (a second later) makes the next report include them all."""
+    time.sleep(1.0)
+    sent = time.time()
+    classify(http, data, f"colours:{version}")
+    return wait_for(lambda: _newest_report(http, version, sent))
+
+
+def _newest_report(http, version, after):
+    report = http.get("/models/colours/monitor").json()["versions"][version]["drift"]
+    return report if report and report["at"] > after else None
+
+
+def test_drift_quiet_on_a_like_stream_and_fires_on_a_shifted_one(server):
+    http, url, v1, _, _ = server
+    rng = np.random.default_rng(2)
+    many(url, [lambda h, d=like_training(rng)[0]: classify(h, d, f"colours:{v1}") for _ in range(80)])
+    quiet = _report_after_one_more(http, v1, like_training(rng)[0])
+    assert quiet["window"] == 60 and quiet["embedding"]["drifted"] is False, quiet
+    many(url, [lambda h, d=shifted(rng): classify(h, d, f"colours:{v1}") for _ in range(80)])
+    fired = _report_after_one_more(http, v1, shifted(rng))
+    assert fired["embedding"]["drifted"] is True and fired["in_domain_rate"] < quiet["in_domain_rate"], fired
+    metrics = http.get("/metrics").text
+    assert f'tuneserve_drift_p_value{{model="colours",version="{v1}"}}' in metrics
+
+
+def test_canary_split_and_pinned_requests(server):
+    http, url, v1, v2, _ = server
+    assert http.post("/models/colours/rollout", json={"version": v2, "mode": "canary", "percent": 30}).status_code == 401
+    started = http.post("/models/colours/rollout", json={"version": v2, "mode": "canary", "percent": 30}, headers=AUTH)
+    assert started.status_code == 200 and started.json()["stable"] == v1, started.text
+    time.sleep(1.5)  # every worker re-reads the rollout within loop_refresh_s
+    data = png((200, 30, 30))
+    versions = many(url, [lambda h: classify(h, data)["version"] for _ in range(2000)])
+    share = versions.count(v2) / len(versions)
+    print(f"canary share {share:.3f} of 2000 (set 30 %)")
+    assert abs(share - 0.30) < 0.04 and set(versions) == {v1, v2}
+    sticky = {classify(http, data, headers={"X-Client-Id": "camera-7"})["version"] for _ in range(20)}
+    assert len(sticky) == 1
+    assert {classify(http, data, f"colours:{v1}")["version"] for _ in range(30)} == {v1}
+
+
+def test_shadow_never_changes_an_answer(server):
+    http, url, v1, v2, _ = server
+    assert http.post("/models/colours/rollback", headers=AUTH).status_code == 200
+    shadow = http.post("/models/colours/rollout", json={"version": v2, "mode": "shadow"}, headers=AUTH)
+    assert shadow.status_code == 200 and shadow.json()["mode"] == "shadow"
+    time.sleep(1.5)
+    rng = np.random.default_rng(3)
+    images = [like_training(rng)[0] for _ in range(100)]
+    pinned = many(url, [lambda h, d=d: classify(h, d, f"colours:{v1}") for d in images])
+    shadowed = many(url, [lambda h, d=d: classify(h, d) for d in images])
+    strip = lambda a: {k: v for k, v in a.items() if k != "request_id"}  # noqa: E731
+    assert [strip(a) for a in shadowed] == [strip(a) for a in pinned]
+    summary = wait_for(lambda: (s := http.get("/models/colours/monitor").json()["shadow"]) and s["requests"] >= 100 and s)
+    assert summary["agreement"] > 0.9 and summary["candidate_ms"] > 0
+
+
+def test_promote_and_rollback_under_load_fail_no_request(server):
+    http, url, v1, v2, _ = server
+    stop, failures, seen = threading.Event(), [], set()
+
+    def hammer():
+        import httpx
+
+        with httpx.Client(base_url=url, timeout=60) as h:
+            while not stop.is_set():
+                r = h.post("/classify", files={"image": ("x.png", png((30, 200, 30)), "image/png")})
+                (seen.add(r.json()["version"]) if r.status_code == 200 else failures.append(r.status_code))
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        promoted = http.post("/models/colours/promote", headers=AUTH).json()
+        assert promoted["stable"] == v2 and promoted["candidate"] is None
+        time.sleep(2)
+        assert wait_for(lambda: classify(http, png((1, 2, 3)))["version"] == v2, 5)
+        back = http.post("/models/colours/rollback", headers=AUTH).json()
+        assert back["stable"] == v1
+        assert wait_for(lambda: all(classify(http, png((1, 2, 3)))["version"] == v1 for _ in range(5)), 5)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == [] and seen == {v1, v2}
+    events = http.get("/models/colours/monitor").json()["events"]
+    assert [e["action"] for e in events[:3]] == ["rollback", "promote", "rollout"]
+    assert all(e["by"] == "default" for e in events[:3])
