@@ -50,6 +50,7 @@ class TuneServe:
         self.pool = ModelPool(SETTINGS)
         self.dataplane = DataPlane(self.pool, SETTINGS)  # every inference of this worker, HTTP and gRPC
         app.state.pool, app.state.dataplane = self.pool, self.dataplane
+        self.grpc = None  # this worker's OIP gRPC server (service/oip/grpc_server.py), from startup on
         # ---- fine-tune jobs (service/finetune) ------------------------------------------
         # One JobManager per worker; its routes join the REST app. Absent package → no /finetune.
         self.jobs = getattr(app.state, "jobs", None)
@@ -60,7 +61,10 @@ class TuneServe:
 
     @bentoml.on_startup
     async def _start(self) -> None:
+        from service.oip.grpc_server import start_grpc
+
         await self.pool.start()
+        self.grpc = await start_grpc(self.dataplane, SETTINGS)
         if self.jobs is not None:
             self.jobs.start()
 
@@ -68,6 +72,8 @@ class TuneServe:
     async def _stop(self) -> None:
         if self.jobs is not None:
             self.jobs.stop()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=2)
         await self.pool.stop()
         self.dataplane.close()
 

@@ -48,7 +48,8 @@ def running_server(env: dict[str, str], log_path: Path, ready_timeout: float = 9
         process = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service.service:TuneServe", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT,
-            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env},
+            # a free gRPC port unless the caller names one: servers of parallel tests never share one
+            env={**os.environ, "BENTOML_DO_NOT_TRACK": "true", "TUNESERVE_GRPC_PORT": str(free_port()), **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
