@@ -148,6 +148,9 @@ global
 defaults
     mode http
     timeout connect 1s
+    # /readyz waits behind requests on a busy 2-core machine: a slow answer is not a dead replica
+    # (a killed one refuses the connection at once, so this does not delay noticing it)
+    timeout check 3s
     timeout client 60s
     timeout server 60s
     retries 2
@@ -161,14 +164,14 @@ backend replicas
     balance roundrobin
     option httpchk GET /readyz
     http-check expect status 200
-    default-server inter 500ms fall 2 rise 2
+    default-server inter 500ms fall 3 rise 2
     http-response set-header X-Served-By %[srv_name]
     server r1 $R1:3000 check
     server r2 $R2:3000 check
 backend controller
     option httpchk GET /readyz
     http-response set-header X-Served-By %[srv_name]
-    server r1 $R1:3000 check inter 500ms
+    server r1 $R1:3000 check inter 500ms fall 3 rise 2
 EOF
     haproxy -c -f "$WORK/haproxy.cfg" >/dev/null || { fail haproxy_config; return 1; }
     in_ns lb haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
@@ -277,6 +280,7 @@ step_replica_kill() {
     RESULT[down_after_s]=$(echo "$report" | json "d['down_after_s']")
     RESULT[rejoin_s]=$(echo "$report" | json "d['rejoin_s']")
     RESULT[served_after_rejoin]=$(echo "$report" | json "d['served_by_restarted']")
+    RESULT[survivor_marked_down]=$(echo "$report" | json "d['survivor_marked_down']")
     [ "${RESULT[failed_after_down]}" = 0 ] || fail requests_failed_after_health_check
     [ "${RESULT[rejoin_s]}" != None ] || fail r2_never_rejoined
     [ "${RESULT[served_after_rejoin]}" -gt 0 ] 2>/dev/null || fail r2_served_nothing_after_rejoin
@@ -300,7 +304,8 @@ step_ray_worker_kill() {
         state=$(job_field "$job" "d['state']")
         attempts=$(job_field "$job" "d.get('attempts')")
         RESULT[resumed_state]=$state
-        log "resumed $job: $state (attempts $attempts)"
+        RESULT[resumed_after_epoch]=$(cat "$WORK/r1/home/finetune/jobs/$job/output/resumed_from.txt" 2>/dev/null)
+        log "resumed $job: $state (attempts $attempts; attempt 2 continued after epoch ${RESULT[resumed_after_epoch]:-?})"
         [ "$state" = succeeded ] || fail "survivor_resume_$state"
     fi
     RESULT[survivor_versions]=$(versions_of survivor)
@@ -311,7 +316,7 @@ summary() {
     local status=ok fields="" key
     [ ${#FAILURES[@]} -eq 0 ] || status=FAILED
     for key in ft_node ft_versions ft_served_by rows unique_rows score_nodes requests failed_before_down \
-               failed_after_down down_after_s rejoin_s served_after_rejoin worker_kill_state resumed_state survivor_versions; do
+               failed_after_down survivor_marked_down down_after_s rejoin_s served_after_rejoin worker_kill_state resumed_state resumed_after_epoch survivor_versions; do
         fields+=" $key=${RESULT[$key]:-na}"
     done
     [ "$status" = ok ] || fields+=" failed=$(IFS=,; echo "${FAILURES[*]}")"
@@ -325,7 +330,7 @@ main() {
     cleanup
     rm -rf "$WORK" && mkdir -p "$WORK"
     trap 'cleanup' EXIT
-    trap 'exit 130' INT TERM
+    trap 'FAILURES+=(interrupted); summary; exit 130' INT TERM
     make_network || { echo "CLUSTER FAILED failed=network"; exit 1; }
     cd "$HERE" && prepare_shared || { echo "CLUSTER FAILED failed=inputs"; exit 1; }
     if start_cluster; then

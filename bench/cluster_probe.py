@@ -98,6 +98,9 @@ def kill_report(load_log: str, server: str, kill_t: float, restart_t: float) -> 
     down = next((r["t"] for r in health if r["t"] >= kill_t and r["status"] != "UP"), None)
     up = next((r["t"] for r in health if r["t"] >= restart_t and r["status"] == "UP"), None)
     failed = [r for r in requests if r["status"] != 200 and r["end"] >= kill_t]
+    # the survivor marked DOWN too (a check timing out on an overloaded machine) explains 503s
+    others_down = [r for r in records if r["event"] == "health" and r["t"] >= kill_t and r["status"] != "UP"
+                   and r["server"].startswith("replicas/") and not r["server"].endswith("/" + server)]
     return {
         "requests": len(requests),
         "ok": sum(r["status"] == 200 for r in requests),
@@ -106,6 +109,7 @@ def kill_report(load_log: str, server: str, kill_t: float, restart_t: float) -> 
         "failures": sorted({str(r["status"]) for r in failed}),
         "down_after_s": None if down is None else round(down - kill_t, 2),
         "rejoin_s": None if up is None else round(up - restart_t, 2),
+        "survivor_marked_down": len(others_down),
         "served_by_restarted": sum(r["status"] == 200 and r["server"] == server and up is not None and r["start"] > up
                                    for r in requests),
     }
