@@ -70,6 +70,7 @@ def test_cluster_of_namespaces():
     # a replica SIGKILLed under load: nothing fails once haproxy has marked it DOWN; it rejoins and serves
     assert int(r["requests"]) > 100 and int(r["failed_before_down"]) >= 0 and r["failed_after_down"] == "0"
     assert float(r["down_after_s"]) < 5 and float(r["rejoin_s"]) > 0 and int(r["served_after_rejoin"]) > 0
-    # the Ray worker node killed mid-job: interrupted, resumed after it rejoined, published once
+    # the Ray worker node killed mid-job: interrupted, resumed from its checkpoint after it rejoined, published once
     assert r["worker_kill_state"] == "interrupted" and r["resumed_state"] == "succeeded" and r["survivor_versions"] == "1"
+    assert int(r["resumed_after_epoch"]) >= 1
     print("\n" + [line for line in done.stdout.splitlines() if line.startswith("CLUSTER ")][-1])
