@@ -23,7 +23,7 @@ from models.reference import Reference, load_reference
 from service.loop import drift, records, rollout
 from service.loop.capture import Captured, capture_reason
 from service.loop.metrics import count_answered, loop_metrics, set_gauge
-from service.loop.plane import LoopPlane, Observed
+
 
 log = logging.getLogger("tuneserve.loop")
 
@@ -36,7 +36,7 @@ def reference_of(model: str, version: str) -> tuple[Reference | None, tuple[str,
 
 
 class LoopWorker:
-    def __init__(self, plane: LoopPlane, pool: Any, settings: Any):
+    def __init__(self, plane: Any, pool: Any, settings: Any):  # plane: service/loop/plane.py LoopPlane
         self.plane = plane
         self.pool = pool
         self.service_settings = settings
@@ -78,7 +78,7 @@ class LoopWorker:
                 log.exception("production loop step failed")
 
     # ---- after the response: records, captures, drift samples ----------------------------------
-    def _write(self, items: list[Observed], shadow_rows: list[tuple] = ()) -> None:
+    def _write(self, items: list, shadow_rows: list[tuple] = ()) -> None:
         s, plane = self.plane.settings, self.plane
         if plane.dropped:
             loop_metrics()["dropped"].labels("-").inc(plane.dropped)
@@ -93,13 +93,13 @@ class LoopWorker:
         rollout.write_shadow(plane.db, list(shadow_rows))
 
     @staticmethod
-    def _record(item: Observed) -> records.PredictionRecord:
+    def _record(item: Any) -> records.PredictionRecord:
         margin, entropy = records.uncertainty_of(item.probabilities)
         count_answered(item.model, item.version, 1, item.elapsed_s)
         return records.PredictionRecord(item.request_id, item.model, item.version, item.label, item.confidence,
                                         margin, entropy, item.in_domain, item.abstained, item.created)
 
-    def _captured(self, item: Observed) -> Captured | None:
+    def _captured(self, item: Any) -> Captured | None:
         if not isinstance(item.data, bytes) or not self.plane.capturing(item.model):
             return None
         reason = capture_reason(item.abstained, item.in_domain, self.plane.capture_fraction(item.model), self.plane.rng)
@@ -110,7 +110,7 @@ class LoopWorker:
                         entropy, item.in_domain, item.abstained, reason, item.embedding)
 
     # ---- shadow ----------------------------------------------------------------------------------
-    def _shadow(self, items: list[Observed]) -> None:
+    def _shadow(self, items: list) -> None:
         for item in items:
             candidate = self.plane.shadow_of(item.model, item.version)
             if candidate is not None and item.data is not None and len(self.shadows) < 64:
@@ -118,7 +118,7 @@ class LoopWorker:
                 self.shadows.add(task)
                 task.add_done_callback(self.shadows.discard)
 
-    async def _run_shadow(self, item: Observed, candidate: str) -> None:
+    async def _run_shadow(self, item: Any, candidate: str) -> None:
         started = time.perf_counter()
         try:
             classifier = await self.pool.get(f"{item.model}:{candidate}")

@@ -97,6 +97,11 @@ def build_router(settings: Settings) -> APIRouter:
         model = _known(name)
         return await asyncio.to_thread(loop.set_capture, model, switch.enabled, switch.fraction, by)
 
+    _rollout_routes(router, read, key)
+    return router
+
+
+def _rollout_routes(router: APIRouter, read: list, key) -> None:
     @router.get("/models/{name}/monitor", dependencies=read, response_model=Monitor, responses=errors(401, 404, 422))
     async def model_monitor(name: ModelPath, loop: Loop) -> dict:
         """Per version: eval.json vs live accuracy, drift, rates; the rollout, shadow agreement, captures."""
@@ -126,8 +131,6 @@ def build_router(settings: Settings) -> APIRouter:
         state = await asyncio.to_thread(rollouts.rollback, loop.db, _known(name), by)
         await asyncio.to_thread(loop.refresh)
         return state.public()
-
-    return router
 
 
 def _known(ref: str) -> str:
