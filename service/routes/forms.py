@@ -68,8 +68,9 @@ def pool_of(request: Request) -> ModelPool:
     return pool
 
 
-def plane_of(request: Request) -> DataPlane:
-    """The worker's data plane over its pool (made here when a test sets only `app.state.pool`)."""
+async def plane_of(request: Request) -> DataPlane:
+    """The worker's data plane over its pool (made here when a test sets only `app.state.pool`).
+    Async so FastAPI calls it in the event loop, not through its thread pool (a hop per request)."""
     state, pool = request.app.state, pool_of(request)
     plane = getattr(state, "dataplane", None)
     if plane is None or plane.pool is not pool:
