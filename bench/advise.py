@@ -353,7 +353,7 @@ def build_sources(args, results: dict, out: Path) -> dict[str, str]:
 
 
 def markdown(results: dict) -> str:
-    """The README tables from a results file (`python bench/advise.py --table FILE`)."""
+    """The docs tables from a results file (`python bench/advise.py --table FILE`)."""
     names = list(results["sources"])
     lines = ["| target (classes, train / shifted test) | " + " | ".join(names)
              + " | τw LogME | τw probe | raw pixels | advise s / fine-tune s |", "|---|" + "---|" * (len(names) + 4)]
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=10, help="train images per class of each target (<= 20)")
     parser.add_argument("--skip-defaults", action="store_true")
     parser.add_argument("--resume", action="store_true", help="keep the stages already in --out (same TUNESERVE_BENCH_HOME)")
-    parser.add_argument("--table", type=Path, metavar="RESULTS", help="print the README tables of a results file and exit")
+    parser.add_argument("--table", type=Path, metavar="RESULTS", help="print the docs tables of a results file and exit")
     args = parser.parse_args(argv)
     if args.table:
         print(markdown(json.loads(args.table.read_text())))

@@ -11,7 +11,7 @@ Gemm/MatMul to the outputs stays float too: `logits`, `probabilities` (with any 
 in) and `embedding` keep their float precision, and the head is a negligible share of the compute.
 
 Activations are uint8 (asymmetric), weights int8 per output channel: ONNX Runtime's x86 kernels
-run U8S8 on VNNI/AVX2; S8S8 activations ran slower than fp32 on this machine (README, INT8).
+run U8S8 on VNNI/AVX2; S8S8 activations ran slower than fp32 on this machine (docs/benchmarks.md, precision variants).
 
 Calibration runs a few hundred training images through `models.preprocess` (the serving path);
 MinMax, Entropy and Percentile are each tried and the one closest to fp32 on the validation split

@@ -30,7 +30,7 @@ from models.api_keys import DEFAULT_KEY_NAME, KEYS_FILE_NAME, KeyFileError, form
 log = logging.getLogger("tuneserve.auth")
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 # Declares the Bearer scheme in OpenAPI (Swagger's "Authorize" button); the dependencies read the header themselves.
-BEARER = HTTPBearer(auto_error=False, description="An API key (see README 'Security') as a Bearer token")
+BEARER = HTTPBearer(auto_error=False, description="An API key (see docs/security.md) as a Bearer token")
 ANONYMOUS = "anonymous"
 
 
@@ -100,7 +100,7 @@ class KeyRing:
             raise HTTPException(
                 401,
                 "this route needs an API key: send 'Authorization: Bearer <key>' (the server's key file, "
-                "see README 'Security', holds one; clients on the server's machine read it themselves)",
+                "see docs/security.md, holds one; clients on the server's machine read it themselves)",
                 headers=CHALLENGE,
             )
         scheme, _, token = authorization.strip().partition(" ")

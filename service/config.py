@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         """Workers to start: as configured, else one per GPU, else one per core.
 
         On CPU one worker per core with one ONNX Runtime thread each measured 1.2x the HTTP
-        throughput of one worker with two threads on 2 cores (bench/serve.py, README).
+        throughput of one worker with two threads on 2 cores (bench/serve.py, docs/benchmarks.md).
         """
         if self.serving.workers:
             return self.serving.workers

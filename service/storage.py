@@ -58,7 +58,7 @@ def ephemeral_state(home: Path, environ: Mapping[str, str], mountinfo: str) -> l
         if mount_point_of(path, points) == Path("/"):
             warnings.append(
                 f"{what} at {path} is on the container's own filesystem, not a mounted volume: it is lost "
-                f"with `docker rm`; mount a volume at {path} (README: Packaging, container volumes)"
+                f"with `docker rm`; mount a volume at {path} (docs/deploy.md: model stores and container volumes)"
             )
     return warnings
 

@@ -2,7 +2,7 @@
 against a real `bentoml serve`: every view is used the way a person would use it.
 
 Screenshots of each view land in the test's tmp folder; with TUNESERVE_SCREENSHOTS=DIR they are
-also written to DIR (the README's images come from `TUNESERVE_SCREENSHOTS=docs/console`).
+also written to DIR (docs/console.md's images come from `TUNESERVE_SCREENSHOTS=docs/console`).
 A failing test saves a screenshot of the page as it was.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def console(tmp_path_factory):
 
 @contextlib.contextmanager
 def screenshots(console, name: str, keep: bool = True):
-    """Save the page on failure (to look at), and with `keep` on success as the README's picture of the view."""
+    """Save the page on failure (to look at), and with `keep` on success as docs/console.md's picture of the view."""
     driver = console["driver"]
     try:
         yield

@@ -70,7 +70,7 @@ def test_full_disk_publish_fails_cleanly_and_resumes(disk, tmp_path, monkeypatch
         # BentoML keeps Prometheus' multiprocess files (mmapped) in $BENTOML_HOME/prometheus_multiproc_dir;
         # on a completely full disk a worker touching a new page of them dies mid-response (seen here
         # before this line existed). That folder is BentoML's, not the store or the job home: keep it
-        # off the disk under test, as README "Security" advises for deployments.
+        # off the disk under test, as docs/security.md advises for deployments.
         (tmp_path / "prometheus").mkdir()
         (bento_home / "prometheus_multiproc_dir").symlink_to(tmp_path / "prometheus")
         gate = tmp_path / "publish-gate"  # outside the tmpfs
