@@ -1,6 +1,7 @@
 """The OpenAPI document as the server behaves, beyond what FastAPI derives from the routes:
 
-- error statuses with the media type they are answered in (JSON, also where a success is text);
+- error statuses with the media types they are answered in (JSON, also where a success is text; a
+  404 for a path no route takes is BentoML's, in plain text);
 - security as enforced: a route whose key check is off by configuration (reads, unless
   TUNESERVE_PROTECT_READS; every route with TUNESERVE_AUTH=off) declares the key optional
   (`[{}, {HTTPBearer: []}]`), the others required;
@@ -22,6 +23,7 @@ JOB_OPERATIONS = {  # link name → (method, path under /{kind}/{job_id}, what i
     "delete": ("delete", "", "Forget the job once it ended"),
 }
 ERROR_MEDIA_TYPE = "application/json"  # every refusal is {"error": ...} (service/app.py's handlers)
+UNROUTED_MEDIA_TYPE = "text/plain"
 
 
 def complete(openapi: dict[str, Any], routes: Iterable[Any], job_kinds: Iterable[str]) -> dict[str, Any]:
@@ -59,12 +61,16 @@ def _calls(dependant: Dependant) -> Iterator[Any]:
 def declare_error_media(openapi: dict[str, Any]) -> None:
     """Error statuses answer JSON even where the success is text (a job's log): FastAPI gives every
     declared response the route's media type, so the error ones are set back to JSON here."""
-    for path_item in openapi.get("paths", {}).values():
+    for path, path_item in openapi.get("paths", {}).items():
         for operation in path_item.values():
             for status, response in operation.get("responses", {}).items():
                 content = response.get("content")
                 if status[:1] in "45" and content and ERROR_MEDIA_TYPE not in content:
-                    response["content"] = {ERROR_MEDIA_TYPE: next(iter(content.values()))}
+                    response["content"] = content = {ERROR_MEDIA_TYPE: next(iter(content.values()))}
+                if status == "404" and content and "{" in path:
+                    # a path segment with a line break is routed by no route of this app: BentoML's
+                    # own mount answers that 404, in plain text
+                    content[UNROUTED_MEDIA_TYPE] = {"schema": {"type": "string"}}
 
 
 # -- links -------------------------------------------------------------------------------------
@@ -82,13 +88,11 @@ def link(openapi: dict[str, Any], source: tuple[str, str, str], name: str, targe
 
 
 def link_job_kind(openapi: dict[str, Any], kind: str) -> None:
-    """A submitted job's id → every operation on it; the list's first job → its status."""
+    """A submitted job's id → every operation on it."""
     one = f"/{kind}/{{job_id}}"
     for name, (method, tail, description) in JOB_OPERATIONS.items():
         link(openapi, ("post", f"/{kind}", "202"), name, (method, one + tail), {"job_id": "$response.body#/job_id"},
              description)
-    link(openapi, ("get", f"/{kind}", "200"), "first", ("get", one), {"job_id": "$response.body#/jobs/0/job_id"},
-         "The newest job in the list")
 
 
 def link_models(openapi: dict[str, Any]) -> None:

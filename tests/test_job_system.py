@@ -221,7 +221,8 @@ def test_openapi_links_ids_to_their_uses_and_errors_are_json(tmp_path, monkeypat
         assert all(link["parameters"] == {"job_id": "$response.body#/job_id"} for link in links.values())
     assert ids[paths["/models"]["get"]["responses"]["200"]["links"]["detail"]["operationId"]] == ("get", "/models/{name}")
     log = paths["/finetune/{job_id}/log"]["get"]["responses"]
-    assert list(log["200"]["content"]) == ["text/plain"] and list(log["404"]["content"]) == ["application/json"]
+    assert list(log["200"]["content"]) == ["text/plain"] and list(log["422"]["content"]) == ["application/json"]
+    assert list(log["404"]["content"]) == ["application/json", "text/plain"]  # text: BentoML's, for a path no route takes
     body = spec["components"]["schemas"][paths["/finetune"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]]
     assert body["properties"]["dataset"]["contentMediaType"] == "application/zip"
     # exactly one, counted as the server counts: a text field sent empty is absent
