@@ -47,7 +47,7 @@ function showError(id, err) {
 }
 
 // ---- navigation -----------------------------------------------------------------------------
-const VIEWS = ["classify", "models", "finetune", "evaluate"];
+const VIEWS = ["classify", "models", "finetune", "evaluate", "review", "monitor"];  // review, monitor: loop.js
 let jobsTimer = null;
 function route() {
   const [view, arg] = (location.hash.slice(1) || "classify").split("/");
@@ -61,6 +61,7 @@ function route() {
   if (current === "models") loadModels(arg ? decodeURIComponent(arg) : null);
   if (current === "finetune") { loadFinetuneOptions(); refreshJobs(); jobsTimer = setInterval(refreshJobs, 1500); }
   if (current === "classify" || current === "evaluate") fillModelSelects();
+  if (window.loopViews && window.loopViews[current]) window.loopViews[current](arg);
 }
 
 // ---- model choices shared by the views ------------------------------------------------------
