@@ -43,7 +43,7 @@ MIB = 1024**2
 @dataclass(frozen=True)
 class ZipLimits:
     """What an uploaded dataset archive may hold. These defaults are the only ones: the service's
-    settings (service/config.py, service/finetune/settings.py) start from them."""
+    settings (service/config_sections.py) start from them."""
 
     max_archive_bytes: int = 500 * MIB
     max_entries: int = 50_000

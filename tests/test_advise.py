@@ -105,19 +105,18 @@ def test_advise_command_prints_the_ranking_and_writes_json(sources, colours, tmp
 
 @pytest.fixture
 def jobs_client(tmp_path, bento_home):
-    import sys
 
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from service.finetune import JobManager
-    from service.finetune.settings import FinetuneSettings
+    from service.config import Settings
     from service.routes import advise as advise_routes
     from service.routes import finetune as finetune_routes
 
     (tmp_path / "root").mkdir()
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None, auth=False,
-                                poll_seconds=0.1, min_per_class=3, training_command=(sys.executable, "-m", "training.run"))
+    settings = Settings.of(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), auth=False, poll_seconds=0.1,
+                           finetune_min_per_class=3)
     managers = []
 
     def make(start=True):

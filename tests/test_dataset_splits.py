@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shlex
 import sys
 import zipfile
 from pathlib import Path
@@ -228,10 +227,10 @@ def _finetune_client(tmp_path, command: str):
 
     from service.finetune import JobManager
     from service.routes.finetune import build_router
-    from service.finetune.settings import FinetuneSettings
+    from service.config import Settings
 
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, auth=False, grace_seconds=10, poll_seconds=0.2,
-                                training_command=tuple(shlex.split(command)), min_per_class=2)
+    settings = Settings.of(home=tmp_path / "home", auth=False, job_grace_seconds=10, poll_seconds=0.2,
+                           training_command=command, finetune_min_per_class=2)
     manager = JobManager(settings)
     app = FastAPI()
     app.include_router(build_router(manager, settings))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shlex
 import signal
 import stat
 import zipfile
@@ -18,25 +17,24 @@ from fastapi.testclient import TestClient
 
 from service.finetune import JobManager
 from service.routes.finetune import build_router
-from service.finetune.settings import FinetuneSettings
+from service.config import Settings
 from tests.finetune_support import FAKE_COMMAND, make_dataset, png, submit, wait_for, zip_dir
 
 
 @pytest.fixture
 def ft_settings(tmp_path, bento_home):
     (tmp_path / "data").mkdir()
-    return FinetuneSettings(
+    return Settings.of(
         home=tmp_path / "home",
         data_root=(tmp_path / "data").resolve(),
-        api_key=None,
         auth=False,  # keys are tested in test_api_key_guards_mutating_routes and tests/test_auth.py
-        grace_seconds=2.0,
+        job_grace_seconds=2.0,
         poll_seconds=0.1,
-        training_command=tuple(shlex.split(FAKE_COMMAND)),
-        min_per_class=3,
-        max_upload_bytes=2 * 1024**2,
-        max_entries=200,
-        max_unpacked_bytes=4 * 1024**2,
+        training_command=FAKE_COMMAND,
+        finetune_min_per_class=3,
+        finetune_max_upload_mb=2,
+        max_zip_entries=200,
+        max_unpacked_mb=4,
     )
 
 

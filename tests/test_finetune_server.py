@@ -218,17 +218,16 @@ def test_chained_real_training(home, tmp_path):
 def test_real_training_interrupted_then_resumed(tmp_path, bento_home):
     """The real trainer under the job manager: stopped after two of five epochs (a shutdown),
     then resumed; training.run --resume continues from last.pt at epoch 3."""
-    import shlex
 
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from service.finetune import JobManager
     from service.routes.finetune import build_router
-    from service.finetune.settings import FinetuneSettings
+    from service.config import Settings
 
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None, auth=False, grace_seconds=10, poll_seconds=0.2,
-                                training_command=tuple(shlex.split(f"nice -n 5 {sys.executable} -m training.run")), min_per_class=3)
+    settings = Settings.of(home=tmp_path / "home", auth=False, job_grace_seconds=10, poll_seconds=0.2,
+                           training_command=f"nice -n 5 {sys.executable} -m training.run", finetune_min_per_class=3)
     data = zip_dir(make_dataset(tmp_path / "colours", per_class=8))
     config = {"name": "resumed", "source": "simple_cnn:none", "strategy": "full", "epochs": 5, "batch_size": 8, "image_size": 16}
     manager = JobManager(settings).start()

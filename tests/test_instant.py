@@ -119,20 +119,19 @@ def test_instant_refuses_old_sources_and_backbones(tmp_path, bento_home):
 
 @pytest.mark.slow
 def test_instant_strategy_through_the_fine_tune_job_api(tmp_path, bento_home):
-    import sys
 
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from service.finetune import JobManager
     from service.routes.finetune import build_router
-    from service.finetune.settings import FinetuneSettings
+    from service.config import Settings
     from tests.finetune_support import submit, wait_for, zip_dir
 
     source = store.publish("colours", write_tiny_model(tmp_path / "src", embedding=True))
     (tmp_path / "root").mkdir()
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None, auth=False,
-                                poll_seconds=0.1, min_per_class=3, training_command=(sys.executable, "-m", "training.run"))
+    settings = Settings.of(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), auth=False, poll_seconds=0.1,
+                           finetune_min_per_class=3)
     manager = JobManager(settings)
     manager.start()
     app = FastAPI()

@@ -14,12 +14,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from service.config import SettingsError, load_settings
+from service.config import Settings, SettingsError, load_settings
 from service.finetune import backends
 from service.finetune.backends import Launch, LocalBackend, RayBackend, make_backend, ray_entrypoint, ray_env_vars, ray_exit_code
 from service.finetune.outcome import judge
 from service.finetune.runner import JobManager, JobTrace, Stopping
-from service.finetune.settings import FinetuneSettings
 from service.finetune.store import Job
 
 
@@ -74,9 +73,8 @@ def test_lost_ray_node_is_interrupted_not_failed(tmp_path):
     assert ray_exit_code("FAILED", 2, False, "JOB_ENTRYPOINT_COMMAND_ERROR") == 2  # the trainer's own failure stays one
 
 
-def _settings(tmp_path, **changes) -> FinetuneSettings:
-    return FinetuneSettings(home=tmp_path / "home", data_root=None, api_key=None,
-                            training_command=(sys.executable, "-m", "training.run"), **changes)
+def _settings(tmp_path, **changes) -> Settings:
+    return Settings.of(home=tmp_path / "home", **changes)  # the job child: this Python -m training.run
 
 
 @pytest.mark.parametrize("device, setting, gpus", [("auto", 0.0, 0.0), ("auto", 2.0, 2.0), ("cuda", 0.0, 1.0), ("cpu", 1.0, 0.0)])

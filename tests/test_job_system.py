@@ -4,7 +4,6 @@ end, and the OpenAPI contract (security as enforced, links between operations)."
 import io
 import json
 import re
-import sys
 import zipfile
 
 import pytest
@@ -124,12 +123,12 @@ def jobs_app(tmp_path, bento_home):
     from fastapi.testclient import TestClient
 
     from service.finetune import JobManager
-    from service.finetune.settings import FinetuneSettings
+    from service.config import Settings
     from service.jobs.router import build_router
 
     (tmp_path / "root").mkdir()
-    settings = FinetuneSettings(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), api_key=None, auth=False,
-                                poll_seconds=0.1, min_per_class=3, training_command=(sys.executable, "-m", "training.run"))
+    settings = Settings.of(home=tmp_path / "home", data_root=(tmp_path / "root").resolve(), auth=False, poll_seconds=0.1,
+                           finetune_min_per_class=3)
     manager = JobManager(settings).start()
     app = FastAPI()
     for kind in KINDS.values():

@@ -4,7 +4,6 @@ jobs' scratch, the submitting key recorded on the job, and job-database writes t
 from __future__ import annotations
 
 import io
-import shlex
 import sqlite3
 import zipfile
 
@@ -16,7 +15,7 @@ from service.finetune import JobManager
 from service.routes.finetune import build_router
 from service.finetune.quotas import expire_scratch
 from models.datasets import MIB
-from service.finetune.settings import FinetuneSettings
+from service.config import Settings
 from service.finetune.store import JobStore
 from tests.finetune_support import FAKE_COMMAND, make_dataset, submit, wait_for, zip_dir
 
@@ -25,10 +24,9 @@ KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefg
 
 @pytest.fixture
 def settings(tmp_path, bento_home):
-    return FinetuneSettings(
-        home=tmp_path / "home", data_root=None, api_key=None, api_keys=tuple(KEYS.items()),
-        grace_seconds=2.0, poll_seconds=0.1, training_command=tuple(shlex.split(FAKE_COMMAND)), min_per_class=3,
-        max_jobs_per_key=1, max_jobs_total=2,
+    return Settings.of(
+        home=tmp_path / "home", api_keys=tuple(KEYS.items()), job_grace_seconds=2.0, poll_seconds=0.1,
+        training_command=FAKE_COMMAND, finetune_min_per_class=3, max_jobs_per_key=1, max_jobs_total=2,
     )
 
 
