@@ -17,9 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from models.train_config import TrainConfig
 from tuneserve.client import ENDED_STATES, Client, ClientError, JobHandle
+from tuneserve.model_flags import add_model_flags, given_values
 
 ACTIONS = ("submit", "status", "list", "cancel", "resume", "log")
+SERVER_SET = ("data", "output_dir")  # the server fills these in; --data here is the dataset to upload
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,18 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="API key (default $TUNESERVE_API_KEY, else the server's key file when the server is on this machine)")
     p.add_argument("--data", type=Path, help="dataset: folder per class / manifest folder (zipped for you) or a .zip")
     p.add_argument("--data-path", help="a dataset path inside the server's data root instead of an upload")
-    p.add_argument("--name", help="target model name (a new version if it exists)")
-    p.add_argument("--source", help="backbone (efficientnet_lite0, resnet18:IMAGENET1K_V1, simple_cnn:none) or stored model name[:version]")
-    p.add_argument("--strategy", choices=["linear", "partial", "full"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--val-fraction", type=float)
-    p.add_argument("--test-fraction", type=float)
+    add_model_flags(p, TrainConfig, aliases={"learning_rate": ["--lr"]}, exclude=SERVER_SET)  # the job's config
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="any other training config field, e.g. --set hflip=false (repeatable)")
+                   help="a training config field as JSON, e.g. --set hflip=false (repeatable; overrides the flags)")
     p.add_argument("--state", help="list: only jobs in this state")
     p.add_argument("--follow", "-f", action="store_true", help="follow the job with a progress bar until it ends")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between polls when following")
@@ -59,11 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
     if not args.name:
         raise ClientError("--name is required to submit")
-    config: dict[str, Any] = {"name": args.name}
-    for key in ("source", "strategy", "epochs", "batch_size", "learning_rate", "image_size", "seed", "val_fraction", "test_fraction"):
-        value = getattr(args, key)
-        if value is not None:
-            config[key] = value
+    config: dict[str, Any] = given_values(args, TrainConfig, exclude=SERVER_SET)
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:

@@ -36,9 +36,11 @@ def flag_help(field: FieldInfo) -> str:
 
 
 def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
-                    aliases: dict[str, list[str]] | None = None) -> None:
-    """`--batch-size` for `batch_size`, and so on for every field of `model`."""
+                    aliases: dict[str, list[str]] | None = None, exclude: tuple[str, ...] = ()) -> None:
+    """`--batch-size` for `batch_size`, and so on for every field of `model` but `exclude`."""
     for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
         kind = value_type(field)
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         options: dict[str, Any] = {"dest": name, "type": kind, "default": None, "help": flag_help(field)}
@@ -50,6 +52,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         parser.add_argument(*flags, **options)
 
 
-def given_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
-    """The model's fields that were given on the command line."""
-    return {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
+def given_values(args: argparse.Namespace, model: type[BaseModel], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The model's fields (but `exclude`) that were given on the command line."""
+    return {name: getattr(args, name) for name in model.model_fields
+            if name not in exclude and getattr(args, name, None) is not None}
