@@ -13,7 +13,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from service.oip.core import Inference, InputTensor, OutputTensor, ProtocolError, RequestedOutput
 
@@ -61,17 +61,35 @@ class InferInput(BaseModel):
     data: list[Any] | None = Field(None, description="UINT8 values (flat or nested); BYTES need the binary extension")
 
 
+class OutputParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    classification: Annotated[int, Field(ge=1, strict=True)] | None = Field(
+        None, description="The top k labels as BYTES [N, k] of \"value:index:label\" (the classification extension)")
+    binary_data: StrictBool | None = Field(None, description="This output as binary data after the JSON")
+
+
 class OutputRequest(BaseModel):
     name: Literal["probabilities", "logits"]
-    parameters: dict[str, Any] | None = Field(
-        None, description='{"classification": k} for the top k as "value:index:label"; {"binary_data": true} for binary data')
+    parameters: OutputParameters | None = None
+
+
+MIN_CONFIDENCE = {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"type": "string", "enum": ["auto"]}, {"type": "null"}]}
+
+
+class RequestParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    # checked by the data plane's one rule (service/dataplane.py), so /v2 refuses what /classify refuses, with its 422
+    min_confidence: Any = Field(None, json_schema_extra=MIN_CONFIDENCE, description=(
+        "Abstain below this probability (a number in [0, 1], or `auto` for the version's thresholds): adds the "
+        "outputs label, abstained and in_domain"))
+    binary_data_output: StrictBool | None = Field(None, description="Every output without its own choice as binary data")
 
 
 class InferRequest(BaseModel):
     id: str | None = None
-    parameters: dict[str, Any] | None = Field(
-        None, description='{"min_confidence": 0.5 | "auto"} adds the outputs label, abstained and in_domain; '
-        '{"binary_data_output": true} answers every output as binary data')
+    parameters: RequestParameters | None = None
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
     outputs: list[OutputRequest] | None = None
 
@@ -105,17 +123,10 @@ def parse_request(body: bytes, declared: str | None) -> tuple[Inference, bool]:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()[:5])
         raise ProtocolError(f"not an inference request: {problems}") from None
-    parameters = request.parameters or {}
-    binary_default = _flag(parameters.get("binary_data_output"), "binary_data_output")
+    parameters = request.parameters or RequestParameters()
     inputs = [_input(tensor, binary) for tensor in request.inputs]
     outputs = [_requested(output) for output in request.outputs or ()]
-    return Inference(inputs, outputs, request.id, parameters.get("min_confidence")), binary_default
-
-
-def _flag(value: Any, name: str) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise ProtocolError(f"parameter {name!r} must be true or false, got {value!r}")
+    return Inference(inputs, outputs, request.id, parameters.min_confidence), parameters.binary_data_output
 
 
 def _input(tensor: InferInput, binary: bytes) -> InputTensor:
@@ -133,9 +144,8 @@ def _input(tensor: InferInput, binary: bytes) -> InputTensor:
 
 
 def _requested(output: OutputRequest) -> RequestedOutput:
-    parameters = output.parameters or {}
-    binary = _flag(parameters.get("binary_data"), f"{output.name}.binary_data")
-    return RequestedOutput(output.name, parameters.get("classification"), binary)
+    parameters = output.parameters or OutputParameters()
+    return RequestedOutput(output.name, parameters.classification, parameters.binary_data)
 
 
 def encode_response(model: str, version: str, request_id: str | None, outputs: list[OutputTensor], binary_default: bool | None) -> Response:
