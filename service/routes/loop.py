@@ -25,6 +25,7 @@ from service.loop.schemas import (
     CaptureSwitch, FeedbackIn, FeedbackOut, Monitor, ReviewQueue, RolloutIn, RolloutOut,
 )
 from service.routes.forms import ModelPath, errors
+from service.routes.loop_retrain import add_retrain_route
 
 FEEDBACK_FORM = {"type": "object", "additionalProperties": False, "required": ["label"], "properties": {
     "request_id": {"type": "string", "minLength": 1, "description": "The request_id of a classification result"},
@@ -98,6 +99,7 @@ def build_router(settings: Settings) -> APIRouter:
         return await asyncio.to_thread(loop.set_capture, model, switch.enabled, switch.fraction, by)
 
     _rollout_routes(router, read, key)
+    add_retrain_route(router, loop_of, key)
     return router
 
 
@@ -200,7 +202,7 @@ async def _image_feedback(request: Request, loop: LoopPlane, fields: dict, image
     label = (fields.get("label") or "").strip()
     if not label:
         raise records.BadFeedback("missing 'label': the true label of the image")
-    plane = plane_of(request)
+    plane = await plane_of(request)
     classifier = await plane.resolve(fields.get("model"))
     if label not in classifier.manifest.labels:
         raise records.BadFeedback(f"label {label!r} is not one of {classifier.name}'s labels: "
