@@ -143,3 +143,27 @@ def test_keys_limits_and_refusals(served):
     too_big = _status(lambda: infer("imagenet", [_bytes_input([b"x" * ((MAX_BODY_MB + 1) << 20)])], headers=KEY))
     assert too_big.startswith("StatusCode.RESOURCE_EXHAUSTED")
     assert client.is_server_ready(headers=KEY)  # the server is still fine
+
+
+PORT_HELD = """
+import asyncio, socket
+from service.config import Settings
+from service.oip.grpc_server import start_grpc
+with socket.socket() as holder:  # no SO_REUSEPORT: the port cannot be shared
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    assert asyncio.run(start_grpc(None, Settings.of(grpc_port=holder.getsockname()[1], auth=False))) is None
+assert asyncio.run(start_grpc(None, Settings.of(grpc_port=0, auth=False))) is None  # 0: gRPC off
+"""
+
+
+def test_a_port_held_by_another_process_leaves_http_serving():
+    import subprocess
+    import sys
+
+    from tests.serving import ROOT
+
+    # its own process: tritonclient.grpc, imported here, registers the same `inference.*` protobuf names
+    done = subprocess.run([sys.executable, "-c", PORT_HELD], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "no gRPC: cannot bind port" in done.stderr and "TUNESERVE_GRPC_PORT" in done.stderr

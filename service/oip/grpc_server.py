@@ -168,7 +168,7 @@ def response_of(model: str, version: str, request_id: str, outputs: list[core.Ou
 
 
 async def start_grpc(plane: DataPlane, settings: Any) -> grpc.aio.Server | None:
-    """This worker's gRPC server on the shared port (None when TUNESERVE_GRPC_PORT is 0)."""
+    """This worker's gRPC server on the shared port (None when TUNESERVE_GRPC_PORT is 0 or cannot be bound)."""
     port = settings.grpc_port
     if not port:
         return None
@@ -181,8 +181,9 @@ async def start_grpc(plane: DataPlane, settings: Any) -> grpc.aio.Server | None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, settings), server)
     try:
         server.add_insecure_port(f"0.0.0.0:{port}")
-    except RuntimeError as error:
-        raise RuntimeError(f"cannot serve gRPC on port {port} (TUNESERVE_GRPC_PORT; 0 turns gRPC off): {error}") from None
+    except RuntimeError as error:  # e.g. another user's server holds the port: HTTP still serves
+        log.error("no gRPC: cannot bind port %d (TUNESERVE_GRPC_PORT; 0 turns gRPC off): %s", port, error)
+        return None
     await server.start()
     log.info("gRPC (Open Inference Protocol) on port %d, messages up to %d bytes", port, limit)
     return server
