@@ -14,7 +14,7 @@ from typing import Any
 from models.datasets import Sample
 
 SIZE_MULTIPLE = 32
-MIN_SIZE = 32
+MIN_SIZE = 96  # tiny images are upsampled so a stride-32 backbone's last map is 3×3, not 1×1 (BiT-HyperRule)
 STATS_IMAGES = 200  # image headers read to size the data (a sample: big datasets need not be opened fully)
 GRAYSCALE_SHARE = 0.9  # scans and text: nearly every image has equal channels
 PHOTO_CROP_SCALE = 0.5  # random resized crop keeps 50–100 % of the area
@@ -23,6 +23,9 @@ BUDGET_SAFETY = 0.85  # plan to use this share of the budget; the rest absorbs n
 LINEAR_EPOCHS = 10  # cached features make each linear epoch nearly free
 MIN_STEPS = 200  # small datasets get more epochs: a head and a backbone need updates, not passes
 EPOCH_RANGE = (3, 30)
+BUDGET_BASE_S = 60.0  # `auto`'s default budget: a minute, plus this much per train image, within the range
+BUDGET_PER_IMAGE_S = 0.03
+BUDGET_RANGE_S = (60.0, 900.0)
 
 
 @dataclass
@@ -70,9 +73,16 @@ def data_stats(samples: list[Sample], limit: int = STATS_IMAGES) -> DataStats:
 
 def fit_image_size(stats: DataStats, default: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, str]:
     rounded = int(round(stats.median_short_side / multiple)) * multiple
-    size = max(MIN_SIZE, min(default, rounded))
+    size = max(min(MIN_SIZE, default), min(default, rounded))
     return size, (f"median shorter side {stats.median_short_side}px over {stats.images} images, rounded to a multiple "
-                  f"of {multiple} and kept within [{MIN_SIZE}, {default}] (the source's size); larger would only upsample")
+                  f"of {multiple} and kept within [{MIN_SIZE}, {default}] (the source's size): smaller images are "
+                  "upsampled so the last feature map keeps a layout, larger would only add cost")
+
+
+def default_budget_s(train_images: int) -> float:
+    """`auto`'s wall-clock budget when none is given: a minute plus a little per train image."""
+    low, high = BUDGET_RANGE_S
+    return min(high, max(low, BUDGET_BASE_S + BUDGET_PER_IMAGE_S * train_images))
 
 
 def fit_augmentation(stats: DataStats) -> tuple[bool, float, str]:

@@ -116,8 +116,14 @@ def build_manifest(built: Built, labels: list[str], config: dict[str, Any], data
 
 
 def export_model(built: Built, labels: list[str], staging: str | Path, parity_images: np.ndarray,
-                 training: dict[str, Any], dataset: DatasetInfo | None, progress: Progress | None = None) -> Manifest:
-    """Write model.onnx (checked, parity-gated), manifest.json and checkpoint.pt into `staging`."""
+                 training: dict[str, Any], dataset: DatasetInfo | None, progress: Progress | None = None,
+                 checkpoint: Built | None = None) -> Manifest:
+    """Write model.onnx (checked, parity-gated), manifest.json and checkpoint.pt into `staging`.
+
+    `checkpoint`: the torch model a later fine-tune starts from, when it is not the exported one (a
+    multi-depth head's graph holds the frozen backbone; its checkpoint is that backbone with a head
+    on the last layer, so any strategy can continue from it).
+    """
     progress = progress or Progress()
     staging = Path(staging)
     if staging.exists():
@@ -131,7 +137,7 @@ def export_model(built: Built, labels: list[str], staging: str | Path, parity_im
     log.info("parity: max abs difference of probabilities %.2e", diff)
     manifest = build_manifest(built, labels, training, dataset, opset, diff)
     write_manifest(manifest, staging)
-    torch.save(checkpoint_payload(built, labels), staging / CHECKPOINT_FILE)
+    torch.save(checkpoint_payload(checkpoint or built, labels), staging / CHECKPOINT_FILE)
     return manifest
 
 

@@ -53,6 +53,7 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
         return RunResult(result.version, result.report, [], result.seconds, result.seconds)
     from training.data import check_readable, load_dataset, prepare_splits
     from training.export import evaluate_export, export_model, held_out_images, publish, quantize_export
+    from training.auto import run_auto, should_run_auto
     from training.recipe import apply_recipe
     from training.train import train
 
@@ -77,21 +78,25 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
 
     config, recipe = apply_recipe(config, splits, labels, out, progress, resume)  # before training: the job shows it
     progress.phase("training")
-    result = train(config, splits, labels, progress, stop, resume)
+    run_training = run_auto if should_run_auto(config) else train
+    result = run_training(config, splits, labels, progress, stop, resume)
     test = splits["test"] or splits["val"]
-    training = {**config.to_dict(), "recipe": recipe.to_dict(), "best_epoch": result.best_epoch, "history": result.history,
+    recipe_record = {**recipe.to_dict(), "candidates": result.candidates, "budget_s": result.budget_s,
+                     "chosen": result.strategy, "chosen_by": "val macro F1" if result.candidates else None}
+    training = {**config.to_dict(), "strategy": result.strategy or config.strategy, "recipe": recipe_record,
+                "best_epoch": result.best_epoch, "history": result.history,
                 "device": result.device, "train_seconds": round(result.seconds, 1),
                 "stopped_early": result.stopped_early, "evaluated_on": "test" if splits["test"] else "val"}
     staging = out / "export"
     export_model(result.built, labels, staging, held_out_images(test, result.built.preprocessing), training,
-                 dataset, progress)
+                 dataset, progress, checkpoint=result.checkpoint)
     progress.phase("calibrating")
     calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device))
     report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
     if config.int8:
         report = quantize_export(staging, splits, progress)
     write_eval(report, out)
-    version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": config.strategy},
+    version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": training["strategy"]},
                       progress, stop)
     report_path = write_report(out / REPORT_FILE, report, result.history, title=f"tuneserve report: {version.tag}")
     return RunResult(version, report, result.history, time.monotonic() - started, result.seconds, report_path)

@@ -88,7 +88,7 @@ def choose(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[st
     epochs, strategy = config.epochs, config.strategy
     if epochs is None:
         epochs, why["epochs"] = fit_epochs(len(splits["train"]), config.batch_size)
-    if config.budget_s:
+    if config.budget_s and config.strategy not in ("auto", "multidepth"):  # auto spends its budget itself
         sized = config.replace(image_size=size, hflip=hflip, crop_scale=crop_scale)
         step_s, per_image = time_steps(sized, splits["train"], labels)
         held_out = len(splits["val"]) + 2 * len(splits["test"])  # test: evaluated once, and again after calibration

@@ -40,6 +40,10 @@ class TrainResult:
     device: str
     seconds: float
     stopped_early: bool = False
+    strategy: str | None = None  # what `auto` chose; None: the config's own
+    candidates: list[dict[str, Any]] | None = None  # auto: every candidate's val scores and seconds
+    budget_s: float | None = None
+    checkpoint: Built | None = None  # what checkpoint.pt holds when it differs from the exported model
 
 
 def seed_everything(seed: int) -> None:

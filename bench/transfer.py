@@ -1,0 +1,203 @@
+"""Transfer benchmark on real, offline, shifted targets: the default job against simple baselines.
+
+    python bench/transfer.py [--targets digits-writer,fashion] [--sizes 10,100,all] [--seeds 0,1,2]
+                             [--source efficientnet_lite0] [--out bench/results/transfer.json] [--quick]
+
+For every target (bench/transfer_data.py), train size (images per class, or all) and seed, on the
+same splits in the same run:
+  auto             what a job with default settings does (training/auto.py: logistic and multi-depth
+                   heads on the frozen source, a fine-tune when the budget and val leave room; the best
+                   on val), at the recipe's image size; val carved from train as the product does
+  raw-logistic     logistic regression on the raw pixels
+  raw-svc          an RBF SVC on the raw pixels
+  embed-knn        k-NN on the source's embedding (its pooled last layer)
+  embed-logistic   a logistic probe on the source's embedding
+  scratch          the same network from random weights, trained for the wall time auto used
+Accuracy, macro F1, balanced accuracy, per-class recall and seconds; mean ± std over seeds in the
+markdown table (`--table`). State the machine's load with the numbers: this prints it.
+`--quick` (CI): one target, 10 images per class, one seed, 300 test images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+HOME = Path(tempfile.mkdtemp(prefix="tuneserve-bench-transfer-"))
+os.environ.setdefault("BENTOML_HOME", str(HOME / "bentoml"))  # a private store: never the user's
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.baselines import embedding_knn, embedding_logistic, raw_logistic, raw_svc, score  # noqa: E402
+from bench.transfer_data import TARGETS, Target, load_target  # noqa: E402
+from models.datasets import Sample, split_samples  # noqa: E402
+from training.auto import run_auto  # noqa: E402
+from training.backbones import build_source  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.data import ImageDataset, make_loader  # noqa: E402
+from training.recipe import choose  # noqa: E402
+from training.train import train  # noqa: E402
+
+QUICK_TEST_IMAGES = 300
+
+
+def write_images(x: np.ndarray, y: np.ndarray, labels: list[str], root: Path, split: str | None) -> list[Sample]:
+    samples = []
+    for i, (image, target) in enumerate(zip(x, y)):
+        folder = root / labels[target]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{split or 'train'}-{i:05d}.png"
+        Image.fromarray(image).save(path)
+        samples.append(Sample(path, labels[target], split))
+    return samples
+
+
+@torch.no_grad()
+def predict(model, samples: list[Sample], labels: list[str], spec) -> np.ndarray:
+    model.eval()
+    loader = make_loader(ImageDataset(samples, labels, spec, train=False, cache=False), 128, False, 0, 0)
+    return np.concatenate([model(x)[0].argmax(1).numpy() for x, _ in loader])
+
+
+@torch.no_grad()
+def embeddings(config: TrainConfig, labels: list[str], samples: list[Sample]) -> np.ndarray:
+    built = build_source(config, len(labels), labels)
+    model = built.model.eval()
+    loader = make_loader(ImageDataset(samples, labels, built.preprocessing, train=False, cache=False), 128, False, 0, 0)
+    return np.concatenate([model(x)[2].numpy() for x, _ in loader])
+
+
+def prepare_case(target: Target, seed: int, root: Path, source: str) -> tuple[TrainConfig, dict, list[str]]:
+    labels = list(target.labels)
+    train = write_images(target.train_x, target.train_y, labels, root / "data", None)
+    test = write_images(target.test_x, target.test_y, labels, root / "data", "test")
+    splits = split_samples(train + test, val_fraction=0.15, test_fraction=0.0, seed=seed)
+    config = TrainConfig(name="bench", source=source, data=str(root / "data"), seed=seed,
+                         output_dir=str(root / "run"))
+    recipe = choose(config, splits, labels)
+    config = config.replace(image_size=recipe.image_size, hflip=recipe.hflip, crop_scale=recipe.crop_scale,
+                            epochs=recipe.epochs)
+    return config, splits, labels
+
+
+def run_case(target: Target, seed: int, source: str) -> list[dict]:
+    root = Path(tempfile.mkdtemp(dir=HOME))
+    config, splits, labels = prepare_case(target, seed, root, source)
+    test_y = np.array([labels.index(s.label) for s in splits["test"]])
+    rows = []
+
+    started = time.monotonic()
+    result = run_auto(config, splits, labels)
+    auto_s = time.monotonic() - started
+    pred = predict(result.built.model, splits["test"], labels, result.built.preprocessing)
+    rows.append(record("auto", score(test_y, pred, auto_s), chosen=result.strategy, candidates=result.candidates,
+                       image_size=config.image_size))
+    rows.append(record("raw-logistic", raw_logistic(target.train_x, target.train_y, target.test_x, target.test_y)))
+    rows.append(record("raw-svc", raw_svc(target.train_x, target.train_y, target.test_x, target.test_y)))
+
+    started = time.monotonic()
+    train_samples = splits["train"] + splits["val"]
+    train_f = embeddings(config, labels, train_samples)
+    test_f = embeddings(config, labels, splits["test"])
+    embed_s = time.monotonic() - started
+    train_fy = np.array([labels.index(s.label) for s in train_samples])
+    for name, fit in (("embed-knn", embedding_knn), ("embed-logistic", embedding_logistic)):
+        scores = fit(train_f, train_fy, test_f, test_y)
+        rows.append(record(name, replace(scores, seconds=scores.seconds + embed_s)))
+    rows.append(scratch_row(config, splits, labels, auto_s, test_y, root))
+    return rows
+
+
+def scratch_row(config: TrainConfig, splits: dict, labels: list[str], budget_s: float, test_y: np.ndarray,
+                root: Path) -> dict:
+    """The same network from random weights, trained for about the wall time auto used (epochs from one timed epoch)."""
+    started = time.monotonic()
+    scratch = config.replace(strategy="full", weights="none", epochs=1, patience=0, output_dir=str(root / "scratch"))
+    result = train(scratch, splits, labels)
+    epoch_s = max(time.monotonic() - started, 1e-3)
+    epochs = max(1, int(budget_s // epoch_s))
+    if epochs > 1:
+        result = train(scratch.replace(epochs=epochs, output_dir=str(root / "scratch2")), splits, labels)
+    pred = predict(result.built.model, splits["test"], labels, result.built.preprocessing)
+    return record("scratch", score(test_y, pred, time.monotonic() - started), epochs=epochs)
+
+
+def record(method: str, scores, **extra) -> dict:
+    return {"method": method, **asdict(scores), "min_recall": float(min(scores.per_class_recall)), **extra}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["target"], row["per_class"], row["method"]), []).append(row)
+    table = []
+    for (target, per_class, method), members in groups.items():
+        def stat(key):
+            values = np.array([m[key] for m in members], dtype=float)
+            return float(values.mean()), float(values.std())
+        table.append({"target": target, "per_class": per_class, "method": method, "seeds": len(members),
+                      **{key: stat(key) for key in ("accuracy", "macro_f1", "seconds")},
+                      "min_recall": stat("min_recall") if "min_recall" in members[0] else None,
+                      "chosen": sorted({m.get("chosen") for m in members if m.get("chosen")})})
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| target | train/class | method | accuracy | macro F1 | worst-class recall | seconds | auto chose |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        fmt = lambda pair: f"{pair[0]:.3f} ± {pair[1]:.3f}"  # noqa: E731
+        recall = fmt(row["min_recall"]) if row["min_recall"] else ""
+        lines.append(f"| {row['target']} | {row['per_class']} | {row['method']} | {fmt(row['accuracy'])} | "
+                     f"{fmt(row['macro_f1'])} | {recall} | {row['seconds'][0]:.1f} | {', '.join(row['chosen'])} |")
+    return "\n".join(lines)
+
+
+def parse_sizes(text: str) -> list[int | None]:
+    return [None if part == "all" else int(part) for part in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--sizes", default="10,100,all")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--source", default="efficientnet_lite0")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--quick", action="store_true", help="CI: digits-writer, 10 per class, seed 0, 300 test images")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.targets, args.sizes, args.seeds = "digits-writer", "10", "0"
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    for name in args.targets.split(","):
+        for per_class in parse_sizes(args.sizes):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                target = load_target(name, per_class, seed)
+                if args.quick:
+                    keep = np.random.default_rng(seed).permutation(len(target.test_y))[:QUICK_TEST_IMAGES]
+                    target = replace(target, test_x=target.test_x[keep], test_y=target.test_y[keep])
+                load_before = os.getloadavg()[0]
+                for row in run_case(target, seed, args.source):
+                    rows.append({"target": name, "per_class": per_class or "all", "seed": seed,
+                                 "train_images": len(target.train_y), "test_images": len(target.test_y),
+                                 "load_1min": round(load_before, 2), **row})
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "candidates"}), flush=True)
+    table = summarise(rows)
+    print(markdown(table))
+    print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "table": table, "loadavg_end": os.getloadavg()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

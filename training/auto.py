@@ -1,0 +1,167 @@
+"""`strategy: auto` (the default) and `multidepth`: cheap candidates first, then the budget left.
+
+1. One forward pass over train and val (serving preprocessing, no augmentation) gives every
+   stage's pooled features (training/multidepth.py).
+2. Cheap candidates, fitted in seconds on those features: `logistic` (a head on the last layer,
+   the usual embedding) and `multidepth` (a head on every depth). Each is scored on val.
+3. A full fine-tune joins when the cheap candidates leave room on val and the budget left fits at
+   least `MIN_FINETUNE_EPOCHS` epochs (estimated from the timed forward pass); it early-stops on val.
+4. The candidate with the best val macro F1 (it does not ignore a minority class) is exported;
+   every candidate's val scores and seconds are recorded in the recipe.
+A user who fixes `strategy: multidepth` gets that candidate only.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.datasets import Sample
+from models.recipe import default_budget_s, fit_epochs
+from training.backbones import Built, Classifier, ImageModel, build_source
+from training.config import ConfigError, TrainConfig
+from training.data import ImageDataset, make_loader
+from training.multidepth import FittedHead, body_for, extract, fit_head, stages_for, val_scores
+from training.progress import Progress
+from training.train import TrainResult, train
+
+log = logging.getLogger("tuneserve.training")
+
+ROOM = 0.99  # a val macro F1 at or above this leaves too little to win for a fine-tune's cost
+MIN_FINETUNE_EPOCHS = 3
+BACKWARD_FACTOR = 3.0  # a training step costs about 3 forward passes (forward, backward, update)
+FIXED_SECONDS = 20.0  # export, parity, calibration, evaluation and publishing of a small model on 2 cores
+
+
+@dataclass
+class Candidate:
+    strategy: str
+    val: dict[str, float]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "val": {k: round(v, 4) for k, v in self.val.items()}, "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class Features:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    per_image_s: float  # forward pass per image, measured
+    embedding_dim: int  # the last columns are the usual embedding (the last stage's global mean)
+
+
+def compute_features(built: Built, splits: dict[str, list[Sample]], labels: list[str], config: TrainConfig,
+                     stop: threading.Event | None) -> tuple[torch.nn.Module, Features]:
+    stages = stages_for(built.model.classifier.body)
+    if stages is None:
+        raise ValueError(f"multi-depth features are not available for backbone {built.backbone}")
+    started = time.monotonic()
+    batches = {}
+    for split in ("train", "val"):
+        dataset = ImageDataset(splits[split], labels, built.preprocessing, train=False)
+        loader = make_loader(dataset, 64, False, num_workers=config.num_workers, seed=config.seed)
+        batches[split] = extract(stages, built.model.normalise, loader, stop)
+    images = len(splits["train"]) + len(splits["val"])
+    return stages, Features(*batches["train"], *batches["val"], (time.monotonic() - started) / max(images, 1),
+                            built.model.classifier.head.in_features)
+
+
+def folded(head: FittedHead) -> torch.nn.Linear:
+    """The head with its feature standardisation folded in: reads the raw embedding."""
+    weight = head.weight / head.scale
+    bias = head.bias - weight @ head.mean
+    return FittedHead(weight, bias, np.zeros_like(head.mean), np.ones_like(head.scale), head.c, head.val,
+                      head.seconds).linear()
+
+
+def with_head(built: Built, body: torch.nn.Module, head: torch.nn.Linear) -> Built:
+    model = ImageModel(Classifier(body, head, built.model.classifier.blocks), built.preprocessing.mean,
+                       built.preprocessing.std).eval()
+    return replace(built, model=model)
+
+
+def finetune_epochs(config: TrainConfig, features: Features, remaining_s: float) -> tuple[int, str]:
+    """Epochs of a full fine-tune that fit `remaining_s`, estimated from the timed forward pass."""
+    n_train, n_val = len(features.train_y), len(features.val_y)
+    epoch_s = features.per_image_s * (BACKWARD_FACTOR * n_train + n_val)
+    fitting = int(remaining_s // epoch_s) if epoch_s > 0 else 0
+    wanted, _ = fit_epochs(n_train, config.batch_size)
+    epochs = min(wanted, fitting)
+    return epochs, (f"about {epoch_s:.0f}s per epoch (from {features.per_image_s * 1000:.1f} ms per image forward): "
+                    f"{fitting} epoch(s) fit the {remaining_s:.0f}s left, {wanted} wanted")
+
+
+@torch.no_grad()
+def predict_val(model: ImageModel, splits: dict[str, list[Sample]], labels: list[str], built: Built) -> np.ndarray:
+    dataset = ImageDataset(splits["val"], labels, built.preprocessing, train=False)
+    model.eval()
+    return np.concatenate([model(x)[0].argmax(1).numpy() for x, _ in make_loader(dataset, 64, False, 0, 0)])
+
+
+def run_finetune(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], epochs: int,
+                 progress: Progress, stop: threading.Event | None, resume: bool) -> tuple[TrainResult, Candidate]:
+    started = time.monotonic()
+    tuned = config.replace(strategy="full", epochs=epochs, patience=config.patience or 2)
+    result = train(tuned, splits, labels, progress, stop, resume)
+    targets = np.array([labels.index(s.label) for s in splits["val"]])
+    scores = val_scores(targets, predict_val(result.built.model, splits, labels, result.built))
+    return result, Candidate("full", scores, time.monotonic() - started, {"epochs": epochs,
+                                                                           "best_epoch": result.best_epoch})
+
+
+def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], progress: Progress | None = None,
+             stop: threading.Event | None = None, resume: bool = False) -> TrainResult:
+    """Fit the cheap candidates, maybe a fine-tune, and return the best on val as a TrainResult."""
+    progress = progress or Progress()
+    started = time.monotonic()
+    budget = config.budget_s or default_budget_s(len(splits["train"]))
+    built = build_source(config, len(labels), labels)
+    if stages_for(built.model.classifier.body) is None:
+        if config.strategy == "multidepth":
+            raise ConfigError(f"strategy multidepth needs a backbone whose stages can be tapped "
+                              f"(EfficientNet-Lite, simple_cnn); {built.backbone} has none")
+        log.info("auto: no multi-depth features for %s; a full fine-tune", built.backbone)
+        return replace(train(config.replace(strategy="full"), splits, labels, progress, stop, resume), strategy="full")
+    stages, features = compute_features(built, splits, labels, config, stop)
+    balanced = config.class_balance != "none"
+    dim = features.embedding_dim
+    logistic = fit_head(features.train_x[:, -dim:], features.train_y, features.val_x[:, -dim:], features.val_y,
+                        len(labels), balanced)
+    multi = fit_head(features.train_x, features.train_y, features.val_x, features.val_y, len(labels), balanced)
+    standard = with_head(built, built.model.classifier.body, folded(logistic))
+    options = {"logistic": (standard, logistic), "multidepth": (with_head(built, body_for(stages, multi), multi.linear()), multi)}
+    candidates = [Candidate(name, head.val, head.seconds, {"c": head.c, "features": int(head.weight.shape[1])})
+                  for name, (_, head) in options.items()]
+    if config.strategy == "multidepth":
+        candidates = candidates[1:]
+    results = {name: TrainResult(model_built, labels, [], 0, "cpu", 0.0) for name, (model_built, _) in options.items()}
+    best = max(candidates, key=lambda c: c.val["macro_f1"])
+    remaining = budget - (time.monotonic() - started) - FIXED_SECONDS
+    if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
+        epochs, why = finetune_epochs(config, features, remaining)
+        log.info("auto: best cheap candidate %s (val macro F1 %.4f); fine-tune: %s", best.strategy,
+                 best.val["macro_f1"], why)
+        if epochs >= MIN_FINETUNE_EPOCHS:
+            results["full"], tuned = run_finetune(config, splits, labels, epochs, progress, stop, resume)
+            candidates.append(tuned)
+    chosen = max(candidates, key=lambda c: c.val["macro_f1"])  # ties keep the cheaper (earlier) one
+    log.info("auto: chose %s; candidates %s", chosen.strategy,
+             {c.strategy: round(c.val["macro_f1"], 4) for c in candidates})
+    result = results[chosen.strategy]
+    return replace(result, seconds=time.monotonic() - started, strategy=chosen.strategy,
+                   candidates=[c.to_dict() for c in candidates], budget_s=round(budget, 1),
+                   checkpoint=None if chosen.strategy == "full" else standard)
+
+
+def should_run_auto(config: TrainConfig) -> bool:
+    return config.strategy in ("auto", "multidepth")
+
