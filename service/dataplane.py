@@ -140,8 +140,7 @@ class DataPlane:
         arrays = await self._inputs(request, classifier)
         images = [ImageResult(error=a) if isinstance(a, TuneserveError) else None for a in arrays]
         if request.partial or all(image is None for image in images):
-            rows = await asyncio.gather(*(self.pool.submit(classifier, a, extras)
-                                          for a, image in zip(arrays, images) if image is None))
+            rows = await gathered([self.pool.submit(classifier, a, extras) for a, image in zip(arrays, images) if image is None])
             answered = iter(rows)
             images = [image or self._answer(classifier, next(answered), request, min_confidence) for image in images]
         else:
@@ -173,7 +172,7 @@ class DataPlane:
             raise InvalidInput("send either encoded images or uint8 pixels, not both or neither")
         if request.pixels is not None:
             return list(checked_pixels(request.pixels, classifier.manifest.preprocessing.size))
-        return list(await asyncio.gather(*(self._decode_one(data, classifier) for data in request.images)))
+        return await gathered([self._decode_one(data, classifier) for data in request.images])
 
     async def _decode_one(self, data: bytes, classifier: OnnxClassifier) -> np.ndarray | ImageError:
         loop = asyncio.get_running_loop()
@@ -204,6 +203,14 @@ class DataPlane:
             result.ranked = top_indices(row.probabilities, request.top_k)
             result.prediction = prediction_of(classifier, row.probabilities, result.ranked, min_confidence, row.in_domain)
         return result
+
+
+async def gathered(calls: list) -> list:
+    """The results of `calls`, run together; one call is awaited directly (no task to schedule:
+    the common single-image request takes one event-loop turn less per step)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    return list(await asyncio.gather(*calls))
 
 
 def top_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
