@@ -26,7 +26,7 @@ from models.recipe import default_budget_s, fit_epochs
 from training.backbones import Built, Classifier, ImageModel, build_source
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, make_loader
-from training.multidepth import FittedHead, body_for, extract, fit_head, stages_for, val_scores
+from training.multidepth import FittedHead, classifier_for, extract, fit_head, stages_for, val_scores
 from training.progress import Progress
 from training.train import TrainResult, train
 
@@ -83,9 +83,8 @@ def folded(head: FittedHead) -> torch.nn.Linear:
                       head.seconds).linear()
 
 
-def with_head(built: Built, body: torch.nn.Module, head: torch.nn.Linear) -> Built:
-    model = ImageModel(Classifier(body, head, built.model.classifier.blocks), built.preprocessing.mean,
-                       built.preprocessing.std).eval()
+def with_classifier(built: Built, classifier: Classifier) -> Built:
+    model = ImageModel(classifier, built.preprocessing.mean, built.preprocessing.std).eval()
     return replace(built, model=model)
 
 
@@ -137,8 +136,10 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     logistic = fit_head(features.train_x[:, -dim:], features.train_y, features.val_x[:, -dim:], features.val_y,
                         len(labels), balanced)
     multi = fit_head(features.train_x, features.train_y, features.val_x, features.val_y, len(labels), balanced)
-    standard = with_head(built, built.model.classifier.body, folded(logistic))
-    options = {"logistic": (standard, logistic), "multidepth": (with_head(built, body_for(stages, multi), multi.linear()), multi)}
+    blocks = built.model.classifier.blocks
+    standard = with_classifier(built, Classifier(built.model.classifier.body, folded(logistic), blocks))
+    multidepth = with_classifier(built, classifier_for(stages, multi, blocks))
+    options = {"logistic": (standard, logistic), "multidepth": (multidepth, multi)}
     candidates = [Candidate(name, head.val, head.seconds, {"c": head.c, "features": int(head.weight.shape[1])})
                   for name, (_, head) in options.items()]
     if config.strategy == "multidepth":

@@ -124,6 +124,11 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the embedding the model exports (here: what the head reads)."""
+        embedding = self.body(x)
+        return self.head(embedding), embedding
+
     def replace_head(self, num_classes: int) -> None:
         self.head = nn.Linear(self.head.in_features, num_classes)
 
@@ -152,8 +157,7 @@ class ImageModel(nn.Module):
         return self.classifier.features(self.normalise(image))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        embedding = self.classifier.features(self.normalise(image))
-        logits = self.classifier.head(embedding)
+        logits, embedding = self.classifier.logits_and_embedding(self.normalise(image))
         return logits, torch.softmax(logits.float(), dim=1), embedding.float()
 
 

@@ -6,7 +6,7 @@ them alone is weak; earlier stages still describe strokes, edges and textures. F
 coarse layout survives: where a stroke is matters for a digit), concatenated, standardised, and a
 logistic head is fitted on it with scikit-learn. The features are computed once (no augmentation),
 so fitting costs one forward pass over the data; the result exports as one ONNX graph like any
-other model (`MultiDepthBody` + `nn.Linear`), so serving stays torch-free.
+other model (`MultiDepthClassifier`), so serving stays torch-free.
 
 Measured on scikit-learn's digits split by writer (64 px, EfficientNet-Lite0 ImageNet): a logistic
 head on the last layer 0.92, on all depths with global pooling 0.96, with the 2×2 grid added 0.98;
@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+
+from training.backbones import Classifier
 
 GRID = 2  # each stage is also pooled over a GRID×GRID grid of cells
 C_VALUES = (0.03, 0.1, 0.3)  # inverse L2 strength, chosen on val; wide features want strong regularisation
@@ -91,18 +93,32 @@ def pool_stages(maps: list[torch.Tensor], grid: int = GRID) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-class MultiDepthBody(nn.Module):
-    """Backbone body → standardised multi-depth features (what the linear head reads, and the embedding)."""
+class MultiDepthClassifier(Classifier):
+    """Stages → standardised multi-depth features → the linear head.
 
-    def __init__(self, stages: nn.Module, mean: torch.Tensor, scale: torch.Tensor, grid: int = GRID):
-        super().__init__()
-        self.stages = stages
+    The exported `embedding` stays the source's usual one (the last stage's global mean): the
+    in-domain score, drift reference, advisor and instant heads keep working on a compact vector
+    instead of ten thousand dimensions."""
+
+    def __init__(self, stages: nn.Module, head: nn.Linear, blocks: list[nn.Module], mean: torch.Tensor,
+                 scale: torch.Tensor, grid: int = GRID):
+        super().__init__(stages, head, blocks)
         self.grid = grid
         self.register_buffer("mean", mean.float().view(1, -1))
         self.register_buffer("scale", scale.float().view(1, -1))
 
+    def standardised(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return (pool_stages(maps, self.grid) - self.mean) / self.scale
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.standardised(self.body(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (pool_stages(self.stages(x), self.grid) - self.mean) / self.scale
+        return self.head(self.features(x))
+
+    def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.body(x)
+        return self.head(self.standardised(maps)), maps[-1].mean((2, 3))
 
 
 @torch.no_grad()
@@ -225,5 +241,6 @@ def _full_rank(classes: np.ndarray, coef: np.ndarray, intercept: np.ndarray, num
     return weight, bias
 
 
-def body_for(stages: nn.Module, head: FittedHead) -> MultiDepthBody:
-    return MultiDepthBody(stages, torch.from_numpy(head.mean), torch.from_numpy(head.scale))
+def classifier_for(stages: nn.Module, head: FittedHead, blocks: list[nn.Module]) -> MultiDepthClassifier:
+    return MultiDepthClassifier(stages, head.linear(), blocks, torch.from_numpy(head.mean),
+                                torch.from_numpy(head.scale))
