@@ -92,7 +92,7 @@ def _captured(i, size=1000, **kw):
 def test_capture_keeps_within_size_count_and_age_oldest_out_first(db, tmp_path):
     limits = capture.CaptureLimits(max_bytes=10_000, max_items=1000, max_age_seconds=3600, min_free_bytes=0)
     store = capture.CaptureStore(db, tmp_path, limits)
-    assert store.write([_captured(i) for i in range(25)]) == 25
+    assert store.write([_captured(i) for i in range(25)]) == 10  # the newest that fit
     counts = store.counts("pets")
     assert counts["images"] == 10 and counts["bytes"] == 10_000
     assert sorted(p.name for p in (tmp_path / "capture" / "pets").iterdir()) == sorted(f"r{i}" for i in range(15, 25))

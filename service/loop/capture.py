@@ -69,25 +69,33 @@ class CaptureStore:
         return self.root / model / capture_id
 
     def write(self, items: list[Captured]) -> int:
-        """Store what fits within the limits; returns how many were stored."""
-        stored = 0
+        """Store what fits within the limits (one prune and one transaction per batch); → how many."""
+        items = self._newest_that_fit(items)
+        size = sum(len(item.data) for item in items)
+        if not items or not self._room_on_disk(size):
+            return 0
+        self.prune(extra_bytes=size, extra_items=len(items))
+        rows = []
         for item in items:
-            self.prune(extra_bytes=len(item.data), extra_items=1)
-            if not self._room_on_disk(len(item.data)) or len(item.data) > self.limits.max_bytes:
-                continue
             path = self._path(item.model, item.capture_id)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(item.data)
             embedding = None if item.embedding is None else np.asarray(item.embedding, np.float16).tobytes()
-            with self.db.write() as conn:
-                conn.execute(
-                    "INSERT OR REPLACE INTO captures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
-                    (item.capture_id, item.model, item.version, str(path), len(item.data), time.time(), item.label,
-                     item.confidence, item.margin, item.entropy, item.in_domain, int(item.abstained), item.reason,
-                     embedding),
-                )
-            stored += 1
-        return stored
+            rows.append((item.capture_id, item.model, item.version, str(path), len(item.data), time.time(), item.label,
+                         item.confidence, item.margin, item.entropy, item.in_domain, int(item.abstained), item.reason,
+                         embedding))
+        with self.db.write() as conn:
+            conn.executemany("INSERT OR REPLACE INTO captures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)", rows)
+        return len(rows)
+
+    def _newest_that_fit(self, items: list[Captured]) -> list[Captured]:
+        """The newest items of a batch that fit the limits on their own (older ones would be pruned at once)."""
+        kept, size = [], 0
+        for item in reversed(items):
+            if len(kept) < self.limits.max_items and size + len(item.data) <= self.limits.max_bytes:
+                kept.append(item)
+                size += len(item.data)
+        return kept[::-1]
 
     def _room_on_disk(self, size: int) -> bool:
         self.root.mkdir(parents=True, exist_ok=True)
