@@ -12,7 +12,9 @@ full, observations are dropped and counted, never waited for.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import logging
 import random
 import time
 import uuid
@@ -29,6 +31,7 @@ from service.loop.capture import CaptureLimits, CaptureStore
 from service.loop.db import LoopDb
 from service.loop.settings import LoopSettings
 
+log = logging.getLogger("tuneserve.loop")
 # The caller's client id (header `X-Client-Id`), set per request by `client_id_middleware`.
 client_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tuneserve_client_id", default=None)
 
@@ -150,13 +153,19 @@ class LoopPlane:
         calls are not served answers."""
         if top_k <= 0:
             return
+        try:
+            self._after(given_id, asked, inputs, result)
+        except Exception:  # the loop must never fail an answer
+            log.exception("production loop: could not queue an answer of %s", result.classifier.tag)
+
+    def _after(self, given_id: str | None, asked: frozenset[str], inputs: Any, result: Any) -> None:
         base = given_id or new_request_id()
         ids = request_ids(base, len(result.images))
         result.id = result.id or base  # a batch's images are `<id>-0`, `<id>-1`, …
         result.request_ids = ids
         classifier, items = result.classifier, []
         for index, (image, request_id) in enumerate(zip(result.images, ids)):
-            if image.error is not None or image.probabilities is None:
+            if image.error is not None or image.probabilities is None or image.prediction is None:
                 continue
             prediction = image.prediction = image.prediction.model_copy(update={"request_id": request_id})
             items.append(Observed(
@@ -171,8 +180,9 @@ class LoopPlane:
     # ---- the background worker, started on first use inside the serving event loop -------------
     def ensure_worker(self, pool: Any) -> None:
         """Start this process's `LoopWorker` (records, capture, drift, shadow) once, on `pool`."""
-        if self.worker is None:
-            from service.loop.worker import LoopWorker
+        task = self.worker.task if self.worker is not None else None
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            from service.loop.worker import LoopWorker  # (again when an earlier event loop, e.g. a test's, is gone)
 
             self.worker = LoopWorker(self, pool, self.service_settings)
             self.worker.start()
