@@ -15,9 +15,8 @@ import pytest
 from PIL import Image
 
 from models import store
-from tests.finetune_support import FAKE_COMMAND
 from tests.serving import bento_store, running_server
-from tests.tiny import write_trusted_tiny_model
+from tests.tiny import write_tiny_model, write_trusted_tiny_model
 
 pytestmark = pytest.mark.slow
 KEY = "loop-test-key-0123456789"
@@ -55,13 +54,15 @@ def server(tmp_path_factory):
         v1 = store.publish("colours", write_trusted_tiny_model(root / "stage" / "v1", root / "fit1")).version
         v2 = store.publish("colours", write_trusted_tiny_model(root / "stage" / "v2", root / "fit2")).version
         store.publish("other", write_trusted_tiny_model(root / "stage" / "o", root / "fit3"))
+        swapped = np.zeros((3, 3), np.float32)
+        swapped[0, 0] = swapped[1, 2] = swapped[2, 1] = 0.05  # sees green as blue and blue as green
+        store.publish("mixed", write_tiny_model(root / "stage" / "mixed", weights=swapped, embedding=True))
         env = {"TUNESERVE_HOME": str(root / "home"), "TUNESERVE_DEFAULT_MODEL": "colours", "TUNESERVE_API_KEY": KEY,
                "TUNESERVE_WORKERS": "2", "TUNESERVE_PRELOAD": f"colours:{v1}", "TUNESERVE_POLL_SECONDS": "1",
                "TUNESERVE_CAPTURE_MODELS": "colours", "TUNESERVE_CAPTURE_FRACTION": "0.5",
                "TUNESERVE_CAPTURE_MAX_ITEMS": str(CAPTURE_ITEMS), "TUNESERVE_CAPTURE_MAX_MB": str(CAPTURE_MB),
                "TUNESERVE_CAPTURE_MIN_FREE_MB": "0", "TUNESERVE_DRIFT_FRACTION": "1", "TUNESERVE_DRIFT_WINDOW": "60",
                "TUNESERVE_DRIFT_INTERVAL_S": "0.5", "TUNESERVE_ACCESS_LOG": "off",
-               "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "FAKE_TRAIN_STEP_S": "0.05",
                "TUNESERVE_FINETUNE_MIN_PER_CLASS": "3"}
         with running_server(env, root / "server.log") as url, httpx.Client(base_url=url, timeout=60) as http:
             # v2 was published last, so it is `latest`; rolled out at 0 % it waits as a candidate beside v1
@@ -252,26 +253,29 @@ def test_promote_and_rollback_under_load_fail_no_request(server):
     assert all(e["by"] == "default" for e in events[:3])
 
 
-def test_finetune_from_feedback_starts_from_the_served_version(server):
-    http, _, v1, _, _ = server
+def test_finetune_from_feedback_fixes_the_class_the_served_version_got_wrong(server):
+    http, _, _, _, _ = server
+    served = http.get("/models/mixed").json()["latest"]
     rng = np.random.default_rng(4)
-    for i in range(12):
-        data, truth = like_training(rng)
-        sent = http.post("/feedback", files={"image": ("x.png", data, "image/png")}, data={"label": truth}, headers=AUTH)
+    samples = [like_training(rng) for _ in range(60)]
+    blue = [data for data, truth in samples if truth == "blue"]
+    assert {classify(http, data, "mixed")["label"] for data in blue} == {"green"}  # the class it gets wrong
+    for data, truth in samples[:30]:
+        sent = http.post("/feedback", files={"image": ("x.png", data, "image/png")},
+                         data={"label": truth, "model": "mixed"}, headers=AUTH)
         assert sent.status_code == 200 and sent.json()["captured"] is True, sent.text
-    for truth, rgb in (("red", (250, 10, 10)), ("green", (10, 250, 10)), ("blue", (10, 10, 250))):
-        for _ in range(3):
-            http.post("/feedback", files={"image": ("x.png", png(rgb), "image/png")}, data={"label": truth}, headers=AUTH)
-    refused = http.post("/models/colours/finetune_from_feedback", json={}, headers=AUTH)
+    refused = http.post("/models/mixed/finetune_from_feedback", json={}, headers=AUTH)
     assert refused.status_code == 409 and "training data" in refused.json()["error"]  # tests/tiny.py models have none
-    queued = http.post("/models/colours/finetune_from_feedback", json={"with_training_data": False,
-                       "name": "colours-fixed", "config": {"epochs": 1}}, headers=AUTH)
+    queued = http.post("/models/mixed/finetune_from_feedback", json={"with_training_data": False,
+                       "config": {"strategy": "logistic"}}, headers=AUTH)
     assert queued.status_code == 202, queued.text
     job = queued.json()
-    assert job["source"] == f"colours:{v1}" and job["config"]["source"] == f"colours:{v1}"
-    assert set(job["feedback"]) == {"red", "green", "blue"} and sum(job["feedback"].values()) >= 21
-    done = wait_for(lambda: (j := http.get(f"/finetune/{job['job_id']}").json())["state"] in ("succeeded", "failed") and j, 120)
+    assert job["source"] == f"mixed:{served}" and set(job["feedback"]) == {"red", "green", "blue"}
+    done = wait_for(lambda: (j := http.get(f"/finetune/{job['job_id']}").json())["state"] in ("succeeded", "failed") and j, 240)
     assert done and done["state"] == "succeeded", done
-    assert done["model"].startswith("colours-fixed:")
-    events = http.get("/models/colours/monitor").json()["events"]
+    fixed = done["model"].split(":")[1]
+    assert http.get(f"/models/mixed:{fixed}").json()["versions"][0]["manifest"]["lineage"][-1] == f"mixed:{served}"
+    answers = [classify(http, data, f"mixed:{fixed}")["label"] for data in blue]
+    assert answers.count("blue") >= 0.9 * len(answers), answers
+    events = http.get("/models/mixed/monitor").json()["events"]
     assert events[0]["action"] == "finetune_from_feedback" and job["job_id"] in events[0]["detail"]
