@@ -50,6 +50,13 @@ parameters = { "path.name" = "imagenet" }
 include-path-regex = "^/v2/models/.*/infer$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 
+# The production loop: server state, not the schema, decides some refusals: an unknown request_id or
+# capture (404); a rollout of the stable version, nothing to promote or roll back, no labelled
+# feedback to fine-tune from (409).
+[[operations]]
+include-path-regex = "^/(feedback|models/.*/(rollout|promote|rollback|finetune_from_feedback|capture|review))"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
 # A multipart form cannot carry a type: a one-element list and a file whose content is "123" are
 # valid on the wire, and schemathesis misjudges cases that combine two such mutations (an integer
 # image and a one-element `model` list) as negative; /classify_batch's refusals are covered in test_service.py.

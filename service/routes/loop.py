@@ -92,7 +92,7 @@ def build_router(settings: Settings) -> APIRouter:
             raise ModelNotFound(f"no captured image {capture_id!r} of model {name!r}")
         return {"model": name, "capture_id": capture_id, "skipped": True, "by": by}
 
-    @router.post("/models/{name}/capture", responses=errors(401, 404, 422))
+    @router.post("/models/{name}/capture", responses=errors(400, 401, 404, 422))
     async def capture_switch(name: ModelPath, switch: CaptureSwitch, loop: Loop, by: str = Depends(key)) -> dict:
         """Turn capture of this model's requests on or off (every worker within a second)."""
         model = _known(name)
@@ -109,7 +109,7 @@ def _rollout_routes(router: APIRouter, read: list, key) -> None:
         """Per version: eval.json vs live accuracy, drift, rates; the rollout, shadow agreement, captures."""
         return await asyncio.to_thread(monitor, loop, _known(name))
 
-    @router.post("/models/{name}/rollout", response_model=RolloutOut, responses=errors(401, 404, 409, 422))
+    @router.post("/models/{name}/rollout", response_model=RolloutOut, responses=errors(400, 401, 404, 409, 422))
     async def start_rollout(name: ModelPath, body: RolloutIn, loop: Loop, by: str = Depends(key)) -> dict:
         """Make `version` a canary (`percent` of un-pinned traffic) or a shadow of the stable version."""
         model = _known(name)

@@ -30,7 +30,7 @@ class RetrainIn(BaseModel):
 
 def add_retrain_route(router: APIRouter, loop_of, key) -> None:
     @router.post("/models/{name}/finetune_from_feedback", status_code=202,
-                 responses=errors(401, 404, 409, 422, 429, 507))
+                 responses=errors(400, 401, 404, 409, 422, 429, 507))
     async def finetune_from_feedback(name: ModelPath, body: RetrainIn, request: Request,
                                      loop: LoopPlane = Depends(loop_of), by: str = Depends(key)) -> JSONResponse:
         """Queue a fine-tune of the served version on its labelled feedback."""
