@@ -38,8 +38,11 @@ def test_every_post_with_a_body_declares_its_form_fields(api):
     assert (top_k["minimum"], top_k["maximum"]) == (1, 7) and model["pattern"] == MODEL_REF
     batch, _ = _body(spec, "/classify_batch")
     assert batch["properties"]["images"]["type"] == "array" and batch["properties"]["images"]["maxItems"] == 3
-    evaluate, _ = _body(spec, "/evaluate")
-    assert evaluate["oneOf"] == [{"required": ["dataset"]}, {"required": ["data_path"]}]
+    evaluate, evaluate_media = _body(spec, "/evaluate")
+    # exactly one of the two, as the server counts them (a text field sent empty is absent)
+    assert [branch["required"] for branch in evaluate["oneOf"]] == [["dataset"], ["data_path"]]
+    assert evaluate["oneOf"][1]["properties"] == {"data_path": {"minLength": 1}, "dataset": False}
+    assert evaluate["properties"]["dataset"]["contentMediaType"] == evaluate_media["encoding"]["dataset"]["contentType"] == "application/zip"
     assert evaluate["properties"]["split"]["anyOf"][0]["enum"] == ["train", "val", "test"]
     finetune, media = _body(spec, "/finetune")
     config = finetune["properties"]["config"]
