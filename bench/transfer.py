@@ -15,7 +15,8 @@ same splits in the same run:
   scratch          the same network from random weights, trained for the wall time auto used
 Accuracy, macro F1, balanced accuracy, per-class recall and seconds; mean ± std over seeds in the
 markdown table (`--table`). State the machine's load with the numbers: this prints it.
-`--quick` (CI): one target, 10 images per class, one seed, 300 test images.
+`--quick` (CI): one target, 10 images per class, one seed, 300 test images. Test splits larger than
+`--max-test` (2,000) are subsampled with the seed, the same images for every method.
 """
 from __future__ import annotations
 
@@ -172,18 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--source", default="efficientnet_lite0")
     parser.add_argument("--out", default="")
+    parser.add_argument("--max-test", type=int, default=2000,
+                        help="a seeded subsample of larger test splits (fashion's 10,000, MNIST's 5,000): 2 cores")
     parser.add_argument("--quick", action="store_true", help="CI: digits-writer, 10 per class, seed 0, 300 test images")
     args = parser.parse_args(argv)
     if args.quick:
-        args.targets, args.sizes, args.seeds = "digits-writer", "10", "0"
+        args.targets, args.sizes, args.seeds, args.max_test = "digits-writer", "10", "0", QUICK_TEST_IMAGES
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     for name in args.targets.split(","):
         for per_class in parse_sizes(args.sizes):
             for seed in (int(s) for s in args.seeds.split(",")):
                 target = load_target(name, per_class, seed)
-                if args.quick:
-                    keep = np.random.default_rng(seed).permutation(len(target.test_y))[:QUICK_TEST_IMAGES]
+                if len(target.test_y) > args.max_test:
+                    keep = np.random.default_rng(seed).permutation(len(target.test_y))[:args.max_test]
                     target = replace(target, test_x=target.test_x[keep], test_y=target.test_y[keep])
                 load_before = os.getloadavg()[0]
                 for row in run_case(target, seed, args.source):

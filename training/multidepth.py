@@ -179,15 +179,19 @@ def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def row_space(z: np.ndarray) -> np.ndarray | None:
-    """An orthonormal basis [D, N] of the rows of `z` when there are fewer rows than columns, else None.
+    """An orthonormal basis [D, R] of the rows of `z` when there are fewer rows than columns, else None.
 
     An L2-regularised linear model's weights lie in the span of its training rows (representer
     theorem), so fitting on `z @ basis` and mapping back is exact and, with ten images per class
-    and ten thousand features, a hundred times cheaper."""
+    and ten thousand features, a hundred times cheaper. The basis comes from the N×N Gram matrix
+    (two matrix products and a small eigendecomposition), not an SVD of the wide matrix: measured
+    78 s against a few for 1,257 × 10,320 on 2 loaded cores."""
     if len(z) >= z.shape[1]:
         return None
-    _, _, vt = np.linalg.svd(z, full_matrices=False)
-    return vt.T
+    gram = z @ z.T
+    values, vectors = np.linalg.eigh(gram)
+    keep = values > values.max() * 1e-10
+    return (z.T @ vectors[:, keep]) / np.sqrt(values[keep])
 
 
 def logistic(c: float, balanced: bool):
