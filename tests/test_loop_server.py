@@ -127,6 +127,23 @@ def test_request_id_and_feedback_give_live_accuracy(server):
     assert live["eval_accuracy"] is None or 0 <= live["eval_accuracy"] <= 1
 
 
+def test_v2_classification_carries_request_ids_that_feedback_takes(server):
+    http, _, v1, _, _ = server
+    pixels = np.zeros((2, 16, 16, 3), np.uint8)
+    pixels[0, ..., 0] = pixels[1, ..., 2] = 220
+    body = {"inputs": [{"name": "pixels", "shape": [2, 16, 16, 3], "datatype": "UINT8", "data": pixels.ravel().tolist()}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}
+    answer = http.post(f"/v2/models/colours/versions/{v1}/infer", json=body)
+    assert answer.status_code == 200, answer.text
+    ids = answer.json()["parameters"]["request_ids"]
+    assert len(ids) == 2 and ids[0].endswith("-0") and answer.json()["id"] == ids[0][:-2]
+    raw = http.post(f"/v2/models/colours/versions/{v1}/infer", json={**body, "outputs": [{"name": "probabilities"}]})
+    assert "parameters" not in raw.json()  # a tensor call is not a classification: no record, no id
+    time.sleep(0.6)
+    sent = http.post("/feedback", json={"request_id": ids[1], "label": "blue"}, headers=AUTH)
+    assert sent.status_code == 200 and sent.json()["version"] == v1, sent.text
+
+
 def test_capture_stays_within_its_limits_under_load(server):
     http, url, _, _, root = server
     rng = np.random.default_rng(1)

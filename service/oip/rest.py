@@ -106,6 +106,8 @@ class InferResponse(BaseModel):
     model_name: str
     model_version: str
     id: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="request_ids: one per image of a classification "
+                                              "(POST /feedback takes them)")
     outputs: list[InferOutput]
 
 
@@ -148,7 +150,8 @@ def _requested(output: OutputRequest) -> RequestedOutput:
     return RequestedOutput(output.name, parameters.classification, parameters.binary_data)
 
 
-def encode_response(model: str, version: str, request_id: str | None, outputs: list[OutputTensor], binary_default: bool | None) -> Response:
+def encode_response(model: str, version: str, request_id: str | None, outputs: list[OutputTensor], binary_default: bool | None,
+                    request_ids: list[str] | None = None) -> Response:
     """JSON, or with any binary output the JSON header then the binary data (and its length header)."""
     described, blobs = [], []
     for output in outputs:
@@ -163,6 +166,8 @@ def encode_response(model: str, version: str, request_id: str | None, outputs: l
     answer: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": described}
     if request_id is not None:
         answer["id"] = request_id
+    if request_ids:
+        answer["parameters"] = {"request_ids": request_ids}
     header = json.dumps(answer, separators=(",", ":")).encode()
     if not blobs:
         return Response(header, media_type="application/json")

@@ -106,7 +106,7 @@ def build_router(settings: Settings) -> APIRouter:
             count_request("v2_infer", classifier.name, "refused")
             raise
         count_request("v2_infer", classifier.name, "ok")
-        return encode_response(result.model, result.version, result.id, outputs, binary_default)
+        return encode_response(result.model, result.version, result.id, outputs, binary_default, result.request_ids)
 
     metadata_errors, infer_errors = errors(401, 404, 422, 503), {**errors(400, 401, 404, 413, 415, 422, 503), **BINARY_ANSWER}
     for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
