@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from models.calibration import softmax
 from models.train_config import INSTANT_STRATEGIES
 PROTOTYPE_TEMPERATURE_BOUNDS = (1e-3, 10.0)  # cosine logits live in [-1/T, 1/T]
 EPS = 1e-12
@@ -43,11 +44,6 @@ class LinearHead:
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:

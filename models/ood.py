@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from models.heads import l2_normalise
+
 OOD_FILE = "ood.npz"
 METHOD = "mahalanobis"
 IN_DOMAIN_THRESHOLD = 0.05
@@ -28,9 +30,7 @@ QUANTILES = np.linspace(0.0, 100.0, 101)
 
 
 def _normalise(embeddings: np.ndarray) -> np.ndarray:
-    embeddings = np.asarray(embeddings, dtype=np.float64)
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
+    return l2_normalise(np.asarray(embeddings, dtype=np.float64))
 
 
 @dataclass

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.calibration import softmax
+
 SHRINKAGE_FLOOR = 1e-10
 IMAGES_PER_DIMENSION = 8  # SFDA fits and scores the same images: D ≤ N/8 keeps featureless data near chance
 MAX_SCORING_DIMS = 256  # beyond this the covariance eigendecompositions cost more than they tell
@@ -92,22 +94,17 @@ def _fisher_fit(x: np.ndarray, y: np.ndarray, classes: int, shrinkage: float | N
     return coef, intercept, shrinkage
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def sfda(features: np.ndarray, labels: np.ndarray) -> float:
     """SFDA score of `features [N, D]` for `labels [N]`: higher means the features transfer better (0..1)."""
     x, y = _as_problem(features, labels)
     classes = int(y.max()) + 1
     coef, intercept, shrinkage = _fisher_fit(x, y, classes, None)
-    confidence = _softmax(_softmax(x @ coef.T + intercept))[np.arange(y.size), y][:, None]
+    confidence = softmax(softmax(x @ coef.T + intercept))[np.arange(y.size), y][:, None]
     means = np.stack([x[y == k].mean(axis=0) for k in range(classes)])
     others = (means.sum(axis=0) - means) / (classes - 1)  # for each class, the mean of the other classes' means
     mixed = confidence * x + (1.0 - confidence) * others[y]
     coef, intercept, _ = _fisher_fit(mixed, y, classes, shrinkage)
-    return float(_softmax(mixed @ coef.T + intercept)[np.arange(y.size), y].mean())
+    return float(softmax(mixed @ coef.T + intercept)[np.arange(y.size), y].mean())
 
 
 def knn_cv_score(features: np.ndarray, labels: np.ndarray, k: int = 5, folds: int = 5, seed: int = 0) -> float:
