@@ -166,6 +166,20 @@ def parse_sizes(text: str) -> list[int | None]:
     return [None if part == "all" else int(part) for part in text.split(",")]
 
 
+def run_target(name: str, per_class: int | None, seed: int, args) -> list[dict]:
+    target = load_target(name, per_class, seed)
+    if len(target.test_y) > args.max_test:
+        keep = np.random.default_rng(seed).permutation(len(target.test_y))[:args.max_test]
+        target = replace(target, test_x=target.test_x[keep], test_y=target.test_y[keep])
+    load_before = os.getloadavg()[0]
+    rows = []
+    for row in run_case(target, seed, args.source):
+        rows.append({"target": name, "per_class": per_class or "all", "seed": seed, "train_images": len(target.train_y),
+                     "test_images": len(target.test_y), "load_1min": round(load_before, 2), **row})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "candidates"}), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", default=",".join(TARGETS))
@@ -176,24 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test", type=int, default=2000,
                         help="a seeded subsample of larger test splits (fashion's 10,000, MNIST's 5,000): 2 cores")
     parser.add_argument("--quick", action="store_true", help="CI: digits-writer, 10 per class, seed 0, 300 test images")
+    parser.add_argument("--from-log", default="", help="only summarise the rows a (possibly cut-short) run printed")
     args = parser.parse_args(argv)
+    if args.from_log:
+        lines = Path(args.from_log).read_text().splitlines()
+        print(markdown(summarise([json.loads(line) for line in lines if line.startswith('{"target"') and '"method"' in line])))
+        return 0
     if args.quick:
         args.targets, args.sizes, args.seeds, args.max_test = "digits-writer", "10", "0", QUICK_TEST_IMAGES
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
-    for name in args.targets.split(","):
+    # seed-major: a run cut short still covers every target and size at the seeds it finished
+    for seed in (int(s) for s in args.seeds.split(",")):
         for per_class in parse_sizes(args.sizes):
-            for seed in (int(s) for s in args.seeds.split(",")):
-                target = load_target(name, per_class, seed)
-                if len(target.test_y) > args.max_test:
-                    keep = np.random.default_rng(seed).permutation(len(target.test_y))[:args.max_test]
-                    target = replace(target, test_x=target.test_x[keep], test_y=target.test_y[keep])
-                load_before = os.getloadavg()[0]
-                for row in run_case(target, seed, args.source):
-                    rows.append({"target": name, "per_class": per_class or "all", "seed": seed,
-                                 "train_images": len(target.train_y), "test_images": len(target.test_y),
-                                 "load_1min": round(load_before, 2), **row})
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "candidates"}), flush=True)
+            for name in args.targets.split(","):
+                rows += run_target(name, per_class, seed, args)
     table = summarise(rows)
     print(markdown(table))
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
