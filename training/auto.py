@@ -2,8 +2,9 @@
 
 1. One forward pass over train and val (serving preprocessing, no augmentation) gives every
    stage's pooled features (training/multidepth.py).
-2. Cheap candidates, fitted in seconds on those features: `logistic` (a head on the last layer,
-   the usual embedding) and `multidepth` (a head on every depth). Each is scored on val.
+2. Cheap candidates, fitted in seconds on those features, cheapest first: `prototype` (nearest
+   class mean on the usual embedding), `logistic` (a head on it) and `multidepth` (a head on every
+   depth). Each is scored on val.
 3. A full fine-tune joins when the cheap candidates leave room on val and the budget left fits at
    least `MIN_FINETUNE_EPOCHS` epochs (estimated from the timed forward pass); it early-stops on val.
 4. The candidate with the best val macro F1 (it does not ignore a minority class) is exported;
@@ -83,6 +84,33 @@ def folded(head: FittedHead) -> torch.nn.Linear:
                       head.seconds).linear()
 
 
+class NormalisedLinear(torch.nn.Module):
+    """A prototype head: cosine to each class's mean embedding, over a fitted temperature."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray):
+        super().__init__()
+        self.linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.from_numpy(weight).float())
+            self.linear.bias.copy_(torch.from_numpy(bias).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.nn.functional.normalize(x, dim=1, eps=1e-12))
+
+
+def prototype_candidate(features: Features, num_classes: int) -> tuple[torch.nn.Module, Candidate]:
+    """Nearest class mean on the embedding (models/heads.py), scored on val, refitted on train + val."""
+    from models.heads import fit_prototype
+
+    started, dim = time.monotonic(), features.embedding_dim
+    scored = fit_prototype(features.train_x[:, -dim:], features.train_y, num_classes)
+    scores = val_scores(features.val_y, scored.logits(features.val_x[:, -dim:]).argmax(1))
+    final = fit_prototype(np.concatenate([features.train_x[:, -dim:], features.val_x[:, -dim:]]),
+                          np.concatenate([features.train_y, features.val_y]), num_classes)
+    return NormalisedLinear(final.weight, final.bias), Candidate("prototype", scores, time.monotonic() - started,
+                                                               {"temperature": round(final.details["temperature"], 4)})
+
+
 def with_classifier(built: Built, classifier: Classifier) -> Built:
     model = ImageModel(classifier, built.preprocessing.mean, built.preprocessing.std).eval()
     return replace(built, model=model)
@@ -139,12 +167,14 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     blocks = built.model.classifier.blocks
     standard = with_classifier(built, Classifier(built.model.classifier.body, folded(logistic), blocks))
     multidepth = with_classifier(built, classifier_for(stages, multi, blocks))
-    options = {"logistic": (standard, logistic), "multidepth": (multidepth, multi)}
-    candidates = [Candidate(name, head.val, head.seconds, {"c": head.c, "features": int(head.weight.shape[1])})
-                  for name, (_, head) in options.items()]
+    proto_head, proto = prototype_candidate(features, len(labels))
+    models = {"prototype": with_classifier(built, Classifier(built.model.classifier.body, proto_head, blocks)),
+              "logistic": standard, "multidepth": multidepth}
+    candidates = [proto] + [Candidate(name, head.val, head.seconds, {"c": head.c, "features": int(head.weight.shape[1])})
+                            for name, head in (("logistic", logistic), ("multidepth", multi))]
     if config.strategy == "multidepth":
-        candidates = candidates[1:]
-    results = {name: TrainResult(model_built, labels, [], 0, "cpu", 0.0) for name, (model_built, _) in options.items()}
+        candidates = candidates[-1:]
+    results = {name: TrainResult(model_built, labels, [], 0, "cpu", 0.0) for name, model_built in models.items()}
     best = max(candidates, key=lambda c: c.val["macro_f1"])
     remaining = budget - (time.monotonic() - started) - FIXED_SECONDS
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
