@@ -13,14 +13,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from models.errors import StorageFull, is_disk_full
 from models.jobs.events import ENDED_STATES, RESUMABLE_STATES, STATES
 from service.finetune.quotas import check_job_counts, retry_after
+from service.sqlite_tx import write_transaction
 
 
 # The tables; an older database gets the columns added since (_ADDED_COLUMNS) when opened.
@@ -202,20 +201,9 @@ class JobStore:
             conn = self._local.conn = self._connect()
         return conn
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self):
         """A write transaction that takes the database lock up front (no upgrade deadlocks)."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")  # on a full disk the COMMIT itself fails: roll back, or the connection stays stuck
-        except BaseException as error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if is_disk_full(error):  # a clear 507 for HTTP callers; nothing was changed
-                raise StorageFull(f"the job database {self.path} cannot be written: {error}; nothing was changed") from error
-            raise
+        return write_transaction(self._conn(), self.path)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from service.sqlite_tx import write_transaction
 
 DB_FILE = "loop.db"
 
@@ -70,16 +70,9 @@ class LoopDb:
             self._local.db = db
         return db
 
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        db = self.connection()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def write(self):
+        """A write transaction (service/sqlite_tx.py: the lock up front, rolled back on any error)."""
+        return write_transaction(self.connection(), self.path)
 
     def read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         return self.connection().execute(sql, params).fetchall()
