@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from models.jobs.events import ENDED_STATES, RESUMABLE_STATES, STATES
 from service.finetune.quotas import check_job_counts, retry_after
