@@ -48,6 +48,7 @@ from training.recipe import choose  # noqa: E402
 from training.train import train  # noqa: E402
 
 QUICK_TEST_IMAGES = 300
+MAX_SCRATCH_EPOCHS = 100  # a bound, should auto's wall time ever include a pause
 
 
 def write_images(x: np.ndarray, y: np.ndarray, labels: list[str], root: Path, split: str | None) -> list[Sample]:
@@ -124,7 +125,7 @@ def scratch_row(config: TrainConfig, splits: dict, labels: list[str], budget_s: 
     scratch = config.replace(strategy="full", weights="none", epochs=1, patience=0, output_dir=str(root / "scratch"))
     result = train(scratch, splits, labels)
     epoch_s = max(time.monotonic() - started, 1e-3)
-    epochs = max(1, int(budget_s // epoch_s))
+    epochs = min(MAX_SCRATCH_EPOCHS, max(1, int(budget_s // epoch_s)))
     if epochs > 1:
         result = train(scratch.replace(epochs=epochs, output_dir=str(root / "scratch2")), splits, labels)
     pred = predict(result.built.model, splits["test"], labels, result.built.preprocessing)
