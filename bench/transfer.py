@@ -40,7 +40,7 @@ from PIL import Image  # noqa: E402
 from bench.baselines import embedding_knn, embedding_logistic, raw_logistic, raw_svc, score  # noqa: E402
 from bench.transfer_data import TARGETS, Target, load_target  # noqa: E402
 from models.datasets import Sample, split_samples  # noqa: E402
-from training.auto import run_auto  # noqa: E402
+from training.auto import predict, run_auto  # noqa: E402
 from training.backbones import build_source  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import ImageDataset, make_loader  # noqa: E402
@@ -60,13 +60,6 @@ def write_images(x: np.ndarray, y: np.ndarray, labels: list[str], root: Path, sp
         Image.fromarray(image).save(path)
         samples.append(Sample(path, labels[target], split))
     return samples
-
-
-@torch.no_grad()
-def predict(model, samples: list[Sample], labels: list[str], spec) -> np.ndarray:
-    model.eval()
-    loader = make_loader(ImageDataset(samples, labels, spec, train=False, cache=False), 128, False, 0, 0)
-    return np.concatenate([model(x)[0].argmax(1).numpy() for x, _ in loader])
 
 
 @torch.no_grad()

@@ -128,8 +128,9 @@ def finetune_epochs(config: TrainConfig, features: Features, remaining_s: float)
 
 
 @torch.no_grad()
-def predict_val(model: ImageModel, splits: dict[str, list[Sample]], labels: list[str], built: Built) -> np.ndarray:
-    dataset = ImageDataset(splits["val"], labels, built.preprocessing, train=False)
+def predict(model: ImageModel, samples: list[Sample], labels: list[str], spec) -> np.ndarray:
+    """Predicted class indices of `samples` through the serving preprocessing `spec`."""
+    dataset = ImageDataset(samples, labels, spec, train=False, cache=False)
     model.eval()
     return np.concatenate([model(x)[0].argmax(1).numpy() for x, _ in make_loader(dataset, 64, False, 0, 0)])
 
@@ -140,7 +141,7 @@ def run_finetune(config: TrainConfig, splits: dict[str, list[Sample]], labels: l
     tuned = config.replace(strategy="full", epochs=epochs, patience=config.patience or 2)
     result = train(tuned, splits, labels, progress, stop, resume)
     targets = np.array([labels.index(s.label) for s in splits["val"]])
-    scores = val_scores(targets, predict_val(result.built.model, splits, labels, result.built))
+    scores = val_scores(targets, predict(result.built.model, splits["val"], labels, result.built.preprocessing))
     return result, Candidate("full", scores, time.monotonic() - started, {"epochs": epochs,
                                                                            "best_epoch": result.best_epoch})
 
