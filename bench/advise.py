@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from models.transferability import weighted_kendall_tau  # noqa: E402
+from models.transfer.transferability import weighted_kendall_tau  # noqa: E402
 
 SOURCES = ("imagenet", "fonts", "textures", "faces", "shapes")
 TARGETS = ("handwritten", "photo-tex", "new-shapes")
@@ -214,7 +214,7 @@ def publish_source(name: str, data: Path, args) -> dict:
 
 
 def splits_of(data: Path):
-    from models.datasets import load_samples, split_samples
+    from models.data.datasets import load_samples, split_samples
 
     samples = load_samples(data)
     return split_samples(samples, 0.15, 0.15, 0), sorted({s.label for s in samples})
@@ -224,7 +224,7 @@ def torch_finetune(source: str, splits, labels, args, train=None) -> tuple[float
     """(test accuracy, seconds) of a full fine-tune from a stored source, evaluated in torch (no export)."""
     import torch
 
-    from models.preprocess import prepare
+    from models.serving.preprocess import prepare
     from training.config import TrainConfig
     from training.train import train as train_model
 
@@ -258,7 +258,8 @@ def raw_pixel_baseline(splits, labels, size: int = 16) -> float:
 
 
 def rank_target(target: str, data: Path, tags: dict[str, str], args) -> dict:
-    from models.advise import AdviseConfig, advise
+    from models.jobs.advise import AdviseConfig
+    from models.transfer.advise import advise
 
     splits, labels = splits_of(data)
     advice, advise_s = timed(advise, AdviseConfig(data=str(data), candidates=list(tags.values()), folds=3))
@@ -280,7 +281,7 @@ def rank_target(target: str, data: Path, tags: dict[str, str], args) -> dict:
 
 def instant_vs_full(data: Path, source: str, args) -> list[dict]:
     """Instant heads and a full fine-tune on the first n train images per class; the same val and shifted test."""
-    from models.instant import run_instant
+    from models.transfer.instant import run_instant
     from training.config import TrainConfig
 
     splits, labels = splits_of(data)

@@ -93,7 +93,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, ".")
-from models import store
+from models.artifact import store
 from tests.finetune_support import make_dataset, zip_dir
 from tests.tiny import write_tiny_model
 

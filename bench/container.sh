@@ -199,7 +199,7 @@ publish_outside() {  # a tiny model 'outside' published into $STATE/models from 
     BENTOML_HOME="$home" "$PY" -c "
 import sys; sys.path.insert(0, '.')
 from pathlib import Path
-from models import store
+from models.artifact import store
 from tests.tiny import write_tiny_model
 print(store.publish('outside', write_tiny_model(Path('$home/stage'), accuracy=0.9)).version)" && chown -R 1034:1034 "$STATE/models"
 }

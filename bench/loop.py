@@ -73,7 +73,7 @@ def load(url: str, model: str, data: list[bytes], seconds: float, threads: int) 
 
 
 def publish_models(root: Path, kind: str) -> tuple[str, str, str]:
-    from models import store
+    from models.artifact import store
     from tests.tiny import write_trusted_tiny_model
 
     if kind == "imagenet":

@@ -6,7 +6,7 @@
 Sources of really different quality for every target, each with its own preprocessing at the
 recipe's size: EfficientNet-Lite0, Lite1, Lite2 (ImageNet), Lite0 from random weights, and Lite0
 fully fine-tuned on another offline domain (`--domain`, fashion for the digits, digits otherwise).
-Scores (models/transferability.py, models/logme.py) on the train split's pooled embedding: LogME,
+Scores (models/transfer/transferability.py, models/transfer/logme.py) on the train split's pooled embedding: LogME,
 SFDA (PCA to `scoring_dims`), k-NN cross-validated, and their mean rank (what the advisor ranks by).
 Ground truth: the test accuracy a default job (`strategy: auto`, training/auto.py) reaches from
 each source on the same splits. τw (weighted Kendall) per target and seed, and the mean.
@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.transfer_data import load_target  # noqa: E402
-from models.logme import logme  # noqa: E402
-from models.transferability import knn_cv_score, rank_by_agreement, reduce, scoring_dims, sfda, weighted_kendall_tau  # noqa: E402
+from models.transfer.logme import logme  # noqa: E402
+from models.transfer.transferability import knn_cv_score, rank_by_agreement, reduce, scoring_dims, sfda, weighted_kendall_tau  # noqa: E402
 from training.auto import run_auto  # noqa: E402
 from training.train import train  # noqa: E402
 

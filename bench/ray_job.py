@@ -56,7 +56,7 @@ def server(env: dict[str, str], log_path: Path):
             if process.poll() is not None:
                 raise RuntimeError(log_path.read_text()[-2000:])
             time.sleep(0.2)
-        from models.api_keys import client_key
+        from models.serving.api_keys import client_key
         from service.config import key_settings
 
         client.headers["Authorization"] = f"Bearer {client_key(str(client.base_url), key_settings(env))}"  # keys are on by default
@@ -67,7 +67,7 @@ def server(env: dict[str, str], log_path: Path):
 
 
 def publish_default_model(env: dict[str, str], work: Path) -> None:
-    code = ("from pathlib import Path; from models import store; from tests.tiny import write_tiny_model; "
+    code = ("from pathlib import Path; from models.artifact import store; from tests.tiny import write_tiny_model; "
             f"store.publish('imagenet', write_tiny_model(Path({str(work / 'stage')!r})))")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
 

@@ -120,8 +120,8 @@ def lite0_graph(num_classes: int = 1000, size: int = 224, seed: int = 0):
 def publish_lite0(staging: Path):
     import onnx
 
-    from models import store
-    from models.manifest import Manifest, Preprocessing, write_manifest
+    from models.artifact import store
+    from models.artifact.manifest import Manifest, Preprocessing, write_manifest
 
     staging.mkdir(parents=True, exist_ok=True)
     onnx.save(lite0_graph(), str(staging / "model.onnx"))
@@ -134,7 +134,7 @@ def publish_lite0(staging: Path):
 
 
 def pick_model(ref: str | None, scratch: Path) -> str:
-    from models import store
+    from models.artifact import store
     from models.errors import ModelNotFound
 
     if ref:
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "tuneserve-bench-jpegs")
     args = parser.parse_args()
 
-    from models.preprocess import prepare, stack
+    from models.serving.preprocess import prepare, stack
     from tuneserve.score import default_workers, load_model
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -53,7 +53,7 @@ def make_jpegs(count: int = 32) -> list[bytes]:
 
 
 def ensure_model(name: str):
-    from models import store
+    from models.artifact import store
 
     if name in store.list_models():
         return store.resolve(name)
@@ -64,7 +64,7 @@ def ensure_model(name: str):
 
 
 def load(version, threads: int, precision: str):
-    from models.runtime import OnnxClassifier, RuntimeOptions
+    from models.serving.runtime import OnnxClassifier, RuntimeOptions
 
     options = RuntimeOptions(device="cpu", intra_op_threads=threads, precision=precision)
     model = OnnxClassifier(version.path, version.name, version.version, options).load()
@@ -73,7 +73,7 @@ def load(version, threads: int, precision: str):
 
 
 def in_process(version, jpegs: list[bytes], threads: int, seconds: float) -> dict:
-    from models.preprocess import prepare, stack
+    from models.serving.preprocess import prepare, stack
 
     model = load(version, threads, "fp32")
     spec = model.manifest.preprocessing
@@ -111,7 +111,7 @@ def in_process(version, jpegs: list[bytes], threads: int, seconds: float) -> dic
 def torch_vs_onnx(model, jpegs: list[bytes], threads: int, batch: int = 16, repeats: int = 5) -> dict:
     import torch
 
-    from models.preprocess import prepare, stack
+    from models.serving.preprocess import prepare, stack
     from training.backbones import build_backbone
 
     torch.set_num_threads(threads)
@@ -144,8 +144,9 @@ def ensure_int8(version):
         return version
     sys.path.insert(0, str(ROOT / "bench"))
     from calibration_photos import write_photos
-    from models.datasets import load_samples
-    from models.quantize import QuantizeConfig, data_from_samples, quantize_version
+    from models.data.datasets import load_samples
+    from models.artifact.quantize import quantize_version
+    from models.artifact.quantize_inputs import QuantizeConfig, data_from_samples
 
     folder = Path(os.environ["BENTOML_HOME"]) / "calibration-photos"
     write_photos(folder, 400)
@@ -159,7 +160,7 @@ def ensure_int8(version):
 
 def int8_vs_fp32(version, jpegs: list[bytes], threads: int, seconds: float, batch: int = 16, rounds: int = 2) -> dict:
     """Throughput at `batch` on the same images, fp32 and int8 alternating; best round of each."""
-    from models.preprocess import prepare, stack
+    from models.serving.preprocess import prepare, stack
 
     models = {precision: load(version, threads, precision) for precision in ("fp32", "int8")}
     spec = models["fp32"].manifest.preprocessing
@@ -193,7 +194,7 @@ def top5_check(version, threads: int) -> dict:
     from PIL import Image
     from skimage import data as skdata
 
-    from models.preprocess import prepare, stack
+    from models.serving.preprocess import prepare, stack
 
     models = {precision: load(version, threads, precision) for precision in ("fp32", "int8")}
     spec = models["fp32"].manifest.preprocessing

@@ -39,7 +39,7 @@ from PIL import Image  # noqa: E402
 
 from bench.baselines import embedding_knn, embedding_logistic, raw_logistic, raw_svc, score  # noqa: E402
 from bench.transfer_data import TARGETS, Target, load_target  # noqa: E402
-from models.datasets import Sample, split_samples  # noqa: E402
+from models.data.datasets import Sample, split_samples  # noqa: E402
 from training.auto import predict, run_auto  # noqa: E402
 from training.backbones import build_source  # noqa: E402
 from training.config import TrainConfig  # noqa: E402

@@ -91,7 +91,7 @@ def epochs_for(name: str, spec: str) -> int:
 
 def splits_of(config, work: Path) -> dict:
     """The run's splits again (seeded, so identical to the ones training used)."""
-    from models.datasets import load_dataset, prepare_splits
+    from models.data.datasets import load_dataset, prepare_splits
 
     samples = load_dataset(config.data, work / "runs" / config.name / "data")
     return prepare_splits(samples, config.val_fraction, config.test_fraction, config.seed, config.min_images_per_class)[0]
@@ -109,11 +109,11 @@ def train_target(name: str, data: Path, work: Path, args) -> tuple:
 
 def refit_target(name: str, data: Path, work: Path, args) -> tuple:
     """A version trained by an earlier `--keep` run: fit the trust sections again, evaluate again."""
-    from models import store
-    from models.evaluate import evaluate
-    from models.manifest import write_eval
-    from models.runtime import OnnxClassifier
-    from models.trust import calibrate_version
+    from models.artifact import store
+    from models.data.evaluate import evaluate
+    from models.artifact.manifest import write_eval
+    from models.serving.runtime import OnnxClassifier
+    from models.serving.trust import calibrate_version
 
     config = train_config(name, data, work, args)
     splits = splits_of(config, work)
@@ -126,8 +126,8 @@ def refit_target(name: str, data: Path, work: Path, args) -> tuple:
 
 def scores_for(classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(-Mahalanobis distance, max probability, served in-domain score) per image; higher = more in domain."""
-    from models.datasets import Sample
-    from models.evaluate import run_samples
+    from models.data.datasets import Sample
+    from models.data.evaluate import run_samples
 
     manifest = classifier.manifest
     names = [manifest.output_names[1], manifest.embedding_output]
@@ -147,7 +147,7 @@ def sample_paths(folder: Path, count: int, seed: int) -> list[Path]:
 def ood_row(name: str, version, test, ood_sets: dict[str, list[Path]]) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from models.runtime import OnnxClassifier, RuntimeOptions
+    from models.serving.runtime import OnnxClassifier, RuntimeOptions
 
     classifier = OnnxClassifier(version.path, version.name, version.version, RuntimeOptions(device="cpu")).load()
     inside = scores_for(classifier, [s.path for s in test])

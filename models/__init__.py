@@ -1,6 +1,7 @@
-"""The contract between training and serving: manifest, store, preprocessing, runtime.
-
-Nothing here imports torch or knows HTTP, so a serving worker stays small.
+"""The contract between training and serving, torch-free and without HTTP, in sub-packages by idea:
+artifact/ (what a version is, where it lives), serving/ (running one), data/ (datasets, metrics),
+transfer/ (transfer tools: never loaded by a serving worker) and jobs/ (the job contract).
+The errors every part raises are re-exported here.
 """
 from models.errors import (
     ImageError,

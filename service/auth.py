@@ -1,7 +1,7 @@
 """API keys: on by default, named, revocable without a restart. One FastAPI dependency per kind of route.
 
 Keys come from TUNESERVE_API_KEY (named "default"), TUNESERVE_API_KEYS ("name:key,...") and the key
-file (models/api_keys.py: `name: key` lines, default $TUNESERVE_HOME/api-keys). When none of them
+file (models/serving/api_keys.py: `name: key` lines, default $TUNESERVE_HOME/api-keys). When none of them
 holds a key at start, one random key is written to the key file (mode 0600) and the log says where,
 never the key itself. The file is re-read whenever it changes, so deleting a line revokes that key.
 TUNESERVE_AUTH=off opens every route and logs a warning at every start.
@@ -25,7 +25,7 @@ from typing import Any, Callable
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from models.api_keys import DEFAULT_KEY_NAME, KEYS_FILE_NAME, KeyFileError, format_keys, parse_keys
+from models.serving.api_keys import DEFAULT_KEY_NAME, KEYS_FILE_NAME, KeyFileError, format_keys, parse_keys
 
 log = logging.getLogger("tuneserve.auth")
 CHALLENGE = {"WWW-Authenticate": "Bearer"}

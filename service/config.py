@@ -21,8 +21,8 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from models.api_keys import KeySettings
-from models.datasets import MIB
+from models.serving.api_keys import KeySettings
+from models.data.datasets import MIB
 from service.config_sections import (
     PREFIX,
     JobSettings,
@@ -40,7 +40,7 @@ from service.config_sections import (
 __all__ = ["PREFIX", "Settings", "SettingsError", "env_name", "key_settings", "load_settings", "markdown"]
 
 # Read by other processes, not settings: the job child (TUNESERVE_JOB_ID, TUNESERVE_BAKED_MODELS from
-# models/store.py) and clients (TUNESERVE_SERVER, TUNESERVE_API_KEY is also a setting).
+# models/artifact/store.py) and clients (TUNESERVE_SERVER, TUNESERVE_API_KEY is also a setting).
 NOT_SETTINGS = {"TUNESERVE_BAKED_MODELS", "TUNESERVE_JOB_ID", "TUNESERVE_SERVER"}
 _ENVIRONMENT: ContextVar[Mapping[str, str] | None] = ContextVar("tuneserve_environment", default=None)
 
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     # ---- derived values ----------------------------------------------------------------------
     @property
     def keys(self) -> KeySettings:
-        """What models/api_keys.py needs to find the key file."""
+        """What models/serving/api_keys.py needs to find the key file."""
         return KeySettings(self.storage.home, self.security.api_keys_file, self.security.api_key)
 
     @property
@@ -131,7 +131,7 @@ class Settings(BaseSettings):
         """
         if self.serving.workers:
             return self.serving.workers
-        from models.runtime import cuda_device_count, default_threads
+        from models.serving.runtime import cuda_device_count, default_threads
 
         return cuda_device_count() or default_threads(1)
 

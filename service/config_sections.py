@@ -9,12 +9,12 @@ from typing import Annotated, Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, model_validator
 
-from models.api_keys import KeyFileError, parse_entry
-from models.datasets import MIB, ZipLimits
-from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
+from models.serving.api_keys import KeyFileError, parse_entry
+from models.data.datasets import MIB, ZipLimits
+from models.serving.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS
 
 PREFIX = "TUNESERVE_"
-ZIP_LIMITS = ZipLimits()  # archive limits: the defaults live in models/datasets.py
+ZIP_LIMITS = ZipLimits()  # archive limits: the defaults live in models/data/datasets.py
 
 
 class SettingsError(ValueError):
@@ -87,7 +87,7 @@ def share(name: str, raw: str) -> float:
 
 
 def model_names(name: str, raw: str) -> tuple[str, ...]:
-    from models.store import split_ref
+    from models.artifact.store import split_ref
 
     items = tuple(item.strip() for item in raw.split(",") if item.strip())
     for item in items:
@@ -234,7 +234,7 @@ class ServingSettings(Section):
     tensorrt: Bool = Field(False, description="Try ONNX Runtime's TensorRT provider first on a GPU")
     fp16: Bool = Field(False, description="Kept for existing deployments: the same as precision=fp16")
     precision: Annotated[str, parsed(choice("auto", "fp32", "int8", "fp16"))] = Field(
-        "auto", description="auto | fp32 | int8 | fp16; auto: int8 on CPU if it passed its gate, fp16 on a GPU (models/variants.py)")
+        "auto", description="auto | fp32 | int8 | fp16; auto: int8 on CPU if it passed its gate, fp16 on a GPU (models/artifact/variants.py)")
     threads: Int(0) = Field(0, description="ONNX Runtime intra-op threads per worker; 0: cores / workers")
     workers: Int(0) = Field(0, description="BentoML worker processes; 0: one per GPU, or one per core without a GPU")
     decode_threads: Int(0) = Field(0, description="Image decode threads per worker; 0: cores / workers")

@@ -10,7 +10,7 @@ InferenceResult`. Model routing happens once per request in `DataPlane.resolve` 
 One call does, in order: parse `min_confidence` (the one rule for every surface), resolve the
 model, decode the encoded images in a thread pool (or take uint8 pixels at the model's size), one
 pass per image through the model's micro-batcher (service/pool, every asked output in that pass),
-then one top-k and one decision (models/decision.py) per image. The protocol endpoints
+then one top-k and one decision (models/serving/decision.py) per image. The protocol endpoints
 (/classify, /classify_batch, /v2 over REST, the OIP over gRPC, /evaluate's inference) only
 translate their wire format into an `InferenceRequest` and the `InferenceResult` back, as KServe's
 protocol layer does over its DataPlane. No HTTP here.
@@ -25,10 +25,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from models.decision import AUTO, InvalidMinConfidence, MinConfidence, check_supported, decide, parse_min_confidence
+from models.serving.decision import AUTO, InvalidMinConfidence, MinConfidence, check_supported, decide, parse_min_confidence
 from models.errors import ImageError, TuneserveError
-from models.preprocess import decode_image, resize_and_crop
-from models.runtime import OnnxClassifier, default_threads
+from models.serving.preprocess import decode_image, resize_and_crop
+from models.serving.runtime import OnnxClassifier, default_threads
 from service.loop.plane import loop_for
 from service.pool import EXTRAS, ModelPool, Row, observe
 from service.schemas import Prediction
@@ -236,7 +236,7 @@ def checked_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
 
 class BoundModel:
     """A classifier whose `run` goes through the data plane (its batcher), for code that runs in a
-    worker thread and expects `OnnxClassifier.run(batch, output_names)`, e.g. models/evaluate.py."""
+    worker thread and expects `OnnxClassifier.run(batch, output_names)`, e.g. models/data/evaluate.py."""
 
     def __init__(self, plane: DataPlane, classifier: OnnxClassifier, loop: asyncio.AbstractEventLoop):
         self._plane, self._classifier, self._loop = plane, classifier, loop

@@ -101,7 +101,7 @@ class ClassMetrics(BaseModel):
 
 
 class EvalReport(_Open):
-    """The eval.json report (models/metrics.py); with `compare_with`, the other model's report too."""
+    """The eval.json report (models/data/metrics.py); with `compare_with`, the other model's report too."""
 
     model: str = Field(description="name:version evaluated")
     samples: int
@@ -117,7 +117,7 @@ class EvalReport(_Open):
 
 
 class VersionSummary(_Open):
-    """One stored version (models/store.describe); `error` instead when it cannot be read."""
+    """One stored version (models/artifact/store.describe); `error` instead when it cannot be read."""
 
     version: str
     labels: int | None = None

@@ -45,7 +45,7 @@ class TuneServe:
         from service.storage import prepare_state
 
         self.settings = SETTINGS
-        # before any job starts: children must see the bento's baked models (models/store.py)
+        # before any job starts: children must see the bento's baked models (models/artifact/store.py)
         self.state_warnings = prepare_state(SETTINGS.home)
         self.pool = ModelPool(SETTINGS)
         self.dataplane = DataPlane(self.pool, SETTINGS)  # every inference of this worker, HTTP and gRPC

@@ -1,7 +1,7 @@
 """What must outlive a container (the writable model store, the jobs database and job folders),
 checked at start: in a container each should sit on a mounted volume, else `docker rm` loses it.
 
-Also shares the bento's baked model store with the fine-tune child processes (models/store.py).
+Also shares the bento's baked model store with the fine-tune child processes (models/artifact/store.py).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from models import store
+from models.artifact import store
 
 log = logging.getLogger("tuneserve.service")
 MOUNTINFO = Path("/proc/self/mountinfo")

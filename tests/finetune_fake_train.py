@@ -83,7 +83,7 @@ def main() -> int:
     gate = os.environ.get("FAKE_TRAIN_PUBLISH_GATE")
     while gate and not os.path.exists(gate):  # the test opens the gate once the disk is full
         time.sleep(0.05)
-    from models import store
+    from models.artifact import store
 
     try:
         version = store.publish(config["name"], staging, {"job": os.environ.get("TUNESERVE_JOB_ID")})

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from models import store
-from models.advise import RANKED_BY, AdviseConfig, AdviseConfigError, Candidate, advise, rank_candidates, recommend
+from models.artifact import store
+from models.jobs.advise import AdviseConfig, AdviseConfigError
+from models.transfer.advise import RANKED_BY, Candidate, advise, rank_candidates, recommend
 from models.errors import EmbeddingUnavailable
 from tests.finetune_support import make_dataset
 from tests.tiny import write_tiny_model

@@ -5,7 +5,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from models import store
+from models.artifact import store
 from service.app import create_app, mount_jobs
 from service.config import load_settings
 from service.routes.finetune import JOB_ID

@@ -1,4 +1,4 @@
-"""API keys (service/auth.py, models/api_keys.py): on by default with a generated key file, the
+"""API keys (service/auth.py, models/serving/api_keys.py): on by default with a generated key file, the
 opt-out, named keys, revocation by editing the key file (no restart), and clients finding the key.
 
 In process: the real FastAPI app from service/app.py; `POST /models/{name}/reload` is a mutating
@@ -12,7 +12,7 @@ import stat
 import pytest
 from fastapi.testclient import TestClient
 
-from models.api_keys import client_key, parse_keys
+from models.serving.api_keys import client_key, parse_keys
 from service.app import create_app
 from service.auth import AuthConfig, KeyRing
 from service.config import SettingsError, key_settings, load_settings

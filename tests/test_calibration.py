@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from models import calibration as cal
-from models.decision import AUTO, InvalidMinConfidence, check_supported, decide, parse_min_confidence
-from models.manifest import Manifest, ManifestError, Preprocessing, parse_manifest
-from models.ood import IN_DOMAIN_THRESHOLD, OodModel, fit_ood
+from models.serving import calibration as cal
+from models.serving.decision import AUTO, InvalidMinConfidence, check_supported, decide, parse_min_confidence
+from models.artifact.manifest import Manifest, ManifestError, Preprocessing, parse_manifest
+from models.serving.ood import IN_DOMAIN_THRESHOLD, OodModel, fit_ood
 
 
 def _sampled(seed=0, n=3000, classes=5, true_t=3.0):

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models import store
+from models.artifact import store
 from tests.tiny import solid_png, write_tiny_model
 from tuneserve.cli import build_parser, main
 
@@ -100,7 +100,7 @@ def _free_port() -> int:
 def test_serve_command_serves_the_store(tmp_path):
     home = tmp_path / "bentoml"
     env = {**os.environ, "BENTOML_HOME": str(home), "TUNESERVE_WORKERS": "1", "BENTOML_DO_NOT_TRACK": "true"}
-    publish = "from models import store; from tests.tiny import write_tiny_model; from pathlib import Path; " \
+    publish = "from models.artifact import store; from tests.tiny import write_tiny_model; from pathlib import Path; " \
               f"store.publish('colours', write_tiny_model(Path({str(tmp_path / 'm')!r})))"
     subprocess.run([sys.executable, "-c", publish], env=env, cwd=ROOT, check=True, timeout=120)
     port = _free_port()
@@ -132,7 +132,7 @@ def test_build_makes_a_bento_that_carries_the_model(tmp_path):
     import tarfile
 
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
-    publish = "from models import store; from tests.tiny import write_tiny_model; from pathlib import Path; " \
+    publish = "from models.artifact import store; from tests.tiny import write_tiny_model; from pathlib import Path; " \
               f"print(store.publish('colours', write_tiny_model(Path({str(tmp_path / 'm')!r}))).tag)"
     tag = subprocess.run([sys.executable, "-c", publish], env=env, cwd=ROOT, check=True, timeout=120,
                          capture_output=True, text=True).stdout.strip()

@@ -16,7 +16,7 @@ KEY = "client-key"
 def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("client")
     with bento_store(base / "bento"):
-        from models import store
+        from models.artifact import store
 
         version = store.publish("imagenet", write_tiny_model(base / "v1"))
         env = {"TUNESERVE_API_KEY": KEY, "TUNESERVE_HOME": str(base / "home"), "TUNESERVE_WORKERS": "1",

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.manifest import write_eval
-from models.metrics import evaluation_report
+from models.artifact.manifest import write_eval
+from models.data.metrics import evaluation_report
 from tests.finetune_support import make_dataset, zip_dir
 from tests.test_finetune_server import serve
 from tests.tiny import solid_png, write_tiny_model
@@ -37,7 +37,7 @@ if not (CHROMIUM and CHROMEDRIVER):
 
 
 def _colours_model(stage: Path) -> Path:
-    """The tiny colour model with a full eval.json (a real report from models.metrics)."""
+    """The tiny colour model with a full eval.json (a real report from models.data.metrics)."""
     directory = write_tiny_model(stage, embedding=True)  # the advisor ranks models with an embedding
     rng = np.random.default_rng(0)
     y_true = np.repeat(np.arange(3), 8)
@@ -62,7 +62,7 @@ def _fifty_class_model(stage: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory):
-    from models import store
+    from models.artifact import store
     from tests.conftest import _point_bentoml_at
 
     tmp = tmp_path_factory.mktemp("console")

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from models.decision import InvalidMinConfidence
+from models.serving.decision import InvalidMinConfidence
 from models.errors import EmbeddingUnavailable, ImageError
 from tests.tiny import solid_png, write_tiny_model, write_trusted_tiny_model
 
@@ -17,7 +17,7 @@ def _pixels() -> np.ndarray:
 
 
 def _run(bento_home, tmp_path, scenario):
-    from models import store
+    from models.artifact import store
     from service.config import Settings
     from service.dataplane import DataPlane
     from service.pool import ModelPool

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.datasets import SPLITS, Sample, split_origins, split_samples
+from models.data.datasets import SPLITS, Sample, split_origins, split_samples
 from models.errors import DatasetError
 from tests.tiny import solid_png
 
@@ -186,7 +186,7 @@ E2E = ["folders-train_test", "csv-train_test", "jsonl-none", "folders-train_only
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", E2E)
 def test_tuneserve_train_records_given_and_carved_splits(tmp_path, bento_home, capsys, layout):
-    from models import store
+    from models.artifact import store
     from tuneserve.cli import main
 
     folder, given_splits = write_layout(tmp_path / "data", layout)
@@ -265,7 +265,7 @@ def test_finetune_submit_reports_the_split_and_refuses_a_bad_one(tmp_path, bento
 @pytest.mark.slow
 def test_finetune_job_trains_on_train_and_test_folders(tmp_path, bento_home):
     """The HTTP form of the bug: a train/ + test/ zip through the real job path and trainer."""
-    from models import store
+    from models.artifact import store
     from tests.finetune_support import wait_for
 
     client, manager = _finetune_client(tmp_path, f"nice -n 5 {sys.executable} -m training.run")

@@ -70,7 +70,7 @@ def broken_links(path: Path) -> list[str]:
 
 
 def module_exists(dotted: str) -> bool:
-    """`models.store.latest_version` names a module if some prefix of two or more parts is a module or package."""
+    """`models.artifact.store.latest_version` names a module if some prefix of two or more parts is a module or package."""
     parts = dotted.split(".")
     return any((ROOT.joinpath(*parts[:n]).with_suffix(".py")).is_file() or (ROOT.joinpath(*parts[:n]) / "__init__.py").is_file()
                for n in range(len(parts), 1, -1))

@@ -78,7 +78,7 @@ def wait_state(client, job_id, states, timeout=30):
 
 
 def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_settings):
-    from models import store
+    from models.artifact import store
 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.15")
     client, _ = make_client()
@@ -115,7 +115,7 @@ def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_setti
 
 
 def test_cancel_running_and_queued(make_client, dataset_zip, monkeypatch, ft_settings):
-    from models import store
+    from models.artifact import store
 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.3")
     client, _ = make_client()
@@ -351,7 +351,7 @@ def test_cancel_during_publish_reports_what_happened(make_client, ft_settings, d
     """A cancel that races the publish: the worker lets the publish finish (within the grace
     period) and the job says `succeeded` with a note, never `cancelled` for a served model."""
 
-    from models import store
+    from models.artifact import store
 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
     monkeypatch.setenv("FAKE_TRAIN_PUBLISH_S", "1.0")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from models.api_keys import client_key
+from models.serving.api_keys import client_key
 from service.config import key_settings
 from tests.finetune_support import FAKE_COMMAND, make_dataset, png, wait_for, zip_dir
 from tests.serving import free_port
@@ -70,7 +70,7 @@ def serve(env_extra: dict[str, str], log_path: Path, kill_at_exit=True):
 
 @pytest.fixture
 def home(tmp_path, bento_home):
-    from models import store
+    from models.artifact import store
 
     store.publish("imagenet", write_tiny_model(tmp_path / "stage", accuracy=0.9))
     return {
@@ -196,7 +196,7 @@ def test_server_stopped_during_job_then_resumed(home, tmp_path, how):
 
 
 def test_chained_real_training(home, tmp_path):
-    from models import store
+    from models.artifact import store
 
     data = zip_dir(make_dataset(tmp_path / "colours", per_class=8))
     env = {**home, "TUNESERVE_TRAINING_COMMAND": f"nice -n 5 {sys.executable} -m training.run"}

@@ -59,7 +59,7 @@ def _classify(client) -> dict:
 
 
 def test_full_disk_publish_fails_cleanly_and_resumes(disk, tmp_path, monkeypatch):
-    from models import store
+    from models.artifact import store
     from tests.conftest import _point_bentoml_at
 
     bento_home = disk / "bentoml"
@@ -122,7 +122,7 @@ def test_publish_out_of_space_keeps_the_store_as_it_was(bento_home, tmp_path, mo
     import errno
     import shutil
 
-    from models import store
+    from models.artifact import store
     from models.errors import StorageFull
 
     first = store.publish("colours", write_tiny_model(tmp_path / "v1"))

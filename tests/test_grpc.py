@@ -40,7 +40,7 @@ def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("grpc")
     port = free_port()
     with bento_store(base / "bento"):
-        from models import store
+        from models.artifact import store
 
         version = store.publish("imagenet", write_tiny_model(base / "v1", weights=WEIGHTS))
         env = {"TUNESERVE_API_KEY": "k", "TUNESERVE_PROTECT_READS": "1", "TUNESERVE_HOME": str(base / "home"),
@@ -107,8 +107,8 @@ def test_bytes_jpeg_equal_to_classify(served):
 def test_uint8_pixels_and_classification_extension(served):
     from PIL import Image
 
-    from models.preprocess import resize_and_crop
-    from models.store import resolve
+    from models.serving.preprocess import resize_and_crop
+    from models.artifact.store import resolve
 
     client, http, _, _ = served
     spec = resolve("imagenet").manifest().preprocessing

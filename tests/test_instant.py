@@ -3,13 +3,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models import store
+from models.artifact import store
 from models.errors import EmbeddingUnavailable
-from models.head_graph import attach_head
-from models.heads import fit_head, fit_logistic, fit_prototype, leave_one_out_cosines, l2_normalise
-from models.manifest import read_eval
-from models.runtime import OnnxClassifier
-from models.train_config import ConfigError, TrainConfig
+from models.transfer.head_graph import attach_head
+from models.transfer.heads import fit_head, fit_logistic, fit_prototype, leave_one_out_cosines, l2_normalise
+from models.artifact.manifest import read_eval
+from models.serving.runtime import OnnxClassifier
+from models.jobs.train_config import ConfigError, TrainConfig
 from tests.finetune_support import make_dataset
 from tests.tiny import tiny_graph, write_tiny_model
 
@@ -82,7 +82,7 @@ def instant_config(tmp_path, data, **overrides) -> TrainConfig:
 
 @pytest.mark.parametrize("strategy", ["prototype", "logistic"])
 def test_instant_model_is_published_with_lineage_eval_and_parity(strategy, tmp_path, bento_home):
-    from models.instant import run_instant
+    from models.transfer.instant import run_instant
 
     source = store.publish("colours", write_tiny_model(tmp_path / "src", embedding=True))
     data = make_dataset(tmp_path / "data", classes=("red", "green", "blue"), per_class=10)
@@ -104,7 +104,7 @@ def test_instant_model_is_published_with_lineage_eval_and_parity(strategy, tmp_p
 
 
 def test_instant_refuses_old_sources_and_backbones(tmp_path, bento_home):
-    from models.instant import run_instant
+    from models.transfer.instant import run_instant
 
     store.publish("colours", write_tiny_model(tmp_path / "src"))  # exported before the embedding output
     data = make_dataset(tmp_path / "data", per_class=4)
@@ -153,7 +153,7 @@ def test_instant_strategy_through_the_fine_tune_job_api(tmp_path, bento_home):
 
 
 def test_one_image_per_class_is_enough(tmp_path, bento_home):
-    from models.instant import run_instant
+    from models.transfer.instant import run_instant
     from tests.finetune_support import make_dataset as folders
 
     store.publish("colours", write_tiny_model(tmp_path / "src", embedding=True))

@@ -78,7 +78,7 @@ def _zip(entries: dict[str, bytes]) -> bytes:
 
 
 def test_upload_is_saved_within_its_limit_then_unpacked(tmp_path):
-    from models.datasets import ZipLimits
+    from models.data.datasets import ZipLimits
     from service.jobs.uploads import UploadTooLarge, save_upload, unpack_upload, unpacked_bytes
 
     archive = _zip({"red/a.png": b"x" * 100, "green/b.png": b"y" * 50})
@@ -92,7 +92,7 @@ def test_upload_is_saved_within_its_limit_then_unpacked(tmp_path):
 
 
 def test_upload_that_is_no_zip_is_named(tmp_path):
-    from models.datasets import ZipLimits
+    from models.data.datasets import ZipLimits
     from models.errors import DatasetError
     from service.jobs.uploads import unpack_upload
 
@@ -149,7 +149,7 @@ def _post_quantize(client, config, dataset: bytes):
     ({"model": "tinyq", "data": "/etc"}, 422, "set by the server"),
 ])
 def test_quantize_submission_is_checked_before_it_is_queued(jobs_app, tmp_path, config, status, message):
-    from models import store
+    from models.artifact import store
     from tests.tiny_conv import write_tiny_conv_model
 
     store.publish("tinyq", write_tiny_conv_model(tmp_path / "model"))
@@ -160,7 +160,7 @@ def test_quantize_submission_is_checked_before_it_is_queued(jobs_app, tmp_path, 
 
 @pytest.mark.slow
 def test_quantize_job_adds_the_int8_variant(jobs_app, tmp_path):
-    from models import store
+    from models.artifact import store
     from tests.finetune_support import wait_for, zip_dir
     from tests.tiny_conv import noisy_colour_images, write_tiny_conv_model
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from models.logme import log_evidence, logme, maximise_evidence, probe_accuracy, spectrum
+from models.transfer.logme import log_evidence, logme, maximise_evidence, probe_accuracy, spectrum
 
 
 def brute_force_log_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:

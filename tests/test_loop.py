@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from models.reference import build_reference, load_reference
+from models.artifact.reference import build_reference, load_reference
 from service.loop import capture, drift, records, review, rollout
 from service.loop.db import LoopDb
 from service.loop.stats import chi_square, mmd_test, psi, wilson

@@ -63,7 +63,7 @@ def test_monitor_view_shows_versions_and_rolls_out(console):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
 
-    from models import store
+    from models.artifact import store
     from tests.tiny import write_tiny_model
 
     old = store.latest_version("colours")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import store
+from models.artifact import store
 from tests.serving import bento_store, running_server
 from tests.tiny import write_tiny_model, write_trusted_tiny_model
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from models import store
+from models.artifact import store
 from models.errors import ReadOnlyModel
 from service.storage import ephemeral_state, mount_point_of, mount_points, state_paths
 from tests.tiny import solid_png, write_tiny_model

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import store
-from models.datasets import (
+from models.artifact import store
+from models.data.datasets import (
     Sample,
     ZipLimits,
     check_trainable,
@@ -18,9 +18,9 @@ from models.datasets import (
     split_samples,
 )
 from models.errors import DatasetError, ImageTooLarge, InvalidImage, ManifestError, ModelNotFound, UnsupportedImageFormat
-from models.manifest import Preprocessing, parse_manifest, read_manifest, write_manifest
-from models.metrics import compare_reports, evaluation_report
-from models.preprocess import decode_image, prepare, resize_and_crop
+from models.artifact.manifest import Preprocessing, parse_manifest, read_manifest, write_manifest
+from models.data.metrics import compare_reports, evaluation_report
+from models.serving.preprocess import decode_image, prepare, resize_and_crop
 from tests.tiny import solid_png, write_tiny_model
 
 

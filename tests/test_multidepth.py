@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.datasets import Sample
+from models.data.datasets import Sample
 from training.auto import run_auto, with_classifier
 from training.backbones import build_backbone
 from training.config import TrainConfig

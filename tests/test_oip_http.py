@@ -27,7 +27,7 @@ def served(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("oip-http")
     with bento_store(base / "bento"):
-        from models import store
+        from models.artifact import store
 
         store.publish("imagenet", write_tiny_model(base / "plain", weights=WEIGHTS))
         store.publish("trusted", write_trusted_tiny_model(base / "trusted", base / "fit"))

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 
-from models.manifest import INT8_FILE, Variant, read_eval, read_manifest, write_manifest
-from models.runtime import OnnxClassifier, RuntimeOptions
-from models.variants import choose_variant, int8_gate
+from models.artifact.manifest import INT8_FILE, Variant, read_eval, read_manifest, write_manifest
+from models.serving.runtime import OnnxClassifier, RuntimeOptions
+from models.artifact.variants import choose_variant, int8_gate
 from tests.tiny import solid_png, tiny_graph, write_tiny_model
 from tests.tiny_conv import LABELS, noisy_colour_images, tiny_conv_graph, write_tiny_conv_model
 
@@ -22,7 +22,7 @@ from tests.tiny_conv import LABELS, noisy_colour_images, tiny_conv_graph, write_
 
 
 def test_normalisation_and_head_stay_float():
-    from models.quantize import float_nodes
+    from models.artifact.quantize import float_nodes
 
     kept = set(float_nodes(tiny_conv_graph().graph))
     # uint8 → float cast, (x - mean) / std and the stem conv; pooling, head and softmax after the last conv
@@ -37,7 +37,8 @@ def _signature(model: onnx.ModelProto) -> tuple[list, list]:
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """A tiny conv model quantized once for the module: (version folder, test image folder)."""
-    from models.quantize import QuantizeConfig, data_from_samples, quantize_version
+    from models.artifact.quantize import quantize_version
+    from models.artifact.quantize_inputs import QuantizeConfig, data_from_samples
 
     root = tmp_path_factory.mktemp("int8")
     directory = write_tiny_conv_model(root / "model")
@@ -83,7 +84,7 @@ def test_variant_is_recorded_in_manifest_and_eval(quantized):
 
 
 def test_int8_graph_serves_real_answers(quantized):
-    from models.preprocess import prepare, stack
+    from models.serving.preprocess import prepare, stack
 
     directory, data = quantized
     model = OnnxClassifier(directory, "tiny", "v1", RuntimeOptions(device="cpu", precision="int8")).load()
@@ -98,7 +99,7 @@ def test_int8_graph_serves_real_answers(quantized):
 
 
 def _manifest(int8_delta: float | None | str = "absent", agreement: float = 1.0):
-    from models.manifest import Manifest, Preprocessing
+    from models.artifact.manifest import Manifest, Preprocessing
 
     variants = {}
     if int8_delta != "absent":
@@ -154,8 +155,8 @@ def test_variant_file_must_sit_next_to_the_model():
 
 
 def test_tensorrt_builds_the_served_precision():
-    from models.runtime import TENSORRT, ProviderPlan, tensorrt_precision
-    from models.variants import VariantChoice
+    from models.serving.runtime import TENSORRT, ProviderPlan, tensorrt_precision
+    from models.artifact.variants import VariantChoice
 
     plan = ProviderPlan(providers=[(TENSORRT, {"trt_fp16_enable": False}), ("CPUExecutionProvider", {})])
     tensorrt_precision(plan, VariantChoice("int8", INT8_FILE, "int8 requested"))
@@ -226,7 +227,7 @@ def _serve(settings, requests):
     ("fp32", "passes", "fp32", "red"),
 ])
 def test_service_responses_name_the_variant(bento_home, tmp_path, precision, gated, served, label):
-    from models import store
+    from models.artifact import store
     from service.config import load_settings
 
     store.publish("fails", write_gated_model(tmp_path / "fails", accuracy_delta=-0.02))
@@ -261,7 +262,7 @@ def test_settings_precision_is_checked():
 
 
 def test_cli_quantizes_a_stored_version_in_place(bento_home, tmp_path, capsys):
-    from models import store
+    from models.artifact import store
     from tuneserve.cli import main
 
     data = tmp_path / "data"
@@ -278,7 +279,7 @@ def test_cli_quantizes_a_stored_version_in_place(bento_home, tmp_path, capsys):
 
 
 def test_cli_quantize_without_data_says_what_to_pass(bento_home, tmp_path, capsys):
-    from models import store
+    from models.artifact import store
     from tuneserve.cli import main
 
     store.publish("nodata", write_tiny_conv_model(tmp_path / "stage"))
@@ -287,7 +288,7 @@ def test_cli_quantize_without_data_says_what_to_pass(bento_home, tmp_path, capsy
 
 
 def test_score_precision_names_the_variant_in_every_row(bento_home, tmp_path):
-    from models import store
+    from models.artifact import store
     from tuneserve.score import score
     from tuneserve.score_output import read_rows
 
@@ -303,8 +304,8 @@ def test_score_precision_names_the_variant_in_every_row(bento_home, tmp_path):
 
 
 def test_images_with_other_labels_are_split_by_seed_and_compared_unlabelled(tmp_path):
-    from models.datasets import Sample
-    from models.quantize import QuantizeConfig, data_from_samples
+    from models.data.datasets import Sample
+    from models.artifact.quantize_inputs import QuantizeConfig, data_from_samples
 
     directory = write_tiny_conv_model(tmp_path / "model")
     samples = [Sample(s.path, "cat") for s in noisy_colour_images(tmp_path / "data", per_class=5)]  # not its labels

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.finetune import JobManager
 from service.routes.finetune import build_router
 from service.finetune.quotas import expire_scratch
-from models.datasets import MIB
+from models.data.datasets import MIB
 from service.config import Settings
 from service.finetune.store import JobStore
 from tests.finetune_support import FAKE_COMMAND, make_dataset, submit, wait_for, zip_dir
@@ -101,7 +101,7 @@ def test_disk_budget_refuses_before_storing(serve, settings, dataset, tmp_path):
 
 
 def test_retention_removes_scratch_of_ended_jobs_only(serve, settings, dataset, monkeypatch):
-    from models import store as model_store
+    from models.artifact import store as model_store
 
     monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
     client, manager = serve(settings, start=True)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.datasets import load_samples
-from models.recipe import DataStats, data_stats, fit_augmentation, fit_budget, fit_image_size
+from models.data.datasets import load_samples
+from models.transfer.recipe import DataStats, data_stats, fit_augmentation, fit_budget, fit_image_size
 
 
 def write_images(root, mode, sizes, colour=True):
@@ -51,7 +51,7 @@ def test_budget_sets_epochs_or_falls_back_to_linear():
 
 @pytest.mark.slow
 def test_training_without_size_or_flips_uses_the_fitted_recipe(tmp_path, bento_home):
-    from models import store
+    from models.artifact import store
     from training.config import TrainConfig
     from training.pipeline import run
     from training.progress import Progress
@@ -81,7 +81,7 @@ def test_job_status_shows_the_recipe_before_training():
 
 
 def test_small_datasets_get_more_epochs():
-    from models.recipe import fit_epochs
+    from models.transfer.recipe import fit_epochs
 
     assert fit_epochs(1257, 32)[0] == 5  # 40 steps per epoch
     assert fit_epochs(50, 32)[0] == 30  # 2 steps per epoch: capped at 30

@@ -4,10 +4,10 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from models import store
-from models.metrics import evaluation_report, trust_report
-from models.manifest import Manifest, Preprocessing
-from models.report import render_report
+from models.artifact import store
+from models.data.metrics import evaluation_report, trust_report
+from models.artifact.manifest import Manifest, Preprocessing
+from models.data.report import render_report
 from tests.tiny import noisy_colour_samples, write_trusted_tiny_model
 from tuneserve.cli import main
 

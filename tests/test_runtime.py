@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from models import store
-from models.evaluate import evaluate, evaluate_compare
-from models.datasets import load_samples
+from models.artifact import store
+from models.data.evaluate import evaluate, evaluate_compare
+from models.data.datasets import load_samples
 from models.errors import DatasetError, EmbeddingUnavailable
-from models.preprocess import prepare, stack
-from models.runtime import CPU, CUDA, TENSORRT, OnnxClassifier, RuntimeOptions, select_providers
+from models.serving.preprocess import prepare, stack
+from models.serving.runtime import CPU, CUDA, TENSORRT, OnnxClassifier, RuntimeOptions, select_providers
 from tests.tiny import solid_png, write_tiny_model
 
 ALL = [TENSORRT, CUDA, CPU]
@@ -91,8 +91,8 @@ def test_fp16_conversion_keeps_uint8_input_and_float_outputs(tmp_path):
     """The GPU fp16 path converts the graph at load; check the converted graph on CPU."""
     import onnxruntime as ort
 
-    from models.manifest import read_manifest
-    from models.runtime import convert_fp16
+    from models.artifact.manifest import read_manifest
+    from models.serving.runtime import convert_fp16
 
     directory = write_tiny_model(tmp_path / "m")
     session = ort.InferenceSession(convert_fp16(directory / "model.onnx"), providers=[CPU])

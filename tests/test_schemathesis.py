@@ -70,7 +70,7 @@ checks.negative_data_rejection.enabled = false
 def fuzz_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("fuzz")
     with bento_store(base / "bento"):
-        from models import store
+        from models.artifact import store
 
         make_dataset(base / "data" / "colours", classes=("red", "green", "blue"))
         # with thresholds and an in-domain score, so every schema-valid min_confidence (also `auto`) applies

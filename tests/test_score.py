@@ -17,7 +17,7 @@ CLASSES = ("red", "green", "blue")
 
 @pytest.fixture
 def tiny_model(bento_home, tmp_path):
-    from models import store
+    from models.artifact import store
 
     version = store.publish("tiny", write_tiny_model(tmp_path / "staging"))
     return version
@@ -196,8 +196,8 @@ def test_ray_engine_matches_local(tiny_model, tmp_path):
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_min_confidence_abstains_in_rows(bento_home, tmp_path, suffix):
     """auto: per-label thresholds and the in-domain score; a number: the top probability only."""
-    from models import store
-    from models.decision import InvalidMinConfidence
+    from models.artifact import store
+    from models.serving.decision import InvalidMinConfidence
     from tests.tiny import write_trusted_tiny_model
 
     store.publish("trusted", write_trusted_tiny_model(tmp_path / "staging", tmp_path / "fit"))

@@ -33,7 +33,7 @@ def store_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(store_home, tmp_path_factory):
-    from models import store
+    from models.artifact import store
 
     stage = tmp_path_factory.mktemp("stage")
     v1 = store.publish("imagenet", write_tiny_model(stage / "v1", accuracy=0.9))
@@ -282,7 +282,7 @@ def test_provider_choice_is_logged(server):
 
 # ---- hot reload (last: it moves `latest`) ------------------------------------------------------
 def test_zz_hot_reload_under_traffic(server):
-    from models import store
+    from models.artifact import store
 
     client = server["client"]
     seen: list[tuple[str, int]] = []

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from models.runtime import CPU, CUDA, TENSORRT, RuntimeOptions, select_providers
+from models.serving.runtime import CPU, CUDA, TENSORRT, RuntimeOptions, select_providers
 from service.config import SettingsError, load_settings
 
 
@@ -113,13 +113,13 @@ def test_worker_binds_to_gpu_by_index(monkeypatch):
 def test_worker_count_defaults_to_gpus_else_cores(monkeypatch):
     import os
 
-    import models.runtime
+    import models.serving.runtime
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(models.runtime, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(models.serving.runtime, "cuda_device_count", lambda: 0)
     assert load_settings({}).worker_count == cores
     assert cpu_threads(load_settings({})) == 1  # one ONNX Runtime thread per worker on CPU
-    monkeypatch.setattr(models.runtime, "cuda_device_count", lambda: 3)
+    monkeypatch.setattr(models.serving.runtime, "cuda_device_count", lambda: 3)
     assert load_settings({}).worker_count == 3
     assert load_settings({"TUNESERVE_WORKERS": "5"}).worker_count == 5
 
@@ -246,7 +246,7 @@ def test_body_limit_middleware_per_path():
 
 
 def test_pinned_versions_are_capped_and_the_newest_is_kept(bento_home, tmp_path):
-    from models import store
+    from models.artifact import store
     from models.errors import ModelNotFound
     from service.pool import ModelPool
     from tests.tiny import write_tiny_model

@@ -78,7 +78,7 @@ def test_config_roundtrip_and_unknown_fields(tmp_path):
 
 
 def test_unreadable_images_are_listed(tiny_data):
-    from models.datasets import load_samples
+    from models.data.datasets import load_samples
     from models.errors import DatasetError
     from training.data import check_readable
 
@@ -92,8 +92,8 @@ def test_unreadable_images_are_listed(tiny_data):
 def test_train_augmentation_keeps_uint8_size(tiny_data):
     import torch
 
-    from models.datasets import load_samples
-    from models.manifest import Preprocessing
+    from models.data.datasets import load_samples
+    from models.artifact.manifest import Preprocessing
     from training.data import ImageDataset
 
     spec = Preprocessing(size=16, resize=16, mean=(0, 0, 0), std=(1, 1, 1))
@@ -108,8 +108,8 @@ def test_train_augmentation_keeps_uint8_size(tiny_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["linear", "partial", "full"])
 def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_data, bento_home):
-    from models import store
-    from models.manifest import read_eval
+    from models.artifact import store
+    from models.artifact.manifest import read_eval
     from training.pipeline import run
 
     config = tiny_config(tmp_path, tiny_data, strategy=strategy, partial_blocks=1, int8=strategy == "full",
@@ -217,7 +217,7 @@ def test_resume_after_interrupted_run(tmp_path, tiny_data, bento_home):
 
     with pytest.raises(Cancelled):
         run(config, Progress(interrupt), stop)
-    from models import store
+    from models.artifact import store
 
     assert store.list_models() == {}  # nothing published
     assert torch.load(Path(config.output_dir) / "last.pt", weights_only=False)["epoch"] == 1
@@ -230,7 +230,7 @@ def test_resume_after_interrupted_run(tmp_path, tiny_data, bento_home):
 
 @pytest.mark.slow
 def test_chaining_from_a_stored_model_keeps_lineage(tmp_path, tiny_data, bento_home):
-    from models import store
+    from models.artifact import store
     from training.pipeline import run
 
     first = run(tiny_config(tmp_path / "a", tiny_data, name="parent")).version
@@ -298,7 +298,7 @@ def test_training_run_bad_data_exits_2(tmp_path, bento_home):
 
 @pytest.mark.slow
 def test_training_run_sigterm_publishes_nothing(tmp_path, tiny_data, bento_home):
-    from models import store
+    from models.artifact import store
 
     config = tiny_config(tmp_path, tiny_data, epochs=200).to_dict()
     process, progress = _job(tmp_path, config, wait=False)
@@ -319,8 +319,8 @@ def test_training_run_sigterm_publishes_nothing(tmp_path, tiny_data, bento_home)
 def test_bootstrap_imagenet_model_sees_a_cat(bento_home):
     from skimage import data as skdata
 
-    from models.preprocess import prepare
-    from models.runtime import OnnxClassifier
+    from models.serving.preprocess import prepare
+    from models.serving.runtime import OnnxClassifier
     from training.bootstrap import bootstrap
 
     version = bootstrap("imagenet")

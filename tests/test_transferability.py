@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from models.transferability import (knn_cv_score, rank_by_agreement, reduce, scoring_dims, sfda,
+from models.transfer.transferability import (knn_cv_score, rank_by_agreement, reduce, scoring_dims, sfda,
                                     weighted_kendall_tau)
 
 # three classes in 2-D, four points each: a small square around each class centre

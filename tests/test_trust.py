@@ -5,12 +5,12 @@ import numpy as np
 import onnx
 import pytest
 
-from models import calibration as cal
-from models.evaluate import evaluate, run_samples
-from models.manifest import read_manifest
-from models.ood import IN_DOMAIN_THRESHOLD
-from models.preprocess import stack
-from models.runtime import OnnxClassifier
+from models.serving import calibration as cal
+from models.data.evaluate import evaluate, run_samples
+from models.artifact.manifest import read_manifest
+from models.serving.ood import IN_DOMAIN_THRESHOLD
+from models.serving.preprocess import stack
+from models.serving.runtime import OnnxClassifier
 from tests.tiny import noisy_colour_samples, tiny_graph, write_tiny_model, write_trusted_tiny_model
 
 

@@ -6,7 +6,7 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from models import store
+from models.artifact import store
 from tests.tiny import solid_png, write_tiny_model, write_trusted_tiny_model
 
 RED = (220, 40, 60)

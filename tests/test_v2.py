@@ -35,7 +35,7 @@ def served(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("v2")
     with bento_store(base / "bento"):
-        from models import store
+        from models.artifact import store
 
         version = store.publish("imagenet", write_tiny_model(base / "v1", weights=WEIGHTS))
         env = {"TUNESERVE_API_KEY": "k", "TUNESERVE_HOME": str(base / "home"), "TUNESERVE_WORKERS": "1", "TUNESERVE_MAX_BATCH": "4"}
@@ -88,8 +88,8 @@ def test_infer_bytes_agrees_with_classify(served):
 def test_infer_uint8_pixels_and_classification_extension(served):
     from PIL import Image
 
-    from models.preprocess import resize_and_crop
-    from models.store import resolve
+    from models.serving.preprocess import resize_and_crop
+    from models.artifact.store import resolve
 
     triton, http, version = served
     spec = resolve("imagenet").manifest().preprocessing

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.manifest import EMBEDDING_OUTPUT, Manifest, Preprocessing, write_eval, write_manifest
+from models.artifact.manifest import EMBEDDING_OUTPUT, Manifest, Preprocessing, write_eval, write_manifest
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
@@ -100,7 +100,7 @@ def noisy_colour_samples(directory: Path, per_class: int, seed: int, labels=("re
     """PNG files of colours near each primary (other channels up to 150, so some are ambiguous) as Samples."""
     from PIL import Image
 
-    from models.datasets import Sample
+    from models.data.datasets import Sample
 
     rng = np.random.default_rng(seed)
     samples = []
@@ -118,7 +118,7 @@ def noisy_colour_samples(directory: Path, per_class: int, seed: int, labels=("re
 def write_trusted_tiny_model(directory: Path, data: Path, labels=("red", "green", "blue")) -> Path:
     """A tiny model with an embedding, calibrated at 'export' the way training does it (torch-free):
     a fitted temperature in the graph and manifest, per-label thresholds, and the in-domain score."""
-    from models.trust import calibrate_version
+    from models.serving.trust import calibrate_version
 
     write_tiny_model(directory, labels=labels, embedding=True)
     train = noisy_colour_samples(data / "train", 40, seed=1, labels=labels)

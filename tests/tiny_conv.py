@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.datasets import Sample
-from models.manifest import Manifest, Preprocessing, write_eval, write_manifest
+from models.data.datasets import Sample
+from models.artifact.manifest import Manifest, Preprocessing, write_eval, write_manifest
 
 LABELS = ["red", "green", "blue"]
 CHANNELS = 8

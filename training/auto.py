@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.datasets import Sample
-from models.recipe import default_budget_s, fit_epochs
+from models.data.datasets import Sample
+from models.transfer.recipe import default_budget_s, fit_epochs
 from training.backbones import Built, Classifier, ImageModel, build_source
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, make_loader
@@ -99,8 +99,8 @@ class NormalisedLinear(torch.nn.Module):
 
 
 def prototype_candidate(features: Features, num_classes: int) -> tuple[torch.nn.Module, Candidate]:
-    """Nearest class mean on the embedding (models/heads.py), scored on val, refitted on train + val."""
-    from models.heads import fit_prototype
+    """Nearest class mean on the embedding (models/transfer/heads.py), scored on val, refitted on train + val."""
+    from models.transfer.heads import fit_prototype
 
     started, dim = time.monotonic(), features.embedding_dim
     scored = fit_prototype(features.train_x[:, -dim:], features.train_y, num_classes)

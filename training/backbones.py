@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from models.errors import ModelNotFound, TuneserveError
-from models.manifest import CHECKPOINT_FILE, Preprocessing
-from models.backbone_catalog import BACKBONES, BACKBONE_NAMES
+from models.artifact.manifest import CHECKPOINT_FILE, Preprocessing
+from models.jobs.backbone_catalog import BACKBONES, BACKBONE_NAMES
 from training.config import ConfigError
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -67,9 +67,9 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add a builder for a backbone that models/backbone_catalog.py lists (its facts come from there)."""
+    """Add a builder for a backbone that models/jobs/backbone_catalog.py lists (its facts come from there)."""
     if spec.name not in BACKBONES:
-        raise ValueError(f"backbone {spec.name!r} is not in models/backbone_catalog.py; list it there first")
+        raise ValueError(f"backbone {spec.name!r} is not in models/jobs/backbone_catalog.py; list it there first")
     spec.size_multiple = BACKBONES[spec.name].size_multiple
     _REGISTRY[spec.name] = spec
     return spec
@@ -407,7 +407,7 @@ _torchvision("convnext_tiny", "classifier.2", _children("features"))
 _torchvision("regnet_y_400mf", "fc", _children("trunk_output"))
 _torchvision("vit_b_16", "heads.head", _children("encoder.layers"), fixed_size=True)
 
-assert tuple(_REGISTRY) == BACKBONE_NAMES, "every backbone in models/backbone_catalog.py needs a builder here"
+assert tuple(_REGISTRY) == BACKBONE_NAMES, "every backbone in models/jobs/backbone_catalog.py needs a builder here"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def build_from_stored(ref: str, num_classes: int | None, image_size: int | None 
 
     The head is kept when `labels` equal the stored labels (continued training), else replaced.
     """
-    from models import store
+    from models.artifact import store
 
     version = store.resolve(ref)
     manifest = version.manifest()

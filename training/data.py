@@ -1,6 +1,6 @@
-"""Torch datasets over `models.datasets.Sample`s.
+"""Torch datasets over `models.data.datasets.Sample`s.
 
-Evaluation images go through `models.preprocess.prepare` (the one copy serving uses); training
+Evaluation images go through `models.serving.preprocess.prepare` (the one copy serving uses); training
 images get a random resized crop (+ optional flip) to the same uint8 HWC size. Normalisation is
 in the model (`ImageModel`), never here.
 """
@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from models.datasets import Sample, check_readable, load_dataset, prepare_splits  # noqa: F401 (torch-free, re-exported)
-from models.manifest import Preprocessing
-from models.preprocess import RESAMPLING, decode_image, prepare
+from models.data.datasets import Sample, check_readable, load_dataset, prepare_splits  # noqa: F401 (torch-free, re-exported)
+from models.artifact.manifest import Preprocessing
+from models.serving.preprocess import RESAMPLING, decode_image, prepare
 
 
 def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Random, hflip: bool,

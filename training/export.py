@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import store
-from models.datasets import Sample
+from models.artifact import store
+from models.data.datasets import Sample
 from models.errors import TuneserveError
-from models.evaluate import evaluate
-from models.manifest import CHECKPOINT_FILE, EMBEDDING_OUTPUT, ONNX_FILE, DatasetInfo, Manifest, write_eval, write_manifest
-from models.preprocess import prepare, stack
-from models.runtime import OnnxClassifier, RuntimeOptions
+from models.data.evaluate import evaluate
+from models.artifact.manifest import CHECKPOINT_FILE, EMBEDDING_OUTPUT, ONNX_FILE, DatasetInfo, Manifest, write_eval, write_manifest
+from models.serving.preprocess import prepare, stack
+from models.serving.runtime import OnnxClassifier, RuntimeOptions
 from training.backbones import Built, ImageModel, checkpoint_payload
 from training.progress import Progress
 
@@ -160,8 +160,9 @@ def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progre
     An int8 variant is optional: when quantization fails the version is published fp32-only,
     and eval.json says why (`variants.int8.error`).
     """
-    from models.manifest import read_eval, read_manifest
-    from models.quantize import QuantizeConfig, data_from_splits, quantize_version
+    from models.artifact.manifest import read_eval, read_manifest
+    from models.artifact.quantize import quantize_version
+    from models.artifact.quantize_inputs import QuantizeConfig, data_from_splits
 
     progress = progress or Progress()
     progress.phase("quantizing")

@@ -153,7 +153,7 @@ class FittedHead:
         return ((features - self.mean) / self.scale) @ self.weight.T + self.bias
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        from models.calibration import softmax
+        from models.serving.calibration import softmax
 
         return softmax(self.logits(features))
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.datasets import fingerprint, split_origins
-from models.manifest import DatasetInfo, eval_summary, write_eval
-from models.report import write_report
-from models.runtime import RuntimeOptions
-from models.store import ModelVersion
-from models.trust import calibrate_version
+from models.data.datasets import fingerprint, split_origins
+from models.artifact.manifest import DatasetInfo, eval_summary, write_eval
+from models.data.report import write_report
+from models.serving.runtime import RuntimeOptions
+from models.artifact.store import ModelVersion
+from models.serving.trust import calibrate_version
 from training.config import TrainConfig
 from training.progress import Progress
 
@@ -47,7 +47,7 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     progress = progress or Progress()
     config.validate()
     if config.is_instant():  # a head on a stored embedding: no torch, seconds
-        from models.instant import run_instant
+        from models.transfer.instant import run_instant
 
         result = run_instant(config, progress, stop)
         return RunResult(result.version, result.report, [], result.seconds, result.seconds)

@@ -1,4 +1,4 @@
-"""Fill the training config's unset fields from the data (models/recipe.py decides; this measures).
+"""Fill the training config's unset fields from the data (models/transfer/recipe.py decides; this measures).
 
 Runs after the split and before training: image size from the images, augmentation from what
 they look like, and with `budget_s` the epochs (and strategy) from a few timed training steps.
@@ -12,9 +12,9 @@ import statistics
 import time
 from pathlib import Path
 
-from models.datasets import Sample
+from models.data.datasets import Sample
 from models.jobs.events import Progress
-from models.recipe import Recipe, data_stats, fit_augmentation, fit_budget, fit_epochs, fit_image_size, steps_per_epoch
+from models.transfer.recipe import Recipe, data_stats, fit_augmentation, fit_budget, fit_epochs, fit_image_size, steps_per_epoch
 from training.config import TrainConfig
 
 RECIPE_FILE = "recipe.json"
@@ -30,7 +30,7 @@ def source_size(config: TrainConfig) -> int:
         from training.backbones import get_backbone
 
         return get_backbone(base).defaults().size
-    from models import store
+    from models.artifact import store
 
     return store.resolve(config.source).manifest().preprocessing.size
 

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 return ExitCode.TERMINATED
             progress.failed(f"{type(error).__name__}: {error}")
             return ExitCode.FAILED
-        from models.manifest import eval_summary
+        from models.artifact.manifest import eval_summary
 
         progress.succeeded(result.version.tag, eval_summary(result.report))
         return ExitCode.OK

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from models.datasets import Sample
+from models.data.datasets import Sample
 from models.errors import Cancelled  # in models/ so torch-free jobs (instant heads) raise the same one
 from training.backbones import Built, ImageModel, build_source
 from training.config import ConfigError, TrainConfig

@@ -53,7 +53,8 @@ def dataset_argument(args: argparse.Namespace) -> Path:
 
 
 def run_advise(args: argparse.Namespace) -> int:
-    from models.advise import AdviseConfig, advise
+    from models.jobs.advise import AdviseConfig
+    from models.transfer.advise import advise
 
     config = AdviseConfig(data=str(dataset_argument(args)), candidates=list(args.candidates), folds=args.folds, seed=args.seed,
                           device=args.device)

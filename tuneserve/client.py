@@ -6,7 +6,7 @@
         print(client.classify("cat.jpg").label)
 
 `api_key`: given, else $TUNESERVE_API_KEY, else the server's key file when the server runs on this
-machine (models/api_keys.py). Every refusal raises `ClientError` with the server's status and message.
+machine (models/serving/api_keys.py). Every refusal raises `ClientError` with the server's status and message.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class ClientError(Exception):
 
 class Client:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0, transport: httpx.BaseTransport | None = None):
-        from models.api_keys import client_key
+        from models.serving.api_keys import client_key
         from service.config import key_settings
 
         self.url = url.rstrip("/")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from models.train_config import TrainConfig
+from models.jobs.train_config import TrainConfig
 from tuneserve.client import ENDED_STATES, Client, ClientError, JobHandle
 from tuneserve.model_flags import add_model_flags, given_values
 

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from models import store
+    from models.artifact import store
 
     if args.action == "show":
         if not args.model:
@@ -45,8 +45,8 @@ def run_models(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from models.datasets import load_samples, safe_extract_zip
-    from models.evaluate import evaluate, evaluate_compare
+    from models.data.datasets import load_samples, safe_extract_zip
+    from models.data.evaluate import evaluate, evaluate_compare
     from tuneserve.score import load_model
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -65,7 +65,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.output:
         args.output.write_text(text)
     if args.report:
-        from models.report import write_report
+        from models.data.report import write_report
 
         write_report(args.report, report, model.manifest.training.get("history"))
     print(text)

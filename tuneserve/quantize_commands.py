@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def training_data(manifest, override: Path | None) -> Path:
     """The data to calibrate on: `--data`, else the path the version's training recorded."""
-    from models.quantize import QuantizeError
+    from models.artifact.quantize_inputs import QuantizeError
 
     if override is not None:
         return override
@@ -50,10 +50,11 @@ def training_data(manifest, override: Path | None) -> Path:
 def run_quantize(args: argparse.Namespace) -> int:
     import tempfile
 
-    from models import store
-    from models.datasets import load_samples, safe_extract_zip
-    from models.quantize import QuantizeConfig, data_from_samples, quantize_version
-    from models.variants import int8_gate
+    from models.artifact import store
+    from models.data.datasets import load_samples, safe_extract_zip
+    from models.artifact.quantize import quantize_version
+    from models.artifact.quantize_inputs import QuantizeConfig, data_from_samples
+    from models.artifact.variants import int8_gate
 
     config = QuantizeConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                             calibration_images=args.calibration_images).validate()

@@ -1,7 +1,7 @@
 """`tuneserve score --engine ray`: the same scoring pipeline on Ray Data.
 
 `read_binary_files` → `map_batches(_RayScorer)`: each actor holds one ONNX Runtime session
-(`models.runtime.OnnxClassifier`), decodes and preprocesses its batch with `models.preprocess`
+(`models.serving.runtime.OnnxClassifier`), decodes and preprocesses its batch with `models.serving.preprocess`
 exactly as the local engine does, and returns the same columns. The model travels through the
 Ray object store (model.onnx + manifest.json), so cluster nodes need no copy of the model store;
 the images must be readable at the same paths on every node (shared storage).
@@ -44,7 +44,7 @@ class _RayScorer:
                  precision: str = "auto", min_confidence=None):
         import ray
 
-        from models.runtime import OnnxClassifier, RuntimeOptions
+        from models.serving.runtime import OnnxClassifier, RuntimeOptions
 
         if isinstance(model_files, ray.ObjectRef):  # a ref nested in kwargs is not resolved for us
             model_files = ray.get(model_files)
@@ -60,7 +60,7 @@ class _RayScorer:
     def __call__(self, batch):
         import pyarrow as pa
 
-        from models.preprocess import DEFAULT_MAX_PIXELS
+        from models.serving.preprocess import DEFAULT_MAX_PIXELS
 
         spec = self.model.manifest.preprocessing
         keys = [relative_key(path, self.root) for path in batch.column("path").to_pylist()]
@@ -129,7 +129,7 @@ class RayEngine:
 
     def _scored(self, ray, plan: Plan, paths: list[str]):
         """The lazy Ray dataset of output rows (model files shipped through the object store)."""
-        from models.manifest import MANIFEST_FILE, ONNX_FILE
+        from models.artifact.manifest import MANIFEST_FILE, ONNX_FILE
 
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
@@ -172,10 +172,10 @@ def score_ray(
     min_confidence=None,
 ) -> ScoreResult:
     """Score `source` into `output` with Ray Data; same rows, resume and report as `score.score`."""
-    from models import store
-    from models.decision import check_supported
+    from models.artifact import store
+    from models.serving.decision import check_supported
     from models.errors import TuneserveError
-    from models.manifest import read_manifest
+    from models.artifact.manifest import read_manifest
 
     import_ray()
     if device == "cuda" and not num_gpus:

@@ -70,8 +70,8 @@ class _Decoder:
 
 
 def load_model(ref: str, device: str = "auto", precision: str = "auto"):
-    from models import store
-    from models.runtime import OnnxClassifier, RuntimeOptions
+    from models.artifact import store
+    from models.serving.runtime import OnnxClassifier, RuntimeOptions
 
     version = store.resolve(ref)
     options = RuntimeOptions(device=device, precision=precision)
@@ -135,8 +135,8 @@ def score(
 
     `on_batch(n_batches_done)` runs after each batch is safely journaled (tests use it to interrupt).
     """
-    from models.decision import check_supported
-    from models.preprocess import DEFAULT_MAX_PIXELS
+    from models.serving.decision import check_supported
+    from models.serving.preprocess import DEFAULT_MAX_PIXELS
 
     output_format(Path(output))  # refuse an unknown format before loading anything
     classifier = classifier or load_model(model, device, precision)

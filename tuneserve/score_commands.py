@@ -44,7 +44,7 @@ def run_score(args: argparse.Namespace) -> int:
         raise DatasetError(f"output must end in .csv, .jsonl or .parquet, got {args.output.name}")
     if args.top_k < 1 or args.batch_size < 1:
         raise DatasetError("--top-k and --batch-size must be at least 1")
-    from models.decision import parse_min_confidence
+    from models.serving.decision import parse_min_confidence
 
     options = dict(
         top_k=args.top_k, batch_size=args.batch_size, use_labels=not args.no_eval, progress=not args.no_progress,
@@ -67,7 +67,7 @@ def run_score(args: argparse.Namespace) -> int:
         )
     print(result.summary_line(), file=sys.stderr)
     if result.report is not None:
-        from models.manifest import eval_summary
+        from models.artifact.manifest import eval_summary
 
         print(json.dumps({"eval": eval_summary(result.report), "report": str(result.report_path)}, indent=2))
     return 0

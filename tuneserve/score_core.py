@@ -23,7 +23,7 @@ log = logging.getLogger("tuneserve.score")
 @dataclass
 class ScoreInput:
     root: Path
-    samples: list  # models.datasets.Sample
+    samples: list  # models.data.datasets.Sample
     labelled: bool
 
     def key(self, sample) -> str:
@@ -40,7 +40,7 @@ def relative_key(path: str | Path, root: Path) -> str:
 
 def collect_input(source: Path, model_labels: Sequence[str], use_labels: bool = True) -> ScoreInput:
     """Folder (plain or one per class) or manifest → samples; labels kept only when they can be evaluated."""
-    from models.datasets import MANIFEST_NAMES, load_samples
+    from models.data.datasets import MANIFEST_NAMES, load_samples
     from models.errors import DatasetError
 
     source = Path(source)
@@ -105,7 +105,7 @@ class Plan:
     data: ScoreInput
     k: int
     columns: list[str]
-    todo: list  # models.datasets.Sample
+    todo: list  # models.data.datasets.Sample
 
     @property
     def skipped(self) -> int:
@@ -125,8 +125,8 @@ def plan(source: Path, output: Path, model_labels: list[str], top_k: int, use_la
 def rows_for(classifier, keys: list[str], prepared: list[tuple[Any, str | None]], k: int,
              true_labels: Sequence[str | None], labelled: bool, min_confidence=None) -> list[dict[str, Any]]:
     """One output row per image: the readable ones go through the model in one batch."""
-    from models.decision import decide
-    from models.preprocess import stack
+    from models.serving.decision import decide
+    from models.serving.preprocess import stack
 
     arrays = [array for array, _ in prepared if array is not None]
     decided = []
@@ -202,7 +202,7 @@ def run_engine(engine: Engine, source: Path, output: Path, top_k: int, use_label
 
 def prepare_one(data, spec, max_pixels: int):
     """Path or bytes → (uint8 array, None), or (None, error text) for an unreadable image."""
-    from models.preprocess import prepare
+    from models.serving.preprocess import prepare
 
     try:
         return prepare(data, spec, max_pixels), None

@@ -211,7 +211,7 @@ def evaluate_rows(rows: Iterable[dict[str, Any]], labels: list[str], top_k: int,
     """The eval.json report from scored rows (the top-k columns are enough for accuracy, top-k, P/R/F1)."""
     import numpy as np
 
-    from models.metrics import evaluation_report
+    from models.data.metrics import evaluation_report
 
     index = {label: i for i, label in enumerate(labels)}
     y_true, matrix, unreadable = [], [], {}

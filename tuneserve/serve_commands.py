@@ -58,7 +58,7 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from models import store
+    from models.artifact import store
     from models.errors import ModelNotFound
     from service.config import load_settings
 
@@ -159,7 +159,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from models import store
+    from models.artifact import store
 
     if args.models:
         tags = [store.resolve(ref).tag for ref in args.models]

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models.train_config import BACKBONE_NAMES, TrainConfig
+from models.jobs.train_config import BACKBONE_NAMES, TrainConfig
 from training.bootstrap import DEFAULT_NAME
 from training.demo_data import DEMO_SETS, TEXTURES
 from tuneserve.model_flags import add_model_flags, given_values

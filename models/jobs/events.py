@@ -59,7 +59,7 @@ RESUMABLE_STATES = frozenset({"interrupted", "failed", "cancelled"})
 # What the job child runs for each kind besides the fine-tune pipeline (training/run.py's own):
 # `module:function(config_path, progress, stop) -> ExitCode`, chosen by the config's `kind`.
 RUNNER_ENTRIES = {
-    "advise": "models.advise:run_advise_job",
+    "advise": "models.transfer.advise:run_advise_job",
     "quantize": "models.jobs.quantize:run_quantize_job",
 }
 

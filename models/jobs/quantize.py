@@ -1,4 +1,4 @@
-"""The quantize job: add a static INT8 variant to a stored version (models/quantize.py) as a durable
+"""The quantize job: add a static INT8 variant to a stored version (models/artifact/quantize.py) as a durable
 job, calibrated on a submitted dataset. The config model is what the service validates at submit
 time and what the job child reads back; `run_quantize_job` is the child's entry (RUNNER_ENTRIES)."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.errors import DatasetError, ImageError, ModelNotFound, ReadOnlyModel, TuneserveError
 from models.jobs.events import ExitCode, Progress
-from models.quantize import METHODS, QuantizeError
-from models.store import NAME_PATTERN
+from models.artifact.quantize_inputs import METHODS, QuantizeError
+from models.artifact.store import NAME_PATTERN
 
 _NAME = NAME_PATTERN.pattern.removeprefix("^").removesuffix("$")
 Method = Literal[METHODS]  # type: ignore[valid-type]
@@ -46,9 +46,10 @@ def run_quantize_job(config_path: str | Path, progress: Progress, stop: threadin
     """The job child's body for `"kind": "quantize"`: the variant written into the version's folder."""
     import json
 
-    from models import store
-    from models.datasets import load_samples
-    from models.quantize import QuantizeConfig, data_from_samples, quantize_version
+    from models.artifact import store
+    from models.data.datasets import load_samples
+    from models.artifact.quantize import quantize_version
+    from models.artifact.quantize_inputs import QuantizeConfig, data_from_samples
 
     try:
         config = QuantizeJobConfig.parse(json.loads(Path(config_path).read_text()))

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from models.train_config import BACKBONE_NAMES, STRATEGIES
+from models.jobs.train_config import BACKBONE_NAMES, STRATEGIES
 
 STATIC = Path(__file__).parent / "static"
 

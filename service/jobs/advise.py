@@ -1,11 +1,11 @@
-"""The advise job kind: rank stored models as fine-tune sources for a dataset (models/advise.py,
+"""The advise job kind: rank stored models as fine-tune sources for a dataset (models/jobs/advise.py,
 torch-free, run in the job child). Unknown or embedding-less candidates are refused at submit time."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from models.advise import AdviseConfig, read_advice
+from models.jobs.advise import AdviseConfig, read_advice
 from models.errors import ModelNotFound, TuneserveError
 from models.jobs.events import RUNNER_ENTRIES
 from service.finetune.store import Job as StoredJob
@@ -31,7 +31,7 @@ class AdviseJob(Job):
 
 def pin_candidate(ref: str) -> str:
     """A stored candidate → its exact version tag; refused when missing or exported without an embedding."""
-    from models import store as model_store
+    from models.artifact import store as model_store
 
     try:
         version = model_store.resolve(ref)
@@ -45,7 +45,7 @@ def pin_candidate(ref: str) -> str:
 
 def validate_advise_config(raw: Any) -> dict[str, Any]:
     """The submitted `config` → a normalised advise config (candidates pinned to versions), or SubmitError."""
-    from models import store as model_store
+    from models.artifact import store as model_store
 
     raw = parse_submitted_config(raw, KIND.example)
     try:

@@ -24,7 +24,7 @@ def check_dataset(directory: Path, settings: Settings, min_per_class: int,
                   config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Layout, classes, per-class counts, split labels, the split training will make (with the
     config's fractions and seed), and every image decodes; → a summary."""
-    from models.datasets import check_trainable, load_samples, split_origins, split_samples
+    from models.data.datasets import check_trainable, load_samples, split_origins, split_samples
 
     samples = load_samples(directory)
     unlabelled = [s for s in samples if not s.label]
@@ -41,7 +41,7 @@ def check_dataset(directory: Path, settings: Settings, min_per_class: int,
 
 def check_images(directory: Path, settings: Settings) -> dict[str, Any]:
     """Images a job may use unlabelled (a quantizer calibrates on them): there are some, and each decodes."""
-    from models.datasets import load_samples
+    from models.data.datasets import load_samples
 
     samples = load_samples(directory, require_labels=False)
     if not samples:
@@ -53,7 +53,7 @@ def check_images(directory: Path, settings: Settings) -> dict[str, Any]:
 
 def check_decodable(samples: list, directory: Path, settings: Settings) -> None:
     """Every image decodes within the pixel and format limits, or one DatasetError naming the first ones."""
-    from models.preprocess import decode_image
+    from models.serving.preprocess import decode_image
 
     bad = []
     for sample in samples:

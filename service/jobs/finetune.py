@@ -5,10 +5,10 @@ import re
 from typing import Any
 
 from models.errors import ModelNotFound, TuneserveError
-from models.train_config import BACKBONE_NAMES, TrainConfig
+from models.jobs.train_config import BACKBONE_NAMES, TrainConfig
 from service.jobs.datasets import SubmitError
 from service.jobs.kinds import JobKind, parse_submitted_config, schema_without, without_server_fields
-from models.store import NAME_PATTERN
+from models.artifact.store import NAME_PATTERN
 
 WEIGHT_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
@@ -40,7 +40,7 @@ def validate_config(raw: Any) -> dict[str, Any]:
 def pin_source(source: str) -> str:
     """A stored model as the source → its exact version tag, so a later publish cannot change what
     this job starts from; 422 when it is neither a backbone nor a stored model."""
-    from models import store as model_store
+    from models.artifact import store as model_store
 
     try:
         return model_store.resolve(source).tag

@@ -13,7 +13,7 @@ from service.jobs.kinds import JobKind, parse_submitted_config, schema_without, 
 
 def validate_quantize_config(raw: Any) -> dict[str, Any]:
     """The submitted `config` → a normalised quantize config (the model pinned to its version), or SubmitError."""
-    from models import store as model_store
+    from models.artifact import store as model_store
 
     raw = parse_submitted_config(raw, KIND.example)
     try:

@@ -11,7 +11,7 @@ from fastapi import Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from models.datasets import ZipLimits
+from models.data.datasets import ZipLimits
 from models.errors import TuneserveError, is_disk_full
 from service.config import Settings
 from service.finetune import quotas

@@ -1,7 +1,7 @@
 """Uploaded dataset archives, for every route that takes one (job submissions, /evaluate): the
 body kept within its byte limit while it streams in, the zip saved in blocks, its unpacked size
 read from the central directory, and its entries extracted under the zip limits
-(models/datasets.py `safe_extract_zip`: no path escapes, no links, bounded entries and bytes).
+(models/data/datasets.py `safe_extract_zip`: no path escapes, no links, bounded entries and bytes).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Awaitable, BinaryIO, Callable
 
-from models.datasets import ZipLimits, safe_extract_zip
+from models.data.datasets import ZipLimits, safe_extract_zip
 from models.errors import TuneserveError
 
 BLOCK_BYTES = 1024 * 1024

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.ood import IN_DOMAIN_THRESHOLD
+from models.serving.ood import IN_DOMAIN_THRESHOLD
 from service.loop.db import LoopDb
 
 CAPTURE_DIR = "capture"

@@ -2,7 +2,7 @@
 
 Serving workers add a bounded sample of requests (embedding, predicted label, in-domain score,
 abstained) to the `samples` table off the response path. `window_report` compares the newest
-`window` samples of one version with its reference (models/reference.py):
+`window` samples of one version with its reference (models/artifact/reference.py):
 - embeddings: MMD with a permutation p-value (service/loop/stats.py); `drifted` when p < alpha;
 - the predicted-label distribution: PSI and a chi-square p-value against what the version
   predicted on its validation split;
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.ood import IN_DOMAIN_THRESHOLD
-from models.reference import Reference
+from models.serving.ood import IN_DOMAIN_THRESHOLD
+from models.artifact.reference import Reference
 from service.loop.db import LoopDb
 from service.loop.stats import chi_square, distribution, mmd_test, psi
 

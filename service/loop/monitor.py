@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models import store
+from models.artifact import store
 from service.loop import drift, records
 from service.loop import rollout as rollouts
 from service.loop.plane import LoopPlane

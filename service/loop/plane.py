@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from models import store
-from models.runtime import OnnxClassifier
+from models.artifact import store
+from models.serving.runtime import OnnxClassifier
 from service.loop import rollout as rollouts
 from service.loop.capture import CaptureLimits, CaptureStore
 from service.loop.db import LoopDb

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models import store
-from models.datasets import IMAGE_SUFFIXES
+from models.artifact import store
+from models.data.datasets import IMAGE_SUFFIXES
 from models.errors import TuneserveError
 from service.loop import records
 from service.loop.db import LoopDb

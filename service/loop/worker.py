@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from models import store
-from models.preprocess import decode_image, resize_and_crop
-from models.reference import Reference, load_reference
+from models.artifact import store
+from models.serving.preprocess import decode_image, resize_and_crop
+from models.artifact.reference import Reference, load_reference
 from service.loop import drift, records, rollout
 from service.loop.capture import Captured, capture_reason
 from service.loop.metrics import count_answered, loop_metrics, set_gauge

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import TuneserveError
-from models.runtime import OnnxClassifier
+from models.serving.runtime import OnnxClassifier
 from service.dataplane import DataPlane, InferenceRequest, InferenceResult
 
 EXTENSIONS = ["classification", "binary_tensor_data"]

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 from fastapi import HTTPException
 
-from models import store
+from models.artifact import store
 from models.errors import ModelNotFound, TuneserveError
 from service.auth import keyring
 from service.dataplane import DataPlane

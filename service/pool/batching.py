@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models.preprocess import stack
-from models.runtime import OnnxClassifier
+from models.serving.preprocess import stack
+from models.serving.runtime import OnnxClassifier
 from service.pool.metrics import metrics, observe
 
 log = logging.getLogger("tuneserve.service")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from models.runtime import RuntimeOptions, default_threads
+from models.serving.runtime import RuntimeOptions, default_threads
 
 log = logging.getLogger("tuneserve.service")
 
@@ -29,7 +29,7 @@ def preload_cuda_libraries() -> None:
 
 def runtime_options(settings, gpu_count: int | None = None, index: int | None = None) -> RuntimeOptions:
     """This worker's ONNX Runtime options: its GPU by BentoML worker index, or CPU threads."""
-    from models.runtime import cuda_device_count
+    from models.serving.runtime import cuda_device_count
 
     gpus = cuda_device_count() if gpu_count is None else gpu_count
     index = worker_index() if index is None else index
@@ -57,7 +57,7 @@ def runtime_options(settings, gpu_count: int | None = None, index: int | None = 
 
 def runtime_summary(options: RuntimeOptions, load_errors: dict[str, str]) -> dict:
     """What GET /models shows about this worker's runtime."""
-    from models.runtime import cuda_device_count
+    from models.serving.runtime import cuda_device_count
 
     return {
         "options": dict(vars(options)),

@@ -4,7 +4,7 @@
   `get("name:version")` a pinned version (at most `max_loaded_models`, least recently used
   unloaded first). Models other than the preloaded ones load lazily on first use (once, however
   many requests ask at the same time).
-- A poller checks `models.store.latest_version(name)` every `poll_seconds`; a new version is
+- A poller checks `models.artifact.store.latest_version(name)` every `poll_seconds`; a new version is
   loaded off the event loop and swapped in with one assignment. A request keeps the classifier
   object it started with, so it finishes on that version and its response names it.
 - `submit(classifier, array, extras)` runs one prepared image through the model's micro-batcher
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from models import store
-from models.runtime import OnnxClassifier, RuntimeOptions
+from models.artifact import store
+from models.serving.runtime import OnnxClassifier, RuntimeOptions
 from service.pool.batching import Batcher, Row
 from service.pool.devices import runtime_options, runtime_summary
 from service.pool.metrics import metrics

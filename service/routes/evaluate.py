@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 
-from models.datasets import ZipLimits
+from models.data.datasets import ZipLimits
 from models.errors import DatasetError
 from service.auth import require_read_access
 from service.config import Settings
@@ -78,8 +78,8 @@ async def _extract_upload(upload, scratch: Path, settings: Settings) -> Path:
 
 
 def _evaluate(root: Path, split: str | None, model, other, top_k: int, settings: Settings) -> dict[str, Any]:
-    from models.datasets import load_samples
-    from models.evaluate import evaluate, evaluate_compare
+    from models.data.datasets import load_samples
+    from models.data.evaluate import evaluate, evaluate_compare
 
     decode_limits = {"max_pixels": settings.max_pixels, "allowed_formats": settings.allowed_formats}
     samples = load_samples(root)

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models import store
+from models.artifact import store
 from models.errors import TuneserveError
 from service.config import Settings
 from service.dataplane import DataPlane
@@ -27,7 +27,7 @@ from service.pool import ModelPool
 from service.schemas import Error
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-NAME = store.NAME_PATTERN.pattern.removeprefix("^").removesuffix("$")  # models/store.py's rule for names and versions
+NAME = store.NAME_PATTERN.pattern.removeprefix("^").removesuffix("$")  # models/artifact/store.py's rule for names and versions
 MODEL_REF = f"^{NAME}(:{NAME})?$"
 MODEL_REF_HELP = "A stored model: `name` (its latest version) or `name:version`; lowercase letters, digits, `-`, `_`, `.`"
 NO_NUL = r"^[^\x00]+$"

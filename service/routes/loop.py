@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from models import store
+from models.artifact import store
 from models.errors import ModelNotFound
 from service.auth import require_api_key, require_read_access
 from service.config import Settings

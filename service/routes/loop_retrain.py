@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from models import store
+from models.artifact import store
 from service.jobs.datasets import check_dataset
 from service.jobs.registry import kind_named
 from service.loop import retrain

@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
-from models import store
+from models.artifact import store
 from models.errors import TuneserveError
 from service.auth import require_api_key, require_read_access
 from service.config import Settings

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import Response
 
-from models import store
+from models.artifact import store
 from models.errors import TuneserveError
 from service.auth import require_read_access
 from service.config import Settings
@@ -28,7 +28,7 @@ from service.oip.rest import (
 from service.pool import count_request
 from service.routes.forms import MODEL_REF, errors, plane_of
 
-NAME = MODEL_REF.removeprefix("^").split("(:")[0]  # one name or version (models/store.py's rule)
+NAME = MODEL_REF.removeprefix("^").split("(:")[0]  # one name or version (models/artifact/store.py's rule)
 ModelName = Annotated[str, Path(pattern=f"^{NAME}$", max_length=64, description="A stored model's name")]
 Version = Annotated[str, Path(pattern=f"^{NAME}$", max_length=64, description="One of its versions")]
 Plane = Annotated[DataPlane, Depends(plane_of)]

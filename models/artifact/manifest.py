@@ -100,7 +100,7 @@ class Calibration(BaseModel):
 
 
 class OodSection(BaseModel):
-    """What the in-domain score needs besides the arrays in `file` (see models/ood.py)."""
+    """What the in-domain score needs besides the arrays in `file` (see models/serving/ood.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -146,7 +146,7 @@ class Manifest(BaseModel):
         default=None, description="per-label best-F1 probability cut-offs on val, used by min_confidence=auto")
     ood: OodSection | None = None
     recipe: dict[str, Any] | None = Field(
-        default=None, description="what was chosen automatically for fields left unset, and why (models/recipe.py)")
+        default=None, description="what was chosen automatically for fields left unset, and why (models/transfer/recipe.py)")
 
     @field_validator("schema_version")
     @classmethod

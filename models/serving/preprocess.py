@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.errors import ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from models.manifest import Preprocessing
+from models.artifact.manifest import Preprocessing
 
 DEFAULT_MAX_PIXELS = 40_000_000
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from models.errors import EmbeddingUnavailable
-from models.manifest import ONNX_FILE, Manifest, read_manifest
-from models.ood import OodModel
-from models.variants import VariantChoice, choose_variant
+from models.artifact.manifest import ONNX_FILE, Manifest, read_manifest
+from models.serving.ood import OodModel
+from models.artifact.variants import VariantChoice, choose_variant
 
 log = logging.getLogger("tuneserve.runtime")
 
@@ -34,7 +34,7 @@ class RuntimeOptions:
     device_id: int = 0
     enable_tensorrt: bool = False
     fp16: bool = False  # kept for existing callers: the same as precision="fp16"
-    precision: str = "auto"  # auto | fp32 | int8 | fp16: see models.variants
+    precision: str = "auto"  # auto | fp32 | int8 | fp16: see models.artifact.variants
     intra_op_threads: int = 0  # 0 lets ONNX Runtime decide
     inter_op_threads: int = 1
     trt_cache_dir: str | None = None

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Union
 
-from models.calibration import DEFAULT_THRESHOLD
+from models.serving.calibration import DEFAULT_THRESHOLD
 from models.errors import TuneserveError
-from models.manifest import Manifest
+from models.artifact.manifest import Manifest
 
 AUTO = "auto"
 MinConfidence = Union[float, Literal["auto"], None]

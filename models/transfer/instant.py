@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from models import store
-from models.datasets import Sample, check_readable, check_trainable, fingerprint, load_dataset, split_origins, split_samples
+from models.artifact import store
+from models.data.datasets import Sample, check_readable, check_trainable, fingerprint, load_dataset, split_origins, split_samples
 from models.errors import Cancelled, DatasetError, ManifestError
-from models.evaluate import evaluate, run_samples
-from models.head_graph import attach_head
-from models.heads import LinearHead, fit_head
-from models.manifest import EMBEDDING_OUTPUT, ONNX_FILE, DatasetInfo, Manifest, eval_summary, write_eval, write_manifest
-from models.runtime import OnnxClassifier, RuntimeOptions
-from models.train_config import TrainConfig
+from models.data.evaluate import evaluate, run_samples
+from models.transfer.head_graph import attach_head
+from models.transfer.heads import LinearHead, fit_head
+from models.artifact.manifest import EMBEDDING_OUTPUT, ONNX_FILE, DatasetInfo, Manifest, eval_summary, write_eval, write_manifest
+from models.serving.runtime import OnnxClassifier, RuntimeOptions
+from models.jobs.train_config import TrainConfig
 
 log = logging.getLogger("tuneserve.instant")
 
@@ -130,7 +130,7 @@ def _step(progress, stop: threading.Event | None, phase: str) -> None:
 def run_instant(config: TrainConfig, progress=None, stop: threading.Event | None = None,
                 options: RuntimeOptions | None = None) -> InstantResult:
     """Fit `config.strategy` ('prototype' | 'logistic') on `config.source`'s embedding and publish it."""
-    from models.trust import calibrate_version
+    from models.serving.trust import calibrate_version
 
     started = time.monotonic()
     progress = progress or _Silent()

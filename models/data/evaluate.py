@@ -6,11 +6,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from models.datasets import Sample
+from models.data.datasets import Sample
 from models.errors import DatasetError, ImageError
-from models.metrics import compare_reports, evaluation_report, trust_report
-from models.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, prepare, stack
-from models.runtime import OnnxClassifier
+from models.data.metrics import compare_reports, evaluation_report, trust_report
+from models.serving.preprocess import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, prepare, stack
+from models.serving.runtime import OnnxClassifier
 
 
 def _batches(items: list, size: int) -> Iterable[list]:

@@ -1,6 +1,6 @@
 """The drift reference of a version: what its served traffic should look like.
 
-Written at export next to `ood.npz` (models/trust.py), from the validation split: a random sample
+Written at export next to `ood.npz` (models/serving/trust.py), from the validation split: a random sample
 of at most `MAX_REFERENCE` embeddings, the true label counts and the predicted label counts. The
 service compares windows of served traffic against it (service/loop/drift.py). Versions exported
 before it existed simply have no embedding drift test.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models.heads import LinearHead
+from models.transfer.heads import LinearHead
 
 OUTPUTS = ("logits", "probabilities")
 PREFIX = "instant_head"

@@ -1,5 +1,5 @@
 """Scores that predict how well a source's frozen features transfer to a labelled target, and how to
-combine and check them. Torch-free (numpy, scipy, scikit-learn); LogME lives in models/logme.py.
+combine and check them. Torch-free (numpy, scipy, scikit-learn); LogME lives in models/transfer/logme.py.
 
 SFDA (Shao et al., "Not All Models Are Equal: Predicting Model Transferability in a Self-challenging
 Fisher Space", ECCV 2022), as the authors' code computes it:
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.calibration import softmax
+from models.serving.calibration import softmax
 
 SHRINKAGE_FLOOR = 1e-10
 IMAGES_PER_DIMENSION = 8  # SFDA fits and scores the same images: D ≤ N/8 keeps featureless data near chance

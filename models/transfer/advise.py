@@ -1,14 +1,14 @@
 """The transfer advisor: which stored model to start from, and would more labels help.
 
 For each candidate source (a stored version whose graph gives its `embedding`): embed the train
-split once, score it with LogME (models/logme.py), SFDA and a cross-validated cosine k-NN
-(models/transferability.py), and a cross-validated logistic probe, and time the embedding.
+split once, score it with LogME (models/transfer/logme.py), SFDA and a cross-validated cosine k-NN
+(models/transfer/transferability.py), and a cross-validated logistic probe, and time the embedding.
 Candidates are ranked by the agreement of LogME, SFDA and k-NN: their mean rank (no single score
 ranks sources reliably on small data; the probe decides the recommended strategy and is shown,
 not ranked by). The best one also gets a learning curve: a probe
 fitted on 10/25/50/100 % of the train split, scored on the held-out (val + test) images.
-Torch-free: the CLI runs it in process, the service as a durable job (`python -m training.run`
-dispatches `"kind": "advise"` configs here).
+Torch-free: the CLI runs it in process, the service as a durable job (`run_advise_job` below is the
+job child's entry; the config and advice.json are models/jobs/advise.py).
 """
 from __future__ import annotations
 
@@ -17,80 +17,23 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from models.datasets import Sample, check_readable, check_trainable, load_dataset, split_samples
-from models.errors import Cancelled, EmbeddingUnavailable, TuneserveError
+from models.data.datasets import Sample, check_readable, check_trainable, load_dataset, split_samples
+from models.errors import Cancelled, DatasetError, EmbeddingUnavailable, ImageError
+from models.jobs.advise import AdviseConfig, AdviseConfigError, write_advice
 from models.jobs.events import ExitCode, Progress
-from models.logme import logme, probe_accuracy
-from models.transferability import knn_cv_score, rank_by_agreement, reduce, scoring_dims, sfda
+from models.transfer.logme import logme, probe_accuracy
+from models.transfer.transferability import knn_cv_score, rank_by_agreement, reduce, scoring_dims, sfda
 
 log = logging.getLogger("tuneserve.advise")
 
-ADVICE_FILE = "advice.json"
 LINEAR_MARGIN = 0.01  # linear is enough when the probe is within 1 point of perfect
-CURVE = (0.1, 0.25, 0.5, 1.0)
 RANKED_BY = ("logme", "sfda", "knn_accuracy")  # the scores whose mean rank orders the candidates
-
-
-class AdviseConfigError(TuneserveError, ValueError):
-    status = 422
-
-
-@dataclass
-class AdviseConfig:
-    """An advise run. `candidates`: stored model refs (name or name:version); empty = every stored model."""
-
-    data: str = ""
-    candidates: list[str] = field(default_factory=list)
-    name: str = "advise"  # a label for the job listing
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    folds: int = 5
-    curve: list[float] = field(default_factory=lambda: list(CURVE))
-    min_images_per_class: int = 2
-    device: str = "auto"
-    output_dir: str = ""  # where advice.json goes; "" = do not write it
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AdviseConfig":
-        if not isinstance(data, dict):
-            raise AdviseConfigError("advise config must be a JSON object")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known) - {"kind"})
-        if unknown:
-            raise AdviseConfigError(f"unknown advise config fields: {unknown}; known: {known}")
-        return cls(**{k: v for k, v in data.items() if k != "kind"})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "advise", **asdict(self)}
-
-    def validate(self, check_paths: bool = True) -> "AdviseConfig":
-        problems = []
-        if not self.data:
-            problems.append("data: required (folder per class, CSV/JSONL manifest, or zip of either)")
-        elif check_paths and not Path(self.data).exists():
-            problems.append(f"data: path does not exist: {self.data}")
-        if not isinstance(self.candidates, list) or not all(isinstance(c, str) and c for c in self.candidates):
-            problems.append(f"candidates: must be a list of stored model names, got {self.candidates!r}")
-        if not (isinstance(self.folds, int) and 2 <= self.folds <= 20):
-            problems.append(f"folds: must be an integer 2..20, got {self.folds!r}")
-        if not (isinstance(self.curve, list) and self.curve and all(isinstance(f, (int, float)) and 0 < f <= 1 for f in self.curve)):
-            problems.append(f"curve: must be a non-empty list of fractions in (0, 1], got {self.curve!r}")
-        for key in ("val_fraction", "test_fraction"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and 0 <= value < 0.9):
-                problems.append(f"{key}: must be in [0, 0.9), got {value!r}")
-        if not (isinstance(self.min_images_per_class, int) and self.min_images_per_class >= 2):
-            problems.append(f"min_images_per_class: must be an integer >= 2, got {self.min_images_per_class!r}")
-        if problems:
-            raise AdviseConfigError("invalid advise config: " + "; ".join(problems))
-        return self
 
 
 @dataclass
@@ -114,7 +57,7 @@ def recommend(probe: float) -> str:
 
 
 def default_candidates() -> list[str]:
-    from models import store
+    from models.artifact import store
 
     return [store.resolve(name).tag for name in sorted(store.list_models())]
 
@@ -126,8 +69,8 @@ def _labels_of(samples: list[Sample], labels: list[str]) -> np.ndarray:
 
 def score_candidate(ref: str, train: list[Sample], labels: list[str], folds: int, device: str) -> tuple[Candidate, np.ndarray]:
     """Embed `train` with `ref` and score it; also returns the embeddings (the learning curve reuses them)."""
-    from models.instant import embed_samples, load_source
-    from models.runtime import RuntimeOptions
+    from models.transfer.instant import embed_samples, load_source
+    from models.serving.runtime import RuntimeOptions
 
     source = load_source(ref, RuntimeOptions(device=device))
     started = time.monotonic()
@@ -169,8 +112,8 @@ def learning_curve(ref: str, train: list[Sample], held_out: list[Sample], labels
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from models.instant import embed_samples, load_source
-    from models.runtime import RuntimeOptions
+    from models.transfer.instant import embed_samples, load_source
+    from models.serving.runtime import RuntimeOptions
 
     if not held_out:
         return []
@@ -239,22 +182,8 @@ def advise(config: AdviseConfig, on_progress: Callable[..., None] | None = None,
     }
 
 
-def write_advice(advice: dict[str, Any], directory: str | Path) -> Path:
-    path = Path(directory) / ADVICE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(advice, indent=2))
-    return path
-
-
-def read_advice(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / ADVICE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def run_advise_job(config_path: str | Path, progress: Progress, stop: threading.Event | None = None) -> int:
     """The job child's body for `"kind": "advise"`: progress events, advice.json, an exit code like training's."""
-    from models.errors import DatasetError, ImageError
-
     try:
         config = AdviseConfig.from_dict(json.loads(Path(config_path).read_text())).validate()
         progress.phase("loading")

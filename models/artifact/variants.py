@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.manifest import ONNX_FILE, Manifest, Variant
+from models.artifact.manifest import ONNX_FILE, Manifest, Variant
 
 PRECISIONS = ("auto", "fp32", "int8", "fp16")
 # auto serves int8 only when it costs at most half a point of test accuracy.

@@ -1,6 +1,6 @@
 """Instant heads on frozen embeddings: fitted in seconds with numpy/scikit-learn, no torch.
 
-Both strategies end as one linear map, so one ONNX head serves both (models/head_graph.py):
+Both strategies end as one linear map, so one ONNX head serves both (models/transfer/head_graph.py):
 
     logits = x @ weight.T + bias,   x = e / ‖e‖ (prototype) or e (logistic)
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from models.calibration import softmax
-from models.train_config import INSTANT_STRATEGIES
+from models.serving.calibration import l2_normalise, softmax
+from models.jobs.train_config import INSTANT_STRATEGIES
 PROTOTYPE_TEMPERATURE_BOUNDS = (1e-3, 10.0)  # cosine logits live in [-1/T, 1/T]
 EPS = 1e-12
 
@@ -40,10 +40,6 @@ class LinearHead:
 
     def probabilities(self, embedding: np.ndarray) -> np.ndarray:
         return softmax(self.logits(embedding))
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
 
 
 def mean_nll(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from models.heads import l2_normalise
+from models.serving.calibration import l2_normalise
 
 OOD_FILE = "ood.npz"
 METHOD = "mahalanobis"

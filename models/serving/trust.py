@@ -1,4 +1,4 @@
-"""Fit, at export, what makes a version's answers trustworthy, and report it in eval.json (the report itself: models/metrics.py).
+"""Fit, at export, what makes a version's answers trustworthy, and report it in eval.json (the report itself: models/data/metrics.py).
 
 Torch-free: it works on the exported graph through the same runtime and preprocessing as
 serving, so what is fitted is exactly what is served. Training calls `calibrate_version` on the
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from models import calibration as cal
-from models.datasets import Sample
+from models.serving import calibration as cal
+from models.data.datasets import Sample
 from models.errors import ManifestError
-from models.evaluate import run_samples
-from models.manifest import ONNX_FILE, Calibration, Manifest, OodSection, write_manifest
-from models.ood import OodModel, fit_ood
-from models.reference import Reference, build_reference
-from models.preprocess import prepare, stack
-from models.runtime import OnnxClassifier, RuntimeOptions
+from models.data.evaluate import run_samples
+from models.artifact.manifest import ONNX_FILE, Calibration, Manifest, OodSection, write_manifest
+from models.serving.ood import OodModel, fit_ood
+from models.artifact.reference import Reference, build_reference
+from models.serving.preprocess import prepare, stack
+from models.serving.runtime import OnnxClassifier, RuntimeOptions
 
 log = logging.getLogger("tuneserve.trust")
 

@@ -11,7 +11,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models.datasets import Sample
+from models.data.datasets import Sample
 
 SIZE_MULTIPLE = 32
 MIN_SIZE = 96  # tiny images are upsampled so a stride-32 backbone's last map is 3×3, not 1×1 (BiT-HyperRule)

@@ -24,6 +24,11 @@ DEFAULT_THRESHOLD = 0.5
 RISK_COVERAGE_THRESHOLDS = tuple(sorted({round(float(t), 2) for t in np.linspace(0.0, 1.0, 21)} | {0.99, 0.999}))
 
 
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length: the in-domain score and the prototype head compare directions."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     scaled -= scaled.max(axis=1, keepdims=True)

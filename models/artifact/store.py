@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ManifestError, ModelNotFound, ReadOnlyModel, StorageFull, is_disk_full
-from models.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
+from models.artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
 
 MODULE = "tuneserve"
 BAKED_ENV = "TUNESERVE_BAKED_MODELS"

@@ -6,8 +6,8 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, top_k_accuracy_score
 
-from models import calibration as cal
-from models.manifest import Manifest
+from models.serving import calibration as cal
+from models.artifact.manifest import Manifest
 
 
 def evaluation_report(

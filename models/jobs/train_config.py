@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.backbone_catalog import BACKBONE_NAMES, NO_PRETRAINED, SIZE_MULTIPLES
+from models.jobs.backbone_catalog import BACKBONE_NAMES, NO_PRETRAINED, SIZE_MULTIPLES
 from models.errors import TuneserveError
 
 __all__ = ["BACKBONE_NAMES", "CLASS_BALANCE", "CONFIG_FILE", "DEVICES", "INSTANT_STRATEGIES", "STRATEGIES",
@@ -23,7 +23,7 @@ __all__ = ["BACKBONE_NAMES", "CLASS_BALANCE", "CONFIG_FILE", "DEVICES", "INSTANT
 
 CONFIG_FILE = "config.json"
 TRAINED_STRATEGIES = ("auto", "multidepth", "linear", "partial", "full")  # torch, in a training process
-INSTANT_STRATEGIES = ("prototype", "logistic")  # a head on a stored model's embedding, torch-free (models/instant.py)
+INSTANT_STRATEGIES = ("prototype", "logistic")  # a head on a stored model's embedding, torch-free (models/transfer/instant.py)
 STRATEGIES = TRAINED_STRATEGIES + INSTANT_STRATEGIES
 CLASS_BALANCE = ("loss", "sampler", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -121,14 +121,14 @@ class TrainConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, name: str) -> str:
-        from models.store import validate_name
+        from models.artifact.store import validate_name
 
         return validate_name(name)
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
-        from models.store import validate_name
+        from models.artifact.store import validate_name
 
         base = source.strip().partition(":")[0].strip()
         if not base:

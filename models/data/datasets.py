@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from models.errors import DatasetError, ImageError
-from models.preprocess import decode_image
+from models.serving.preprocess import decode_image
 
 MAX_LISTED = 20  # unreadable images named in one error
 
