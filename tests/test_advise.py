@@ -196,7 +196,8 @@ def test_queued_advise_job_can_be_cancelled(jobs_client, sources, colours):
 def test_job_databases_from_before_kinds_read_as_fine_tunes(tmp_path):
     import sqlite3
 
-    from service.finetune.store import SCHEMA, JobStore
+    from service.finetune.job_record import SCHEMA
+    from service.finetune.store import JobStore
 
     old = SCHEMA.replace(",\n    kind TEXT NOT NULL DEFAULT 'finetune'", "")
     assert "kind" not in old.split("CREATE INDEX")[0]

@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
@@ -19,7 +18,7 @@ from service.finetune import backends
 from service.finetune.backends import Launch, LocalBackend, RayBackend, make_backend, ray_entrypoint, ray_env_vars, ray_exit_code
 from service.finetune.outcome import judge
 from service.finetune.runner import JobManager, JobTrace, Stopping
-from service.finetune.store import Job
+from service.finetune.job_record import Job
 
 
 def _launch(tmp_path, **extra) -> Launch:

@@ -61,10 +61,10 @@ def test_exit_codes_are_judged_from_the_one_definition(code, state, tmp_path):
 
 
 def test_states_have_one_source():
-    from service.finetune import store
+    from service.finetune import job_record
     from tuneserve import client
 
-    assert client.ENDED_STATES is ENDED_STATES and store.ENDED_STATES is ENDED_STATES
+    assert client.ENDED_STATES is ENDED_STATES and job_record.ENDED_STATES is ENDED_STATES
     assert RESUMABLE_STATES < ENDED_STATES < set(STATES)
 
 

@@ -27,9 +27,10 @@ from models.jobs.events import published, result_of
 from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
 from service.finetune.quotas import disk_too_full, expire_scratch, remove_scratch
 from service.config import Settings
+from service.finetune.job_record import Job
 from service.finetune.logs import ProgressReader
 from service.finetune.outcome import Outcome, Stopping, judge, with_disk_note
-from service.finetune.store import Job, JobStore, hostname, pid_alive, process_cmdline
+from service.finetune.store import JobStore, hostname, pid_alive, process_cmdline
 from service.finetune.trace import JobTrace
 
 log = logging.getLogger("tuneserve.finetune")

@@ -2,7 +2,8 @@
 
 Every worker process opens the same database (WAL mode, busy timeout). A job is claimed in one
 `BEGIN IMMEDIATE` transaction that also counts the running jobs, so each job runs at most once
-and at most `max_concurrent` jobs run at a time across all workers.
+and at most `max_concurrent` jobs run at a time across all workers. The tables and the `Job` record
+a row reads as are in service/finetune/job_record.py; this module holds the connections and queries.
 """
 from __future__ import annotations
 
@@ -13,125 +14,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.jobs.events import ENDED_STATES, RESUMABLE_STATES, STATES
+from models.jobs.events import RESUMABLE_STATES, STATES
+from service.finetune.job_record import Job, create_tables, row_to_job
 from service.finetune.quotas import check_job_counts, retry_after
 from service.sqlite_tx import write_transaction
-
-
-# The tables; an older database gets the columns added since (_ADDED_COLUMNS) when opened.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    config TEXT NOT NULL,
-    dataset_dir TEXT NOT NULL,
-    job_dir TEXT NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    progress TEXT NOT NULL DEFAULT '{}',
-    phase TEXT,
-    model TEXT,
-    eval TEXT,
-    error TEXT,
-    pid INTEGER,
-    owner TEXT,
-    host TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    resume INTEGER NOT NULL DEFAULT 0,
-    updated REAL NOT NULL,
-    submitted_by TEXT,
-    scratch_removed REAL,
-    kind TEXT NOT NULL DEFAULT 'finetune'
-);
-CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs (state, seq);
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    pid_start TEXT,
-    started REAL NOT NULL,
-    heartbeat REAL NOT NULL
-);
-"""
-
-_JSON_COLUMNS = ("config", "progress", "eval")
-# Columns added after the first release: (name, type) added to an older database on open.
-_ADDED_COLUMNS = (("submitted_by", "TEXT"), ("scratch_removed", "REAL"),
-                  ("kind", "TEXT NOT NULL DEFAULT 'finetune'"))  # jobs made before kinds were fine-tunes
-
-
-@dataclass
-class Job:
-    id: str
-    state: str
-    config: dict[str, Any]
-    dataset_dir: str
-    job_dir: str
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    progress: dict[str, Any] = field(default_factory=dict)
-    phase: str | None = None
-    model: str | None = None
-    eval: dict[str, Any] | None = None
-    error: str | None = None
-    pid: int | None = None
-    owner: str | None = None
-    host: str | None = None
-    attempts: int = 0
-    cancel_requested: bool = False
-    resume: bool = False
-    seq: int = 0
-    updated: float = 0.0
-    submitted_by: str | None = None  # the API key name (service/auth.py)
-    scratch_removed: float | None = None  # when retention removed the dataset copy and checkpoints
-    kind: str = "finetune"  # a job kind (service/jobs/kinds.py); one store and state machine for every long task
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ENDED_STATES
-
-    def public(self) -> dict[str, Any]:
-        """What the HTTP API answers: no host paths beyond the job's own, ISO-ish timestamps kept as epoch seconds."""
-        return {
-            "job_id": self.id,
-            "kind": self.kind,
-            "state": self.state,
-            "name": self.config.get("name"),
-            "source": self.config.get("source"),
-            "config": self.config,
-            "phase": self.phase,
-            "progress": self.progress,
-            "created": self.created,
-            "started": self.started,
-            "finished": self.finished,
-            "model": self.model,
-            "eval": self.eval,
-            "error": self.error,
-            "attempts": self.attempts,
-            "cancel_requested": self.cancel_requested,
-            "submitted_by": self.submitted_by,
-            "scratch_removed": self.scratch_removed,
-        }
-
-
-def _row_to_job(row: sqlite3.Row) -> Job:
-    data = dict(row)
-    for column in _JSON_COLUMNS:
-        if data.get(column) is not None:
-            data[column] = json.loads(data[column])
-    data["cancel_requested"] = bool(data["cancel_requested"])
-    data["resume"] = bool(data["resume"])
-    if data.get("progress") is None:
-        data["progress"] = {}
-    return Job(**data)
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -180,12 +69,7 @@ class JobStore:
         self._local = threading.local()
         with self._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
-        conn = self._conn()
-        conn.executescript(SCHEMA)
-        present = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-        for name, kind in _ADDED_COLUMNS:
-            if name not in present:
-                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        create_tables(self._conn())
 
     # -- connections -------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -243,7 +127,7 @@ class JobStore:
         values: tuple = ()
         if submitted_by is not None:
             query, values = query + " AND submitted_by IS ?", (submitted_by,)
-        return [_row_to_job(r) for r in self._conn().execute(query, values).fetchall()]
+        return [row_to_job(r) for r in self._conn().execute(query, values).fetchall()]
 
     def _check_quota(self, conn: sqlite3.Connection, submitted_by: str | None, quota: Any) -> None:
         count = "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')"
@@ -258,7 +142,7 @@ class JobStore:
             "SELECT * FROM jobs WHERE state NOT IN ('queued', 'running') AND finished < ? AND scratch_removed IS NULL",
             (cutoff,),
         ).fetchall()
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     def mark_scratch_removed(self, job_id: str) -> None:
         with self._tx() as conn:
@@ -266,7 +150,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return _row_to_job(row) if row else None
+        return row_to_job(row) if row else None
 
     def list(self, state: str | None = None, limit: int = 100, kind: str | None = None) -> list[Job]:
         """Newest first; `state` and `kind` filter when given."""
@@ -275,7 +159,7 @@ class JobStore:
         rows = self._conn().execute(
             f"SELECT * FROM jobs{clause} ORDER BY seq DESC LIMIT ?", (*[value for _, value in where], limit)
         ).fetchall()
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     def claim(self, owner: str, host: str, max_concurrent: int) -> Job | None:
         """Atomically move the oldest queued job to running for `owner`, if a slot is free."""

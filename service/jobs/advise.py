@@ -8,7 +8,7 @@ from typing import Any
 from models.jobs.advise import AdviseConfig, read_advice
 from models.errors import ModelNotFound, TuneserveError
 from models.jobs.events import RUNNER_ENTRIES
-from service.finetune.store import Job as StoredJob
+from service.finetune.job_record import Job as StoredJob
 from service.jobs.datasets import SubmitError
 from service.jobs.kinds import JobKind, parse_submitted_config, schema_without, without_server_fields
 from service.routes.forms import NAME

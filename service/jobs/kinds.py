@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from service.finetune.store import Job as StoredJob
+from service.finetune.job_record import Job as StoredJob
 from service.jobs.datasets import SubmitError
 from service.schemas import Job
 

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from models.jobs.events import ENDED_STATES, RESUMABLE_STATES
 from service.auth import require_api_key, require_read_access
 from service.finetune import quotas
+from service.finetune.job_record import Job as StoredJob
 from service.finetune.logs import tail_lines
 from service.finetune.runner import JobManager
-from service.finetune.store import Job as StoredJob
 from service.finetune.store import JobStore
 from service.jobs.kinds import JobKind
 from service.jobs.submit import submission_route, submit_job
