@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models.errors import ModelNotFound
-from training.backbones import WeightsError, build_backbone, get_backbone, list_backbones
+from training.backbone_zoo import WeightsError, get_backbone, list_backbones
+from training.backbones import build_backbone
 from training.config import BACKBONE_NAMES
 
 SIZES = {"vit_b_16": 32}

@@ -155,7 +155,7 @@ def test_each_strategy_trains_exports_and_publishes(strategy, tmp_path, tiny_dat
 def test_linear_strategy_freezes_backbone(tmp_path, tiny_data):
 
     from training.backbones import build_backbone
-    from training.train import configure_strategy
+    from training.strategies import configure_strategy
 
     built = build_backbone("simple_cnn", 3, "none")
     groups = configure_strategy(built.model, tiny_config(tmp_path, tiny_data, strategy="linear"))

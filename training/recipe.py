@@ -27,7 +27,7 @@ def source_size(config: TrainConfig) -> int:
     """The source's own input size: the upper bound for a fitted size (upsampling adds no detail)."""
     base, _ = config.source_parts()
     if config.is_registry_source():
-        from training.backbones import get_backbone
+        from training.backbone_zoo import get_backbone
 
         return get_backbone(base).defaults().size
     from models.artifact import store
@@ -42,7 +42,8 @@ def time_steps(config: TrainConfig, train: list[Sample], labels: list[str], step
 
     from training.backbones import build_source
     from training.data import ImageDataset, make_loader
-    from training.train import configure_strategy, pick_device, set_train_mode
+    from training.strategies import configure_strategy, set_train_mode
+    from training.train import pick_device
 
     device = pick_device(config.device)
     built = build_source(config, len(labels), labels)
