@@ -8,13 +8,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "service", "training", "tuneserve", "tests")
 MAX_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 400
-# Modules still over MAX_MODULE_LINES, each being split by the work named; remove an entry once its
-# file is split (test_module_allow_list_is_current fails for an entry that no longer needs it).
-LONG_MODULES_BEING_SPLIT = {
-    "service/finetune/store.py": "the job store moves into service/jobs/ with one router per job kind",
-    "training/backbones.py": "the registry becomes the one source of backbone names (models/jobs/backbone_catalog.py)",
-    "training/train.py": "TrainConfig becomes the pydantic model; flag and validation code leaves the loop",
-}
 
 
 def module_files() -> dict[str, Path]:
@@ -167,14 +160,7 @@ def test_no_function_over_80_lines_outside_bench():
 
 
 def test_no_module_over_400_lines_outside_tests_and_bench():
-    over = {path: lines for path, lines in long_modules().items() if path not in LONG_MODULES_BEING_SPLIT}
-    assert over == {}
-
-
-def test_module_allow_list_is_current():
-    """Every allowed long module still exists and is still long: a split file leaves the list."""
-    still_long = long_modules()
-    assert [path for path in LONG_MODULES_BEING_SPLIT if path not in still_long] == []
+    assert long_modules() == {}
 
 
 def test_no_private_name_imported_across_packages():

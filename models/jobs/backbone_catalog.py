@@ -1,7 +1,7 @@
 """The backbones training can build, by name, with the facts a config is checked against.
 
 Torch-free, so the service and the CLI validate a `source` without importing training/.
-training/backbones.py registers one builder per entry and refuses a name that is not listed here.
+training/backbone_zoo.py registers one builder per entry and refuses a name that is not listed here.
 """
 from __future__ import annotations
 
