@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from models.artifact.bentoml_stores import active_store_dir, configured_store_dir, model_store
 from models.errors import ManifestError, ModelNotFound, ReadOnlyModel, StorageFull, is_disk_full
 from models.artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
 
@@ -88,15 +89,9 @@ def _bentoml():
     return bentoml
 
 
-def _container():
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return BentoMLContainer
-
-
 def writable_root() -> Path:
     """`$BENTOML_HOME/models`: BentoML keeps this path even when it serves a bento's baked models."""
-    return Path(_container().model_store_dir.get()).resolve()
+    return configured_store_dir()
 
 
 def _bento_models(bento_path: str | None) -> Path | None:
@@ -110,9 +105,7 @@ def baked_root() -> Path | None:
     explicit = os.environ.get(BAKED_ENV)
     if explicit:
         return Path(explicit).resolve()
-    # BentoMLContainer.model_store has no public path accessor; when BentoML loads a bento that
-    # carries models it points this store at `<bento>/models` (bentoml/_internal/service/loader.py)
-    current = Path(_container().model_store.get()._path).resolve()
+    current = active_store_dir()
     if current != writable_root():
         return current
     found = _bento_models(os.environ.get("BENTO_PATH"))
@@ -136,18 +129,8 @@ def export_for_children() -> None:
         os.environ[BAKED_ENV] = str(baked)
 
 
-@functools.lru_cache(maxsize=8)
-def _model_store_at(path: str):
-    from bentoml._internal.models import ModelStore
-
-    return ModelStore(path)
-
-
 def _model_store(location: StoreLocation):
-    current = _container().model_store.get()
-    if Path(current._path).resolve() == location.path:
-        return current  # BentoML's own instance (tests and `bentoml models` point it elsewhere)
-    return _model_store_at(str(location.path))
+    return model_store(location.path)
 
 
 def _ours(model) -> bool:
