@@ -53,6 +53,12 @@ def test_psi_and_chi_square_see_a_changed_label_mix():
     assert psi(expected, np.array([0.7, 0.1, 0.1, 0.1])) > 0.25
     assert chi_square(expected, np.array([25, 25, 25, 25.0]))[1] > 0.9
     assert chi_square(expected, np.array([70, 10, 10, 10.0]))[1] < 1e-6
+    from scipy.stats import chi2, chisquare  # the reference the service's lighter import must agree with
+
+    observed = np.array([31, 22, 27, 20.0])
+    statistic, p_value = chi_square(expected, observed)
+    assert (statistic, p_value) == pytest.approx(tuple(chisquare(observed)), rel=1e-12)
+    assert p_value == pytest.approx(chi2.sf(statistic, 3), rel=1e-12)
 
 
 def _record(request_id, version="v1", label="cat", confidence=0.9):

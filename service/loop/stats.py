@@ -15,6 +15,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+# scipy.special, not scipy.stats: imported with the worker in 0.1 s, where scipy.stats takes 0.6 s, and a
+# lazy import inside the first drift pass held that worker's records back by as long
+from scipy.special import gammaincc
 
 EPSILON = 1e-4  # floor for an empty bin in PSI, so a label never seen gives a large, finite value
 
@@ -86,8 +89,6 @@ def psi(expected: np.ndarray, observed: np.ndarray) -> float:
 
 def chi_square(expected_shares: np.ndarray, observed_counts: np.ndarray) -> tuple[float, float]:
     """Pearson's goodness-of-fit statistic and p-value of observed counts against expected shares."""
-    from scipy.stats import chi2
-
     total = observed_counts.sum()
     keep = expected_shares > 0
     if total <= 0 or keep.sum() < 2:
@@ -95,4 +96,5 @@ def chi_square(expected_shares: np.ndarray, observed_counts: np.ndarray) -> tupl
     expected = expected_shares[keep] / expected_shares[keep].sum() * total
     # labels the reference never holds are left to PSI (which floors them), not divided by zero here
     statistic = float(((observed_counts[keep] - expected) ** 2 / expected).sum())
-    return statistic, float(chi2.sf(statistic, keep.sum() - 1))
+    degrees = keep.sum() - 1
+    return statistic, float(gammaincc(degrees / 2, statistic / 2))  # the χ² survival function
