@@ -9,7 +9,7 @@ InferenceResult`. Model routing happens once per request in `DataPlane.resolve` 
 
 One call does, in order: parse `min_confidence` (the one rule for every surface), resolve the
 model, decode the encoded images in a thread pool (or take uint8 pixels at the model's size), one
-pass per image through the model's micro-batcher (service/pool, every asked output in that pass),
+pass per image through the model's micro-batcher (service/batching.py, every asked output in that pass),
 then one top-k and one decision (models/serving/decision.py) per image. The protocol endpoints
 (/classify, /classify_batch, /v2 over REST, the OIP over gRPC, /evaluate's inference) only
 translate their wire format into an `InferenceRequest` and the `InferenceResult` back, as KServe's
@@ -30,7 +30,8 @@ from models.errors import ImageError, TuneserveError
 from models.serving.preprocess import decode_image, resize_and_crop
 from models.serving.runtime import OnnxClassifier, default_threads
 from service.loop.plane import loop_for
-from service.pool import EXTRAS, ModelPool, Row, observe
+from service.batching import EXTRAS, Batchers, Row
+from service.pool import ModelPool, observe
 from service.schemas import Prediction
 
 OUTPUTS = ("probabilities", "logits", "embedding")
@@ -116,7 +117,8 @@ def min_confidence_of(raw: Any, classifier: OnnxClassifier) -> MinConfidence:
 
 
 class DataPlane:
-    """The inference of one serving worker over its `ModelPool` (registry + batcher)."""
+    """The inference of one serving worker: models from its `ModelPool` (the registry), images through
+    its own micro-batchers."""
 
     def __init__(self, pool: ModelPool, settings):
         self.pool = pool
@@ -124,8 +126,10 @@ class DataPlane:
         self.loop = loop_for(settings)  # the production loop: routing, request ids, feedback, capture, drift
         threads = settings.decode_threads or default_threads(settings.worker_count)
         self._decode = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode")
+        self.batchers = Batchers(settings.batch_max_size, settings.batch_max_latency_ms / 1000.0)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self.batchers.close()
         self._decode.shutdown(wait=False, cancel_futures=True)
 
     # ---- the entry point ---------------------------------------------------------------------
@@ -140,13 +144,13 @@ class DataPlane:
         arrays = await self._inputs(request, classifier)
         images = [ImageResult(error=a) if isinstance(a, TuneserveError) else None for a in arrays]
         if request.partial or all(image is None for image in images):
-            rows = await gathered([self.pool.submit(classifier, a, extras) for a, image in zip(arrays, images) if image is None])
+            rows = await gathered([self.batchers.submit(classifier, a, extras) for a, image in zip(arrays, images) if image is None])
             answered = iter(rows)
             images = [image or self._answer(classifier, next(answered), request, min_confidence) for image in images]
         else:
             images = [image or ImageResult() for image in images]
         result = InferenceResult(classifier, images, request.id, min_confidence, time.perf_counter() - started)
-        self.loop.ensure_worker(self.pool)
+        self.loop.ensure_worker(self.pool, self.batchers)
         self.loop.after(asked.id, asked.outputs, asked.top_k, asked.images or asked.pixels, result)
         return result
 

@@ -3,7 +3,7 @@
 Every route lives in the FastAPI app from service/app.py (routes in service/routes/), mounted with `@bentoml.asgi_app`, so
 uploads are decoded and validated by our code (BentoML's PIL/File parameters 500 on corrupt input
 and fetch URLs). BentoML supplies the server, workers, /healthz /livez /readyz /metrics.
-Batching happens inside each worker per model (service/pool/): BentoML's batchable APIs
+Batching happens inside each worker per model (service/batching.py): BentoML's batchable APIs
 take exactly one parameter and fail a whole batch if one item raises, which cannot carry `model`
 and `top_k` per request.
 """
@@ -75,7 +75,7 @@ class TuneServe:
         if self.grpc is not None:
             await self.grpc.stop(grace=2)
         await self.pool.stop()
-        self.dataplane.close()
+        await self.dataplane.close()
 
     def __is_ready__(self) -> bool:
         return self.pool.ready()

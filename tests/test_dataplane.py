@@ -33,7 +33,7 @@ def _run(bento_home, tmp_path, scenario):
             return await scenario(plane)
         finally:
             await pool.stop()
-            plane.close()
+            await plane.close()
 
     return asyncio.run(main())
 

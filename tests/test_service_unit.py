@@ -145,7 +145,7 @@ class FakeClassifier:
 def test_batcher_merges_requests_and_isolates_failures():
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.pool import Batcher
+    from service.batching import Batcher
 
     async def main():
         batcher = Batcher("m", max_size=8, max_latency_s=0.05, executor=ThreadPoolExecutor(1))

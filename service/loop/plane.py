@@ -178,13 +178,14 @@ class LoopPlane:
         self.observe(items)
 
     # ---- the background worker, started on first use inside the serving event loop -------------
-    def ensure_worker(self, pool: Any) -> None:
-        """Start this process's `LoopWorker` (records, capture, drift, shadow) once, on `pool`."""
+    def ensure_worker(self, pool: Any, batchers: Any) -> None:
+        """Start this process's `LoopWorker` (records, capture, drift, shadow) once: shadow runs take their
+        model from `pool` and go through the data plane's `batchers`, like any request."""
         task = self.worker.task if self.worker is not None else None
         if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             from service.loop.worker import LoopWorker  # (again when an earlier event loop, e.g. a test's, is gone)
 
-            self.worker = LoopWorker(self, pool, self.service_settings)
+            self.worker = LoopWorker(self, pool, batchers, self.service_settings)
             self.worker.start()
 
 

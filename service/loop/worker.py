@@ -36,9 +36,10 @@ def reference_of(model: str, version: str) -> tuple[Reference | None, tuple[str,
 
 
 class LoopWorker:
-    def __init__(self, plane: Any, pool: Any, settings: Any):  # plane: service/loop/plane.py LoopPlane
+    def __init__(self, plane: Any, pool: Any, batchers: Any, settings: Any):  # plane: service/loop/plane.py LoopPlane
         self.plane = plane
         self.pool = pool
+        self.batchers = batchers
         self.service_settings = settings
         self.task: asyncio.Task | None = None
         self.shadows: set[asyncio.Task] = set()
@@ -124,7 +125,7 @@ class LoopWorker:
             classifier = await self.pool.get(f"{item.model}:{candidate}")
             array = item.data if isinstance(item.data, np.ndarray) else await asyncio.to_thread(
                 self._decode, item.data, classifier)
-            row = await self.pool.submit(classifier, array)
+            row = await self.batchers.submit(classifier, array)
         except Exception as error:
             log.warning("shadow run of %s:%s failed: %s", item.model, candidate, error)
             return

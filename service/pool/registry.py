@@ -7,8 +7,8 @@
 - A poller checks `models.artifact.store.latest_version(name)` every `poll_seconds`; a new version is
   loaded off the event loop and swapped in with one assignment. A request keeps the classifier
   object it started with, so it finishes on that version and its response names it.
-- `submit(classifier, array, extras)` runs one prepared image through the model's micro-batcher
-  (service/pool/batching.py). Decoding, the decision and top-k live in service/dataplane.py.
+Nothing runs a model here: batching (service/batching.py), decoding, the decision and top-k belong
+to the data plane (service/dataplane.py).
 """
 from __future__ import annotations
 
@@ -19,11 +19,8 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
 from models.artifact import store
 from models.serving.runtime import OnnxClassifier, RuntimeOptions
-from service.pool.batching import Batcher, Row
 from service.pool.devices import runtime_options, runtime_summary
 from service.pool.metrics import metrics
 
@@ -36,12 +33,10 @@ class ModelPool:
     def __init__(self, settings, options: RuntimeOptions | None = None):
         self.settings = settings
         self.options = options or runtime_options(settings)
-        self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._load = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._latest: dict[str, OnnxClassifier] = {}
         self._pinned: OrderedDict[str, OnnxClassifier] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._batchers: dict[str, Batcher] = {}
         self._failed: dict[str, tuple[str, float]] = {}  # name -> (version, when) of a failed reload
         self._poller: asyncio.Task | None = None
         self._preloader: asyncio.Task | None = None
@@ -59,10 +54,7 @@ class ModelPool:
         for task in (self._poller, self._preloader):
             if task is not None:
                 task.cancel()
-        for batcher in self._batchers.values():
-            await batcher.close()
-        for executor in (self._infer, self._load):
-            executor.shutdown(wait=False, cancel_futures=True)
+        self._load.shutdown(wait=False, cancel_futures=True)
 
     async def _preload(self) -> None:
         for name in self.settings.models_to_load:
@@ -173,19 +165,6 @@ class ModelPool:
         metrics()["reloads"].labels(name).inc()
         log.info("hot reload: %s now serves %s (was %s)", name, classifier.tag, previous.tag if previous else None)
         return classifier
-
-    # ---- work ------------------------------------------------------------------------------
-    async def submit(self, classifier: OnnxClassifier, array: np.ndarray, extras: frozenset[str] = frozenset()) -> Row:
-        """One prepared image through its model's micro-batcher: probabilities, in-domain score, `extras`."""
-        batcher = self._batchers.get(classifier.name)
-        if batcher is None:
-            batcher = self._batchers[classifier.name] = Batcher(
-                classifier.name,
-                self.settings.batch_max_size,
-                self.settings.batch_max_latency_ms / 1000.0,
-                self._infer,
-            )
-        return await batcher.submit(classifier, array, extras)
 
     # ---- description -----------------------------------------------------------------------
     def loaded(self) -> dict[str, dict[str, Any]]:

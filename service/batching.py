@@ -1,4 +1,5 @@
-"""Per-model micro-batching: one queue and one batcher task per model name (all its versions).
+"""Per-model micro-batching, owned by the data plane (service/dataplane.py): one queue and one batcher
+task per model name (all its versions), and the one inference thread they share.
 
 `submit(classifier, array, extras)` puts one prepared image into the queue; the batcher takes up to
 `max_size` images (waiting at most `max_latency_s` for more), groups them by classifier version,
@@ -146,3 +147,26 @@ class Batcher:
                 await self.task
             except (asyncio.CancelledError, Exception):
                 pass
+
+
+class Batchers:
+    """The batcher of each model name, created on first use, all feeding one ONNX Runtime thread (one
+    inference at a time per worker: its cores are ORT's intra-op threads)."""
+
+    def __init__(self, max_size: int, max_latency_s: float):
+        self.max_size = max_size
+        self.max_latency_s = max_latency_s
+        self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._by_name: dict[str, Batcher] = {}
+
+    async def submit(self, classifier: OnnxClassifier, array: np.ndarray, extras: frozenset[str] = frozenset()) -> Row:
+        """One prepared image through its model's micro-batcher: probabilities, in-domain score, `extras`."""
+        batcher = self._by_name.get(classifier.name)
+        if batcher is None:
+            batcher = self._by_name[classifier.name] = Batcher(classifier.name, self.max_size, self.max_latency_s, self._infer)
+        return await batcher.submit(classifier, array, extras)
+
+    async def close(self) -> None:
+        for batcher in self._by_name.values():
+            await batcher.close()
+        self._infer.shutdown(wait=False, cancel_futures=True)
