@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from models.artifact.bentoml_stores import active_store_dir, configured_store_dir, model_store
-from models.errors import ManifestError, ModelNotFound, ReadOnlyModel, StorageFull, is_disk_full
 from models.artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
+from models.errors import ManifestError, ModelNotFound, ReadOnlyModel, StorageFull, is_disk_full
 
 MODULE = "tuneserve"
 BAKED_ENV = "TUNESERVE_BAKED_MODELS"
@@ -129,10 +129,6 @@ def export_for_children() -> None:
         os.environ[BAKED_ENV] = str(baked)
 
 
-def _model_store(location: StoreLocation):
-    return model_store(location.path)
-
-
 def _ours(model) -> bool:
     return model.info.module == MODULE
 
@@ -152,7 +148,7 @@ def list_models() -> dict[str, list[ModelVersion]]:
     in both stores is listed once, from the writable one)."""
     found: dict[str, dict[str, ModelVersion]] = {}
     for location in stores():
-        for model in _bentoml().models.list(_model_store=_model_store(location)):
+        for model in _bentoml().models.list(_model_store=model_store(location.path)):
             if _ours(model):
                 found.setdefault(model.tag.name, {}).setdefault(model.tag.version, _version_of(model, location))
     ordered = {}
@@ -169,7 +165,7 @@ def resolve(ref: str) -> ModelVersion:
     bentoml = _bentoml()
     for location in stores():
         try:
-            model = bentoml.models.get(f"{name}:{version}", _model_store=_model_store(location))
+            model = bentoml.models.get(f"{name}:{version}", _model_store=model_store(location.path))
         except (bentoml.exceptions.NotFound, bentoml.exceptions.BentoMLException):
             continue
         if not _ours(model):
@@ -237,7 +233,7 @@ def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None 
     model = None
     try:
         with _bentoml().models.create(name, module=MODULE, labels=labels, metadata=info,
-                                      _model_store=_model_store(writable)) as model:
+                                      _model_store=model_store(writable.path)) as model:
             for item in staging_dir.iterdir():
                 target = Path(model.path) / item.name
                 if item.is_dir():
@@ -277,7 +273,7 @@ def delete(ref: str) -> None:
     version = resolve(ref)
     if version.store != WRITABLE:
         raise ReadOnlyModel(f"{version.tag} is baked into the bento (read-only); build a bento without it instead")
-    _bentoml().models.delete(version.tag, _model_store=_model_store(stores()[0]))
+    _bentoml().models.delete(version.tag, _model_store=model_store(stores()[0].path))
 
 
 def describe(version: ModelVersion, full: bool = False) -> dict[str, Any]:
