@@ -112,7 +112,7 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, error: Exception):
         if is_disk_full(error):  # e.g. the job database on a full disk: nothing was changed
             log.error("disk full: %s", error)
-            return _error(507, f"the server's disk is full ({error}); nothing was changed, try again once space is freed")
+            return _error(507, "the server's disk is full; nothing was changed, try again once space is freed")  # the path stays in the log
         log.exception("unexpected error")
         return _error(500, f"internal error: {type(error).__name__}")
 

@@ -8,6 +8,10 @@ outputs wanted beside the probabilities (`logits`, `embedding`); a group fetches
 items' extras in the same pass, so asking for logits costs no second run. Requests with different
 `top_k` share a batch because top-k is applied per request afterwards, and a bad image never reaches
 the batch: it fails while decoding, in its own request.
+
+Overload is refused, not queued (service/admission.py): a queue holds at most `max_queued` images
+(one more is answered 503 at once), and an image that waited past `deadline_s` is answered 503
+without running.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from models.serving.preprocess import stack
 from models.serving.runtime import OnnxClassifier
+from service.admission import Overloaded, shed
 from service.pool.metrics import metrics, observe
 
 log = logging.getLogger("tuneserve.service")
@@ -53,6 +58,15 @@ def run_batch(classifier: OnnxClassifier, batch: np.ndarray, extras: frozenset[s
     return values["probabilities"], in_domain, {name: values[name] for name in extras}
 
 
+@dataclass(frozen=True)
+class QueueLimits:
+    """The bounds of every model's queue in one worker (settings: max_queued_images, request_deadline_s)."""
+
+    max_queued: int = 256
+    deadline_s: float = 10.0
+    retry_after_s: int = 1
+
+
 @dataclass
 class _Item:
     classifier: OnnxClassifier
@@ -65,16 +79,23 @@ class _Item:
 class Batcher:
     """Micro-batching queue for one model name (all its versions)."""
 
-    def __init__(self, name: str, max_size: int, max_latency_s: float, executor: ThreadPoolExecutor):
+    def __init__(self, name: str, max_size: int, max_latency_s: float, executor: ThreadPoolExecutor,
+                 limits: QueueLimits = QueueLimits()):
         self.name = name
         self.max_size = max_size
         self.max_latency_s = max_latency_s
         self.executor = executor
+        self.limits = limits
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.task: asyncio.Task | None = None
 
     async def submit(self, classifier: OnnxClassifier, array: np.ndarray, extras: frozenset[str] = frozenset()) -> Row:
         """The `Row` of one prepared image: probabilities, in-domain score, and the `extras` asked for."""
+        if self.queue.qsize() >= self.limits.max_queued:
+            shed("batcher", "queue")
+            raise Overloaded(f"overloaded: {self.queue.qsize()} images wait for model {self.name!r}, the limit "
+                             f"(TUNESERVE_MAX_QUEUED_IMAGES={self.limits.max_queued}); retry after "
+                             f"{self.limits.retry_after_s} s", self.limits.retry_after_s)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.queue.put_nowait(_Item(classifier, array, frozenset(extras), future))
@@ -102,13 +123,29 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            items = await self._collect()
+            items = self._within_deadline(await self._collect())
             groups: dict[int, list[_Item]] = {}
             for item in items:
-                if not item.future.cancelled():
-                    groups.setdefault(id(item.classifier), []).append(item)
+                groups.setdefault(id(item.classifier), []).append(item)
             for group in groups.values():
                 await self._run_group(group)
+
+    def _within_deadline(self, items: list[_Item]) -> list[_Item]:
+        """The items still wanted: a cancelled one is dropped, one past its deadline answered 503."""
+        now, kept = time.perf_counter(), []
+        for item in items:
+            if item.future.done():
+                continue
+            waited = now - item.queued
+            if waited > self.limits.deadline_s:
+                shed("batcher", "deadline")
+                item.future.set_exception(Overloaded(
+                    f"overloaded: the image waited {waited:.1f} s for model {self.name!r}, past the deadline "
+                    f"(TUNESERVE_REQUEST_DEADLINE_S={self.limits.deadline_s:g}); retry after {self.limits.retry_after_s} s",
+                    self.limits.retry_after_s))
+            else:
+                kept.append(item)
+        return kept
 
     async def _run_group(self, group: list[_Item]) -> None:
         """One ONNX Runtime call for the items of one classifier version; results to their futures."""
@@ -153,9 +190,10 @@ class Batchers:
     """The batcher of each model name, created on first use, all feeding one ONNX Runtime thread (one
     inference at a time per worker: its cores are ORT's intra-op threads)."""
 
-    def __init__(self, max_size: int, max_latency_s: float):
+    def __init__(self, max_size: int, max_latency_s: float, limits: QueueLimits = QueueLimits()):
         self.max_size = max_size
         self.max_latency_s = max_latency_s
+        self.limits = limits
         self._infer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._by_name: dict[str, Batcher] = {}
 
@@ -163,7 +201,8 @@ class Batchers:
         """One prepared image through its model's micro-batcher: probabilities, in-domain score, `extras`."""
         batcher = self._by_name.get(classifier.name)
         if batcher is None:
-            batcher = self._by_name[classifier.name] = Batcher(classifier.name, self.max_size, self.max_latency_s, self._infer)
+            batcher = self._by_name[classifier.name] = Batcher(classifier.name, self.max_size, self.max_latency_s, self._infer,
+                                                              self.limits)
         return await batcher.submit(classifier, array, extras)
 
     async def close(self) -> None:

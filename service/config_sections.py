@@ -241,6 +241,15 @@ class ServingSettings(Section):
     batch_max_size: Int(1) = Field(32, description="Most images in one micro-batch of /classify requests per model")
     batch_max_latency_ms: Float(minimum=0) = Field(0.0, description="Wait for a batch to fill; 0: batches form while the model is busy (a wait only adds latency)")
     access_log: Bool = Field(True, description="BentoML's per-request access log line")
+    max_inflight_requests: Int(1) = Field(
+        64, description="Inference requests (/classify, /classify_batch, /v2 and gRPC infer, /evaluate) one worker takes at once; "
+        "beyond, 503 with Retry-After (gRPC RESOURCE_EXHAUSTED) at once, before the body is read (docs/security.md)")
+    max_queued_images: Int(1) = Field(256, description="Images waiting in one model's micro-batch queue per worker; beyond, 503 at once")
+    request_deadline_s: Float(positive=True) = Field(
+        10.0, description="Longest an image may wait in the batch queue; past it the request is answered 503 and its image never runs")
+    retry_after_s: Int(1) = Field(1, description="Seconds a 503 for overload tells the client to wait (Retry-After)")
+    grpc_max_concurrent_calls: Int(1) = Field(
+        128, description="Concurrent gRPC calls one worker's server accepts; beyond, RESOURCE_EXHAUSTED from gRPC itself")
     grpc_port: Int(0) = Field(8001, description="Port of the Open Inference Protocol over gRPC (Triton's default), "
                               "bound by every worker with SO_REUSEPORT so they share it (docs/protocol.md); 0: no gRPC")
 

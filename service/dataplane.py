@@ -30,7 +30,9 @@ from models.errors import ImageError, TuneserveError
 from models.serving.preprocess import decode_image, resize_and_crop
 from models.serving.runtime import OnnxClassifier, default_threads
 from service.loop.plane import loop_for
-from service.batching import EXTRAS, Batchers, Row
+from service.names import caller_id
+from service.admission import Admission
+from service.batching import EXTRAS, Batchers, QueueLimits, Row
 from service.pool import ModelPool, observe
 from service.schemas import Prediction
 
@@ -120,13 +122,16 @@ class DataPlane:
     """The inference of one serving worker: models from its `ModelPool` (the registry), images through
     its own micro-batchers."""
 
-    def __init__(self, pool: ModelPool, settings):
+    def __init__(self, pool: ModelPool, settings, admission: Admission | None = None):
         self.pool = pool
         self.settings = settings
         self.loop = loop_for(settings)  # the production loop: routing, request ids, feedback, capture, drift
         threads = settings.decode_threads or default_threads(settings.worker_count)
         self._decode = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode")
-        self.batchers = Batchers(settings.batch_max_size, settings.batch_max_latency_ms / 1000.0)
+        self.batchers = Batchers(settings.batch_max_size, settings.batch_max_latency_ms / 1000.0, QueueLimits(
+            settings.max_queued_images, settings.request_deadline_s, settings.retry_after_s))
+        # inference requests in flight in this worker, HTTP and gRPC together (service/admission.py)
+        self.admission = admission or Admission(settings.max_inflight_requests, settings.retry_after_s)
 
     async def close(self) -> None:
         await self.batchers.close()
@@ -136,6 +141,7 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """One request → one result; see the module docstring for the steps."""
         started = time.perf_counter()
+        caller_id(request.id)  # echoed only; records are keyed by the server's ids (service/names.py)
         classifier = await self.resolve(request.model)
         min_confidence = min_confidence_of(request.min_confidence, classifier)
         asked = request

@@ -47,20 +47,24 @@ def _message(limit: int, size: int | None, variable: str) -> bytes:
     return json.dumps({"error": f"{told}limit is {limit} bytes ({mb:g} MB, {variable})"}).encode()
 
 
-async def _send_413(send: Send, limit: int, size: int | None, variable: str) -> None:
-    body = _message(limit, size, variable)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+async def json_error(send: Send, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer `{"error": message}` with `status` from ASGI middleware, before the app reads anything;
+    the connection closes (the body, if any, is not read)."""
+    await _send_json(send, status, json.dumps({"error": message}).encode(), headers)
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"), *headers],
+    })
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_413(send: Send, limit: int, size: int | None, variable: str) -> None:
+    await _send_json(send, 413, _message(limit, size, variable))
 
 
 class BodyLimitMiddleware:

@@ -13,6 +13,7 @@ import logging
 
 import bentoml
 
+from service.admission import Admission, AdmissionMiddleware
 from service.app import create_app, mount_jobs
 from service.config import load_settings
 from service.console import mount_console
@@ -26,6 +27,8 @@ SETTINGS = load_settings()
 
 app = create_app(SETTINGS)
 mount_console(app)
+# This worker process's inference requests in flight, shared by the HTTP middleware and gRPC
+ADMISSION = Admission(SETTINGS.max_inflight_requests, SETTINGS.retry_after_s)
 
 
 @bentoml.service(
@@ -48,7 +51,7 @@ class TuneServe:
         # before any job starts: children must see the bento's baked models (models/artifact/store.py)
         self.state_warnings = prepare_state(SETTINGS.home)
         self.pool = ModelPool(SETTINGS)
-        self.dataplane = DataPlane(self.pool, SETTINGS)  # every inference of this worker, HTTP and gRPC
+        self.dataplane = DataPlane(self.pool, SETTINGS, ADMISSION)  # every inference of this worker, HTTP and gRPC
         app.state.pool, app.state.dataplane = self.pool, self.dataplane
         self.grpc = None  # this worker's OIP gRPC server (service/oip/grpc_server.py), from startup on
         # ---- fine-tune jobs (service/finetune) ------------------------------------------
@@ -81,6 +84,8 @@ class TuneServe:
         return self.pool.ready()
 
 
+# Overload is refused before anything else reads the request (service/admission.py).
+TuneServe.add_asgi_middleware(AdmissionMiddleware, admission=ADMISSION)
 # Body limit on every route; /finetune (dataset uploads) has its own, larger one.
 TuneServe.add_asgi_middleware(
     BodyLimitMiddleware,

@@ -1,12 +1,15 @@
 """One write transaction for the service's SQLite databases (the job store and the loop's database)."""
 from __future__ import annotations
 
+import logging
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from models.errors import StorageFull, is_disk_full
+
+log = logging.getLogger("tuneserve.service")
 
 
 @contextmanager
@@ -23,5 +26,6 @@ def write_transaction(conn: sqlite3.Connection, path: str | Path) -> Iterator[sq
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         if is_disk_full(error):
-            raise StorageFull(f"the database {path} cannot be written: {error}; nothing was changed") from error
+            log.error("the database %s cannot be written: %s", path, error)  # the path stays in the server log
+            raise StorageFull(f"the database {Path(path).name} cannot be written: the disk is full; nothing was changed") from error
         raise

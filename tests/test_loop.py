@@ -89,10 +89,15 @@ def test_uncertainty_of_probabilities():
     assert records.uncertainty_of(np.array([1.0, 0.0]))[1] == 0
 
 
+def rid(i: int) -> str:
+    """A request id as the server makes them (service/names.py): capture ids name files."""
+    return f"{i:032x}"
+
+
 def _captured(i, size=1000, **kw):
     values = dict(label="cat", confidence=0.9, margin=0.8, entropy=0.2, in_domain=0.5, abstained=False, reason="sampled")
     values.update(kw)
-    return capture.Captured(f"r{i}", "pets", "v1", bytes(size), **values)
+    return capture.Captured(rid(i), "pets", "v1", bytes(size), **values)
 
 
 def test_capture_keeps_within_size_count_and_age_oldest_out_first(db, tmp_path):
@@ -101,10 +106,10 @@ def test_capture_keeps_within_size_count_and_age_oldest_out_first(db, tmp_path):
     assert store.write([_captured(i) for i in range(25)]) == 10  # the newest that fit
     counts = store.counts("pets")
     assert counts["images"] == 10 and counts["bytes"] == 10_000
-    assert sorted(p.name for p in (tmp_path / "capture" / "pets").iterdir()) == sorted(f"r{i}" for i in range(15, 25))
+    assert sorted(p.name for p in (tmp_path / "capture" / "pets").iterdir()) == sorted(rid(i) for i in range(15, 25))
     store.limits = capture.CaptureLimits(10_000, 4, 3600, 0)
     store.prune()
-    assert store.counts()["images"] == 4 and store.image("pets", "r24") == bytes(1000)
+    assert store.counts()["images"] == 4 and store.image("pets", rid(24)) == bytes(1000)
     store.limits = capture.CaptureLimits(10_000, 4, 0.0, 0)
     store.prune()
     assert store.counts()["images"] == 0 and not list((tmp_path / "capture" / "pets").iterdir())
@@ -132,12 +137,12 @@ def test_review_ranks_by_uncertainty_and_spreads_near_duplicates(db, tmp_path):
     ]
     store.write(items)
     order = [c.capture_id for c, _ in review.rank(review.candidates(db, "pets"), 10, diversity=0.0)]
-    assert order == ["r1", "r2", "r3", "r4", "r0"]
+    assert order == [rid(1), rid(2), rid(3), rid(4), rid(0)]
     spread = [c.capture_id for c, _ in review.rank(review.candidates(db, "pets"), 10)]
-    assert spread[:2] == ["r1", "r3"] and spread.index("r2") > spread.index("r4")
-    assert review.skip(db, "pets", "r1")
-    records.record_feedback(db, "r3", "dog", None, by="a", model="pets", version="v1", predicted="cat", capture_id="r3")
-    assert [c.capture_id for c in review.candidates(db, "pets")] == ["r4", "r2", "r0"]
+    assert spread[:2] == [rid(1), rid(3)] and spread.index(rid(2)) > spread.index(rid(4))
+    assert review.skip(db, "pets", rid(1))
+    records.record_feedback(db, rid(3), "dog", None, by="a", model="pets", version="v1", predicted="cat", capture_id=rid(3))
+    assert [c.capture_id for c in review.candidates(db, "pets")] == [rid(4), rid(2), rid(0)]
     assert records.labelled(db, "pets")[0]["label"] == "dog"
 
 
@@ -190,18 +195,9 @@ def test_shadow_promote_and_rollback_are_recorded_with_who(db):
         rollout.start(db, "pets", "v1", "canary", 10, serving="v1", by="alice")
     promoted = rollout.promote(db, "pets", by="bob")
     assert (promoted.stable, promoted.candidate) == ("v2", None)
-    back = rollout.rollback(db, "pets", by="carol")
-    assert back.stable == "v1"
+    back, rolled = rollout.rollback(db, "pets", by="carol")
+    assert back.stable == "v1" and rolled == "v2"
     assert [(e["action"], e["by"]) for e in rollout.events(db, "pets")] == [
         ("rollback", "carol"), ("promote", "bob"), ("rollout", "alice")]
     with pytest.raises(rollout.RolloutError, match="no candidate"):
         rollout.promote(db, "pets", by="bob")
-
-
-def test_auto_promote_needs_enough_labels_and_no_worse_accuracy():
-    state = rollout.Rollout("pets", "v1", "v2", "canary", 10)
-    few = {"v1": {"count": 5, "accuracy": 0.8}, "v2": {"count": 5, "accuracy": 0.9}}
-    assert not rollout.should_auto_promote(few, state, min_count=50, margin=0.0)
-    many = {"v1": {"count": 100, "accuracy": 0.8}, "v2": {"count": 60, "accuracy": 0.79}}
-    assert rollout.should_auto_promote(many, state, 50, margin=0.02)
-    assert not rollout.should_auto_promote(many, state, 50, margin=0.0)

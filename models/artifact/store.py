@@ -17,6 +17,7 @@ Stores (every layout: plain checkout, built bento, container):
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from typing import Any
 from models.artifact.bentoml_stores import active_store_dir, configured_store_dir, model_store
 from models.artifact.manifest import MANIFEST_FILE, ONNX_FILE, Manifest, eval_summary, read_eval, read_manifest
 from models.errors import ManifestError, ModelNotFound, ReadOnlyModel, StorageFull, is_disk_full
+
+log = logging.getLogger("tuneserve.models")
 
 MODULE = "tuneserve"
 BAKED_ENV = "TUNESERVE_BAKED_MODELS"
@@ -245,8 +248,9 @@ def publish(name: str, staging_dir: str | Path, metadata: dict[str, Any] | None 
             raise
         _undo_publish(writable.path, name, model.tag.version if model is not None else None, previous)
         free = shutil.disk_usage(writable.path).free
-        raise StorageFull(
-            f"no space left on the model store's disk ({writable.path}, {free} bytes free) while publishing "
+        log.error("no space left on the model store's disk (%s, %d bytes free) publishing %s", writable.path, free, name)
+        raise StorageFull(  # no server path in the answer: it stays in the log above
+            f"no space left on the model store's disk ({free} bytes free) while publishing "
             f"{name!r}: nothing was published; {name}:latest is still {latest_version(name) or 'absent'}"
         ) from None
     return resolve(f"{name}:{model.tag.version}")

@@ -76,11 +76,25 @@ class Launch:
     num_gpus: float = 0.0
 
 
-def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """The serving process's environment plus `extra`, with the project root on PYTHONPATH
-    (inside a bento the project is not pip-installed, so `-m training.run` needs it)."""
-    python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path, **extra}
+# What a job child inherits from the server: an allow-list, so API keys, cloud credentials and any
+# other secret of the serving process never reach training code or its logs.
+CHILD_VARIABLES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "VIRTUAL_ENV",
+                             "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHASHSEED", "CUDA_VISIBLE_DEVICES"})
+CHILD_PREFIXES = ("LC_", "TUNESERVE_", "BENTOML_", "OMP_", "MKL_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH_", "ORT_")
+
+
+def inherited(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of `environ` a job child may see (never TUNESERVE_API_KEY(S))."""
+    return {key: value for key, value in environ.items()
+            if (key in CHILD_VARIABLES or key.startswith(CHILD_PREFIXES)) and key not in NOT_FORWARDED}
+
+
+def child_environment(extra: Mapping[str, str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allowed part of the serving process's environment plus `extra`, with the project root on
+    PYTHONPATH (inside a bento the project is not pip-installed, so `-m training.run` needs it)."""
+    environ = os.environ if environ is None else environ
+    python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), environ.get("PYTHONPATH")]))
+    return {**inherited(environ), "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path, **extra}
 
 
 def killpg(pid: int, sig: int) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from models.jobs.events import STOPPED_BY_SIGNAL, ExitCode, published, result_of
-from service.finetune.logs import tail_lines
 from service.finetune.trace import JobTrace
 
 FULL_DISK_BYTES = 1024**2  # less free than this when a job fails: the failure notes the full disk
@@ -93,8 +92,8 @@ def judge(returncode: int | None, trace: JobTrace, stopping: Stopping, log_path:
         return Outcome.unfinished("failed", str(trace.failed.get("reason") or f"training failed (exit code {returncode})"))
     if returncode == ExitCode.OK:
         return Outcome.unfinished("failed", "training exited 0 without reporting a published model")
-    tail = tail_lines(log_path)
-    return Outcome.unfinished("failed", f"training exited with code {returncode}" + (f"; log ends with:\n{tail}" if tail else ""))
+    # The log's tail (a traceback with server paths) stays in the log, which needs a key to read.
+    return Outcome.unfinished("failed", f"training exited with code {returncode}; its log says why (GET <kind>/<job_id>/log, with a key)")
 
 
 def _published(returncode: int | None, final: dict[str, Any], why_stopped: str | None) -> Outcome:

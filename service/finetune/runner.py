@@ -187,7 +187,7 @@ class JobManager:
             self._run_job(job)
         except Exception as error:
             log.exception("job %s", job.id)
-            self._finish(job.id, "failed", error=f"job supervisor error: {error}")
+            self._finish(job.id, "failed", error=f"job supervisor error: {type(error).__name__} (details in the server log)")
         finally:
             with self._lock:
                 self._jobs.pop(job.id, None)

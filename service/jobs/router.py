@@ -83,7 +83,8 @@ def build_router(kind: JobKind, manager: JobManager, settings: Any = None) -> AP
     router.add_api_route(one, show, methods=["GET"], dependencies=read, response_model=kind.result_model,
                          responses=JOB_ERRORS, operation_id=f"get_{kind.name}",
                          description="One job: state, phase, progress, timestamps, and its result once it succeeded, or the error.")
-    router.add_api_route(f"{one}/log", show_log, methods=["GET"], dependencies=read, response_class=PlainTextResponse,
+    # A log holds tracebacks and server paths: it needs a key, like the writing routes (docs/security.md).
+    router.add_api_route(f"{one}/log", show_log, methods=["GET"], dependencies=write, response_class=PlainTextResponse,
                          responses={**LOG_RESPONSE, **JOB_ERRORS}, operation_id=f"log_{kind.name}",
                          description="The last `lines` lines of the job's log.")
     router.add_api_route(f"{one}/cancel", cancel, methods=["POST"], dependencies=write, response_model=Job,

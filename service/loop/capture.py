@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.artifact import store
 from models.serving.ood import IN_DOMAIN_THRESHOLD
 from service.loop.db import LoopDb
+from service.names import REQUEST_ID, checked, path_under
 
 CAPTURE_DIR = "capture"
 
@@ -66,7 +68,11 @@ class CaptureStore:
         self.limits = limits
 
     def _path(self, model: str, capture_id: str) -> Path:
-        return self.root / model / capture_id
+        """`root/<model>/<capture_id>`, from checked parts only (service/names.py): a capture id is made
+        by the server, never taken from a caller, and the path cannot leave the capture root."""
+        checked(model, store.NAME_PATTERN, "model name", "a stored model's name")
+        checked(capture_id, REQUEST_ID, "capture id", "a request id made by the server")
+        return path_under(self.root, model, capture_id)
 
     def write(self, items: list[Captured]) -> int:
         """Store what fits within the limits (one prune and one transaction per batch); → how many."""

@@ -17,7 +17,6 @@ import contextvars
 import logging
 import random
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,8 @@ from service.loop import rollout as rollouts
 from service.loop.capture import CaptureLimits, CaptureStore
 from service.loop.db import LoopDb
 from service.loop.settings import LoopSettings
+from service.names import CALLER_ID_HELP as CLIENT_ID_HELP, CLIENT_ID, new_request_id
+from service.limits import json_error
 
 log = logging.getLogger("tuneserve.loop")
 # The caller's client id (header `X-Client-Id`), set per request by `client_id_middleware`.
@@ -55,13 +56,8 @@ class Observed:
     created: float = field(default_factory=time.time)
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def request_ids(given: str | None, count: int) -> list[str]:
-    """One id per image: the request's own id (or a new one), suffixed `-i` in a batch."""
-    base = given or new_request_id()
+def request_ids(base: str, count: int) -> list[str]:
+    """One id per image: the server's `base`, suffixed `-i` in a batch."""
     return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
 
 
@@ -159,9 +155,11 @@ class LoopPlane:
             log.exception("production loop: could not queue an answer of %s", result.classifier.tag)
 
     def _after(self, given_id: str | None, asked: frozenset[str], inputs: Any, result: Any) -> None:
-        base = given_id or new_request_id()
+        # Records, captures and feedback are keyed by ids the server makes, never by the caller's own
+        # id (which is only echoed): no caller can name a file or replace another caller's record.
+        base = new_request_id()
         ids = request_ids(base, len(result.images))
-        result.id = result.id or base  # a batch's images are `<id>-0`, `<id>-1`, …
+        result.id = result.id or base  # a batch's images are `<base>-0`, `<base>-1`, …
         result.request_ids = ids
         classifier, items = result.classifier, []
         for index, (image, request_id) in enumerate(zip(result.images, ids)):
@@ -188,6 +186,15 @@ class LoopPlane:
             self.worker = LoopWorker(self, pool, batchers, self.service_settings)
             self.worker.start()
 
+    async def flush(self) -> bool:
+        """Write this worker's queued records now (see LoopWorker.flush); False when its worker is
+        not running in this event loop (nothing was answered here yet)."""
+        task = self.worker.task if self.worker is not None else None
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            return False
+        await self.worker.flush()
+        return True
+
 
 _PLANES: dict[str, LoopPlane] = {}
 
@@ -209,7 +216,9 @@ class ClientIdMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        value = next((v.decode("latin-1")[:200] for k, v in scope.get("headers", ()) if k == b"x-client-id"), None)
+        value = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-client-id"), None)
+        if value and not CLIENT_ID.fullmatch(value):  # it keys sticky routing: one rule for caller names
+            return await json_error(send, 400, f"X-Client-Id is not valid: {CLIENT_ID_HELP}")
         token = client_id_var.set(value or None)
         try:
             await self.app(scope, receive, send)

@@ -27,6 +27,7 @@ from fastapi import HTTPException
 
 from models.artifact import store
 from models.errors import ModelNotFound, TuneserveError
+from service.admission import Overloaded
 from service.auth import keyring
 from service.dataplane import DataPlane
 from service.oip import core
@@ -63,6 +64,8 @@ def guarded(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
         try:
             self.authenticate(context)
             return await handler(self, request, context)
+        except Overloaded as error:  # the protocol's answer to "try again later", as Triton gives it
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except (TuneserveError, HTTPException) as error:
             status = getattr(error, "status", None) or getattr(error, "status_code", 400)
             message = str(getattr(error, "detail", None) or error)
@@ -119,14 +122,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @guarded
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        classifier = await self.plane.resolve(model_ref(request.model_name, request.model_version))
-        try:
-            result, outputs = await core.infer(self.plane, classifier, inference_of(request), self.settings.max_batch)
-        except TuneserveError:
-            count_request("grpc_infer", classifier.name, "refused")
-            raise
+        with self.plane.admission.admitted("grpc"):  # one in-flight bound per worker, HTTP and gRPC together
+            classifier = await self.plane.resolve(model_ref(request.model_name, request.model_version))
+            try:
+                result, outputs = await core.infer(self.plane, classifier, inference_of(request), self.settings.max_batch)
+            except TuneserveError:
+                count_request("grpc_infer", classifier.name, "refused")
+                raise
         count_request("grpc_infer", classifier.name, "ok")
-        return response_of(result.model, result.version, request.id, outputs)
+        return response_of(result.model, result.version, request.id, outputs, result.request_ids)
 
 
 def model_ref(name: str, version: str) -> str:
@@ -158,10 +162,13 @@ def inference_of(request: pb.ModelInferRequest) -> core.Inference:
     return core.Inference(inputs, outputs, request.id or None, min_confidence)
 
 
-def response_of(model: str, version: str, request_id: str, outputs: list[core.OutputTensor]) -> pb.ModelInferResponse:
-    """Every output as raw contents, encoded as Triton does (tritonclient.grpc reads them so)."""
+def response_of(model: str, version: str, request_id: str, outputs: list[core.OutputTensor],
+                request_ids: list[str] | None = None) -> pb.ModelInferResponse:
+    """Every output as raw contents, encoded as Triton does (tritonclient.grpc reads them so); a
+    classification's server-made `request_ids` (for POST /feedback) comma-separated in `parameters`."""
+    parameters = {"request_ids": pb.InferParameter(string_param=",".join(request_ids))} if request_ids else {}
     return pb.ModelInferResponse(
-        model_name=model, model_version=version, id=request_id,
+        model_name=model, model_version=version, id=request_id, parameters=parameters,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in outputs],
         raw_output_contents=[o.raw() for o in outputs],
     )
@@ -173,7 +180,7 @@ async def start_grpc(plane: DataPlane, settings: Any) -> grpc.aio.Server | None:
     if not port:
         return None
     limit = settings.max_body_bytes
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=settings.grpc_max_concurrent_calls, options=[
         ("grpc.so_reuseport", 1),  # every worker binds the port; the kernel spreads connections
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", max(limit, 4 * 1024 * 1024)),

@@ -44,6 +44,8 @@ def metrics() -> dict[str, Any]:
                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             ),
             "reloads": Counter("tuneserve_model_reloads", "Hot reloads of a new latest version", ["model"]),
+            "shed": Counter("tuneserve_shed", "Requests or images refused with 503 under overload (service/admission.py)",
+                            ["surface", "reason"]),
         }
     return _METRICS
 
