@@ -1,5 +1,6 @@
 """The production loop's SQLite database (`$TUNESERVE_HOME/loop.db`), shared by every serving
-worker: predictions, feedback, captures, drift samples and history, rollouts and their events.
+worker: predictions, feedback, captures, drift samples and history, rollouts and their events, and the
+leases that make a once-only duty (auto-promote, drift windows) run in one worker.
 
 WAL mode lets readers run beside the one writer; every worker batches its writes (see
 service/loop/plane.py), so a busy server makes a few transactions a second, not one per request.
@@ -46,6 +47,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, action TEXT NOT NULL, version TEXT,
     detail TEXT, by TEXT, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS switches (
     model TEXT PRIMARY KEY, capture INTEGER NOT NULL, fraction REAL, updated REAL NOT NULL, updated_by TEXT);
 """

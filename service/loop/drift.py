@@ -2,7 +2,12 @@
 
 Serving workers add a bounded sample of requests (embedding, predicted label, in-domain score,
 abstained) to the `samples` table off the response path. `window_report` compares the newest
-`window` samples of one version with its reference (models/artifact/reference.py):
+`window` samples of one version that no earlier report saw with its reference
+(models/artifact/reference.py). Windows never overlap: each sample is tested once, so on traffic
+like the reference each window is an independent test that false-alarms with probability alpha,
+and a day of windows raises about alpha × windows false alarms, never the same samples again
+(`bench/loop.py --drift-day` measures it; docs/production-loop.md has the number). A report waits
+until a full window of new samples has arrived.
 - embeddings: MMD with a permutation p-value (service/loop/stats.py); `drifted` when p < alpha;
 - the predicted-label distribution: PSI and a chi-square p-value against what the version
   predicted on its validation split;
@@ -53,10 +58,18 @@ def write_samples(db: LoopDb, samples: list[Sample], max_per_version: int) -> No
                          (model, version, model, version, max_per_version))
 
 
-def latest_samples(db: LoopDb, model: str, version: str, window: int) -> list[dict]:
-    rows = db.read("SELECT * FROM samples WHERE model = ? AND version = ? ORDER BY id DESC LIMIT ?",
-                   (model, version, window))
+def latest_samples(db: LoopDb, model: str, version: str, window: int, after_id: int = 0) -> list[dict]:
+    """The newest `window` samples of `model:version` with an id above `after_id`, newest first."""
+    rows = db.read("SELECT * FROM samples WHERE model = ? AND version = ? AND id > ? ORDER BY id DESC LIMIT ?",
+                   (model, version, after_id, window))
     return [dict(r) for r in rows]
+
+
+def unreported(db: LoopDb, model: str, version: str) -> int:
+    """Samples of `model:version` newer than its last report: a window is due once they fill one."""
+    after = last_reported_id(db, model, version)
+    return db.read("SELECT COUNT(*) AS n FROM samples WHERE model = ? AND version = ? AND id > ?",
+                   (model, version, after))[0]["n"]
 
 
 def rates(rows: list[dict]) -> dict[str, float | None]:
@@ -91,22 +104,31 @@ def label_drift(rows: list[dict], reference: Reference | None, labels: list[str]
 
 
 def window_report(db: LoopDb, model: str, version: str, reference: Reference | None, labels: list[str],
-                  window: int, alpha: float, permutations: int = 200) -> dict:
-    """Drift of the newest `window` samples of `model:version` (see the module docstring)."""
-    rows = latest_samples(db, model, version, window)
+                  window: int, alpha: float, permutations: int = 200, after_id: int | None = None) -> dict:
+    """Drift of the newest `window` samples of `model:version` after `after_id` (default: after the
+    last report's, so windows never overlap; see the module docstring)."""
+    after = last_reported_id(db, model, version) if after_id is None else after_id
+    rows = latest_samples(db, model, version, window, after)
     return {"version": version, "at": time.time(), "window": len(rows), "alpha": alpha,
-            "newest_id": rows[0]["id"] if rows else 0,
+            "newest_id": rows[0]["id"] if rows else 0, "oldest_id": rows[-1]["id"] if rows else 0,
             **rates(rows), "embedding": embedding_drift(rows, reference, alpha, permutations),
             "labels": label_drift(rows, reference, labels)}
 
 
-def record(db: LoopDb, model: str, version: str, report: dict) -> None:
+def record(db: LoopDb, model: str, version: str, report: dict) -> bool:
+    """Keep a report unless a newer one already covers its samples (two workers never both report
+    one window); → whether it was kept."""
     with db.write() as conn:
+        last = conn.execute("SELECT report FROM drift WHERE model = ? AND version = ? ORDER BY id DESC LIMIT 1",
+                            (model, version)).fetchone()
+        if last is not None and json.loads(last["report"]).get("newest_id", 0) >= report.get("oldest_id", 1):
+            return False
         conn.execute("INSERT INTO drift (model, version, at, report) VALUES (?,?,?,?)",
                      (model, version, report["at"], json.dumps(report)))
         conn.execute("DELETE FROM drift WHERE model = ? AND version = ? AND id <= "
                      "(SELECT id FROM drift WHERE model = ? AND version = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                      (model, version, model, version, HISTORY))
+    return True
 
 
 def history(db: LoopDb, model: str, version: str, limit: int = 100) -> list[dict]:

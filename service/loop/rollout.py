@@ -11,6 +11,7 @@ every `refresh_s`.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -85,32 +86,64 @@ def start(db: LoopDb, model: str, candidate: str, mode: str, percent: float, ser
         return _save(conn, rollout, "rollout", candidate, f"{mode} {rollout.percent:g}% beside {stable}")
 
 
-def promote(db: LoopDb, model: str, by: str | None, reason: str = "") -> Rollout:
-    """The candidate becomes stable and takes all un-pinned traffic."""
+def _expect(model: str, expected: str | None, actual: str | None, what: str) -> None:
+    """Compare-and-set: refuse (409, naming the actual version) when the caller expected another one."""
+    if expected is not None and expected != actual:
+        raise RolloutError(f"{model}: expected {what} {expected!r}, but it is {actual or 'none'}; nothing was changed")
+
+
+def promote(db: LoopDb, model: str, by: str | None, reason: str = "", expected: str | None = None) -> Rollout:
+    """The candidate becomes stable and takes all un-pinned traffic; with `expected`, only if that
+    is still the candidate (two operators, or an operator and auto-promote, never cross)."""
     with db.write() as conn:
         rollout = _current(conn, model)
+        _expect(model, expected, rollout.candidate if rollout else None, "the candidate")
         if rollout is None or rollout.candidate is None:
             raise RolloutError(f"{model} has no candidate to promote; start one with POST /models/{model}/rollout")
         promoted = Rollout(model, rollout.candidate, None, None, 0.0, time.time(), by)
         return _save(conn, promoted, "promote", rollout.candidate, reason or f"was stable: {rollout.stable}")
 
 
-def rollback(db: LoopDb, model: str, by: str | None) -> Rollout:
-    """Drop the candidate; with none, go back to the stable version before the last promotion."""
+def rollback(db: LoopDb, model: str, by: str | None, versions: list[str] | None = None,
+             expected: str | None = None) -> tuple[Rollout, str]:
+    """Return traffic to an earlier version; → (the rollout now, the version rolled back).
+
+    With a candidate: drop it (stable stays). Without one: the stable version before the last
+    promotion of the serving one, else the version published before it (`versions`: the model's
+    versions, newest first; the first is `latest`, which serves when there is no rollout yet). Every
+    version stays in the store. `expected` (compare-and-set) names the version the caller means to
+    roll back: the candidate, or, with none, the serving version."""
+    versions = list(versions or [])
     with db.write() as conn:
         rollout = _current(conn, model)
-        if rollout is None:
-            raise RolloutError(f"{model} has no rollout to roll back")
-        if rollout.candidate is not None:
+        serving = rollout.stable if rollout else (versions[0] if versions else None)
+        rolled = rollout.candidate if rollout and rollout.candidate else serving
+        _expect(model, expected, rolled, "to roll back")
+        if rollout is not None and rollout.candidate is not None:
             back = Rollout(model, rollout.stable, None, None, 0.0, time.time(), by)
-            return _save(conn, back, "rollback", rollout.candidate, f"candidate dropped; stable stays {rollout.stable}")
-        previous = conn.execute("SELECT detail FROM events WHERE model = ? AND action = 'promote' AND version = ? "
-                                "ORDER BY id DESC LIMIT 1", (model, rollout.stable)).fetchone()
-        if previous is None or not previous["detail"].startswith("was stable: "):
-            raise RolloutError(f"{model}: nothing to roll back to (no candidate, no earlier promotion of {rollout.stable})")
-        earlier = previous["detail"].removeprefix("was stable: ")
+            detail = f"candidate dropped; stable stays {rollout.stable}"
+            return _save(conn, back, "rollback", rollout.candidate, detail), rollout.candidate
+        if serving is None:
+            raise RolloutError(f"{model} has no version to roll back")
+        earlier = _promoted_from(conn, model, serving) or _published_before(versions, serving)
+        if earlier is None:
+            raise RolloutError(f"{model}: nothing to roll back to ({serving} has no earlier promotion or version)")
         back = Rollout(model, earlier, None, None, 0.0, time.time(), by)
-        return _save(conn, back, "rollback", earlier, f"{rollout.stable} rolled back to {earlier}")
+        detail = f"{serving} rolled back to {earlier} ({serving} stays stored: roll it out again to serve it)"
+        return _save(conn, back, "rollback", earlier, detail), serving
+
+
+def _promoted_from(conn, model: str, version: str) -> str | None:
+    """The stable version the newest promotion of `version` replaced, if it was promoted."""
+    row = conn.execute("SELECT detail FROM events WHERE model = ? AND action = 'promote' AND version = ? "
+                       "ORDER BY id DESC LIMIT 1", (model, version)).fetchone()
+    return row["detail"].removeprefix("was stable: ") if row and row["detail"].startswith("was stable: ") else None
+
+
+def _published_before(versions: list[str], version: str) -> str | None:
+    """The version published just before `version` (`versions` newest first)."""
+    index = versions.index(version) if version in versions else len(versions)
+    return versions[index + 1] if index + 1 < len(versions) else None
 
 
 def _current(conn, model: str) -> Rollout | None:
@@ -144,11 +177,46 @@ def shadow_summary(db: LoopDb, model: str, candidate: str) -> dict:
             "stable_ms": row["stable_ms"], "candidate_ms": row["candidate_ms"]}
 
 
-def should_auto_promote(accuracy: dict[str, dict], rollout: Rollout, min_count: int, margin: float) -> bool:
-    """The candidate's live accuracy is no worse than stable's minus `margin`, both on >= `min_count` labels."""
-    if rollout.candidate is None:
-        return False
-    stable, candidate = accuracy.get(rollout.stable), accuracy.get(rollout.candidate)
-    if not stable or not candidate or min(stable["count"], candidate["count"]) < min_count:
-        return False
-    return candidate["accuracy"] >= stable["accuracy"] - margin
+def auto_promote_decision(accuracy: dict[str, dict], rollout: Rollout, min_count: int, margin: float) -> dict:
+    """Whether to promote the candidate, on intervals, not point estimates: both versions need
+    `min_count` labelled answers, and the candidate's 95 % Wilson lower bound must be above stable's
+    Wilson upper bound (less `margin`). → {"decision": "promote" | "hold" | "wait", and the numbers}."""
+    def numbers(version: str | None) -> dict:
+        live = accuracy.get(version or "", {})
+        count, correct = int(live.get("count", 0)), int(live.get("correct", 0))
+        low, high = wilson(correct, count)
+        return {"version": version, "count": count, "correct": correct, "lower": round(low, 4), "upper": round(high, 4)}
+
+    candidate, stable = numbers(rollout.candidate), numbers(rollout.stable)
+    if rollout.candidate is None or min(candidate["count"], stable["count"]) < min_count:
+        decision = "wait"
+    else:
+        decision = "promote" if candidate["lower"] > stable["upper"] - margin else "hold"
+    return {"decision": decision, "candidate": candidate, "stable": stable, "min_count": min_count, "margin": margin}
+
+
+def record_decision(db: LoopDb, model: str, decided: dict) -> bool:
+    """Log an auto-promote decision with its numbers when it differs from the last one logged for
+    this candidate (the log shows each change, not every pass); → whether it was logged."""
+    candidate = decided["candidate"]["version"]
+    with db.write() as conn:
+        last = conn.execute("SELECT detail FROM events WHERE model = ? AND action = 'auto-promote' AND version = ? "
+                            "ORDER BY id DESC LIMIT 1", (model, candidate)).fetchone()
+        if last is not None and json.loads(last["detail"]).get("decision") == decided["decision"]:
+            return False
+        conn.execute("INSERT INTO events (model, action, version, detail, by, at) VALUES (?,?,?,?,?,?)",
+                     (model, "auto-promote", candidate, json.dumps(decided), "auto-promote", time.time()))
+    return True
+
+
+def hold_lease(db: LoopDb, name: str, holder: str, ttl_s: float) -> bool:
+    """Take or renew the lease `name` for `holder` unless another holder's is still valid: the
+    one worker (of all processes on this database) that runs a once-only duty, such as auto-promote.
+    A holder that stops renewing loses it after `ttl_s`."""
+    now = time.time()
+    with db.write() as conn:
+        row = conn.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+        if row is not None and row["holder"] != holder and row["expires"] > now:
+            return False
+        conn.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?)", (name, holder, now + ttl_s))
+    return True

@@ -31,6 +31,13 @@ class RolloutIn(BaseModel):
     percent: float = Field(10.0, ge=0, le=100, description="Canary only: share of un-pinned traffic the candidate answers")
 
 
+class ExpectIn(BaseModel):
+    expected: str | None = Field(None, min_length=1, max_length=200, description=(
+        "Compare-and-set: the version this call means to act on (promote: the candidate; rollback: the "
+        "candidate, or with none the serving version); another one there answers 409 naming it. "
+        "Absent: act on whatever is there"))
+
+
 class RolloutOut(_Open):
     model: str
     stable: str
@@ -39,6 +46,8 @@ class RolloutOut(_Open):
     percent: float
     updated: float
     updated_by: str | None
+    rolled_back: str | None = Field(None, description="Rollback only: the version traffic left (still stored)")
+    returned_to: str | None = Field(None, description="Rollback only: the version un-pinned traffic returned to")
 
 
 class CaptureSwitch(BaseModel):

@@ -29,6 +29,12 @@ class LoopSettings:
     auto_promote_min_feedback: int = 100
     auto_promote_margin: float = 0.0
 
+    @property
+    def feedback_wait_s(self) -> float:
+        """How long POST /feedback re-reads the database for a record another worker has not written
+        yet: a little over two flush intervals, so an unknown id still answers 404 within a second."""
+        return 2 * self.flush_s + 0.5
+
     @classmethod
     def of(cls, settings: Any) -> "LoopSettings":
         """From service settings: every `loop_*`, `capture_*`, `drift_*` and `auto_promote*` field there is."""

@@ -4,15 +4,19 @@ Every `flush_s` it drains the plane's queue and, in a thread: writes the predict
 stores the captures the sampling rule keeps (service/loop/capture.py) and the drift samples.
 Shadow copies run on the candidate through the pool's batcher (decoded here, never through the
 data plane, so they are neither recorded as answers nor shadowed again). Every `refresh_s` it
-re-reads rollouts and capture switches; every `drift_interval_s` it computes each active version's
-drift window, sets the gauges, and applies the auto-promote policy when it is on.
+re-reads rollouts and capture switches; every `drift_interval_s` it sets the gauges from the
+database and, in the one worker that holds the duties lease, computes each version's next drift
+window and applies the auto-promote policy when it is on. `flush()` writes the queue at once (for
+feedback on an answer the periodic write has not reached yet).
 """
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import os
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -26,6 +30,7 @@ from service.loop.metrics import count_answered, loop_metrics, set_gauge
 
 
 log = logging.getLogger("tuneserve.loop")
+DUTIES = "loop-duties"  # the lease: drift windows and auto-promote run in the one worker that holds it
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,7 +48,22 @@ class LoopWorker:
         self.service_settings = settings
         self.task: asyncio.Task | None = None
         self.shadows: set[asyncio.Task] = set()
+        self.drifting: asyncio.Task | None = None
         self.shadow_rows: list[tuple] = []
+        self.lock = asyncio.Lock()  # one write of the queue at a time: the periodic one or a feedback's flush
+        self.holder = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this worker's name on the duties lease
+
+    async def flush(self) -> None:
+        """Write everything queued now, after any write in progress: POST /feedback calls this when
+        a request id is not in the database yet, so feedback right after an answer finds its record."""
+        async with self.lock:
+            await self._step(len(self.plane.queue))
+
+    async def _step(self, limit: int) -> None:
+        items = self.plane.take(limit)
+        self._shadow(items)
+        rows, self.shadow_rows = self.shadow_rows, []
+        await asyncio.to_thread(self._write, items, rows)
 
     def start(self) -> None:
         self.plane.refresh()
@@ -52,7 +72,7 @@ class LoopWorker:
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
-        for task in list(self.shadows):
+        for task in [*self.shadows, *([self.drifting] if self.drifting else [])]:
             task.cancel()
         await asyncio.to_thread(self._write, self.plane.take(len(self.plane.queue)))
 
@@ -62,16 +82,15 @@ class LoopWorker:
         while True:
             await asyncio.sleep(s.flush_s)
             try:
-                items = self.plane.take(1000)
-                self._shadow(items)
-                rows, self.shadow_rows = self.shadow_rows, []
-                await asyncio.to_thread(self._write, items, rows)
+                async with self.lock:
+                    await self._step(1000)
                 now = time.monotonic()
                 if now - refreshed >= s.refresh_s:
                     await asyncio.to_thread(self.plane.refresh)
                     refreshed = now
-                if now - drifted >= s.drift_interval_s:
-                    await asyncio.to_thread(self.drift_pass)
+                if now - drifted >= s.drift_interval_s and (self.drifting is None or self.drifting.done()):
+                    # beside the flushes, not between them: a window's test must not hold records back
+                    self.drifting = asyncio.get_running_loop().create_task(asyncio.to_thread(self._drift_safely))
                     drifted = now
             except asyncio.CancelledError:
                 raise
@@ -141,33 +160,52 @@ class LoopWorker:
         return resize_and_crop(decode_image(data, s.max_pixels, s.allowed_formats, draft_size=spec.resize), spec)
 
     # ---- drift, gauges, auto-promote -------------------------------------------------------------
-    def drift_pass(self) -> None:
-        db, s = self.plane.db, self.plane.settings
-        active = db.read("SELECT model, version, MAX(id) AS newest FROM samples GROUP BY model, version")
-        for row in active:
-            model, version = row["model"], row["version"]
-            if row["newest"] > drift.last_reported_id(db, model, version):
-                try:
-                    reference, labels = reference_of(model, version)
-                except Exception as error:  # a deleted version: its samples age out
-                    log.info("no drift reference for %s:%s: %s", model, version, error)
-                    continue
-                report = drift.window_report(db, model, version, reference, list(labels), s.drift_window,
-                                             s.drift_alpha, s.drift_permutations)
-                drift.record(db, model, version, report)
-                self._gauges(model, version, report)
-        for model in {row["model"] for row in active}:
-            self._accuracy_and_policy(model)
+    def _drift_safely(self) -> None:
+        try:
+            self.drift_pass()
+        except Exception:  # the next pass tries again
+            log.exception("production loop drift pass failed")
 
-    @staticmethod
-    def _gauges(model: str, version: str, report: dict) -> None:
+    def drift_pass(self) -> None:
+        """Every worker sets its gauges from the database; only the lease holder (one worker of all)
+        computes drift windows and runs auto-promote, so each window is tested once and each
+        decision is made once."""
+        db, s = self.plane.db, self.plane.settings
+        leader = rollout.hold_lease(db, DUTIES, self.holder, max(3 * s.drift_interval_s, 10.0))
+        active = db.read("SELECT model, version FROM samples GROUP BY model, version")
+        for row in active:
+            if leader:
+                self._window(row["model"], row["version"])
+            self._gauges(row["model"], row["version"])
+        held = db.read("SELECT model FROM rollouts WHERE candidate IS NOT NULL")
+        for model in {row["model"] for row in [*active, *held]}:
+            self._accuracy_and_policy(model, leader)
+
+    def _window(self, model: str, version: str) -> None:
+        db, s = self.plane.db, self.plane.settings
+        if drift.unreported(db, model, version) < s.drift_window:
+            return  # windows never overlap: wait for a full one of new samples
+        try:
+            reference, labels = reference_of(model, version)
+        except Exception as error:  # a deleted version: its samples age out
+            log.info("no drift reference for %s:%s: %s", model, version, error)
+            return
+        report = drift.window_report(db, model, version, reference, list(labels), s.drift_window,
+                                     s.drift_alpha, s.drift_permutations)
+        drift.record(db, model, version, report)
+
+    def _gauges(self, model: str, version: str) -> None:
+        newest = drift.history(self.plane.db, model, version, 1)
+        if not newest:
+            return
+        report = newest[0]
         set_gauge("drift_p_value", model, version, report["embedding"]["p_value"])
         set_gauge("drift_mmd2", model, version, report["embedding"]["mmd2"])
         set_gauge("drift_label_psi", model, version, report["labels"]["psi"])
         set_gauge("in_domain_rate", model, version, report["in_domain_rate"])
         set_gauge("abstention_rate", model, version, report["abstention_rate"])
 
-    def _accuracy_and_policy(self, model: str) -> None:
+    def _accuracy_and_policy(self, model: str, leader: bool) -> None:
         db, s = self.plane.db, self.plane.settings
         accuracy = records.live_accuracy(db, model)
         for version, live in accuracy.items():
@@ -177,8 +215,20 @@ class LoopWorker:
         if state is not None and state.candidate and state.mode == "shadow":
             set_gauge("shadow_agreement", model, state.candidate,
                       rollout.shadow_summary(db, model, state.candidate)["agreement"])
-        if s.auto_promote and state is not None and rollout.should_auto_promote(
-                accuracy, state, s.auto_promote_min_feedback, s.auto_promote_margin):
-            rollout.promote(db, model, by="auto-promote",
-                            reason=f"was stable: {state.stable}")
-            log.info("auto-promoted %s:%s (live accuracy no worse than %s)", model, state.candidate, state.stable)
+        if leader and s.auto_promote and state is not None and state.candidate:
+            self._auto_promote(model, state, accuracy)
+
+    def _auto_promote(self, model: str, state: rollout.Rollout, accuracy: dict) -> None:
+        s = self.plane.settings
+        decided = rollout.auto_promote_decision(accuracy, state, s.auto_promote_min_feedback, s.auto_promote_margin)
+        rollout.record_decision(self.plane.db, model, decided)
+        if decided["decision"] != "promote":
+            return
+        try:  # compare-and-set: an operator may have promoted or rolled back since `state` was read
+            rollout.promote(self.plane.db, model, by="auto-promote", expected=state.candidate)
+        except rollout.RolloutError as error:
+            log.info("auto-promote of %s:%s skipped: %s", model, state.candidate, error)
+            return
+        c, st = decided["candidate"], decided["stable"]
+        log.info("auto-promoted %s:%s (Wilson lower %.3f on %d labels > %s's upper %.3f on %d)",
+                 model, state.candidate, c["lower"], c["count"], state.stable, st["upper"], st["count"])

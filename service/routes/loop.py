@@ -6,6 +6,7 @@ key's name is recorded as who did it. The work is service/loop's; this module on
 """
 import asyncio
 import json
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -22,7 +23,7 @@ from service.loop.capture import Captured
 from service.loop.monitor import monitor
 from service.loop.plane import LoopPlane, loop_for
 from service.loop.schemas import (
-    CaptureSwitch, FeedbackIn, FeedbackOut, Monitor, ReviewQueue, RolloutIn, RolloutOut,
+    CaptureSwitch, ExpectIn, FeedbackIn, FeedbackOut, Monitor, ReviewQueue, RolloutIn, RolloutOut,
 )
 from service.routes.forms import ModelPath, errors
 from service.routes.loop_retrain import add_retrain_route
@@ -64,12 +65,12 @@ def build_router(settings: Settings) -> APIRouter:
             body = FeedbackIn(**fields)
         except ValidationError as error:
             raise records.BadFeedback(_explain(error)) from None
-        return await asyncio.to_thread(_record, loop, body.request_id, body.label.strip(), by)
+        return await _feedback_on_answer(loop, body.request_id, body.label.strip(), by)
 
     @router.get("/models/{name}/review", dependencies=read, response_model=ReviewQueue, responses=errors(401, 404, 422))
     async def review_queue(name: ModelPath, loop: Loop, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> dict:
         """Captured, unlabelled images, most informative first (see service/loop/review.py)."""
-        model = _known(name)
+        model = await asyncio.to_thread(_known, name)
         found = await asyncio.to_thread(review.candidates, loop.db, model)
         ranked = await asyncio.to_thread(review.rank, found, limit)
         items = [{**_candidate(c), "uncertainty": score, "image_url": f"/models/{model}/captures/{c.capture_id}"}
@@ -95,7 +96,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.post("/models/{name}/capture", responses=errors(400, 401, 404, 422))
     async def capture_switch(name: ModelPath, switch: CaptureSwitch, loop: Loop, by: str = Depends(key)) -> dict:
         """Turn capture of this model's requests on or off (every worker within a second)."""
-        model = _known(name)
+        model = await asyncio.to_thread(_known, name)
         return await asyncio.to_thread(loop.set_capture, model, switch.enabled, switch.fraction, by)
 
     _rollout_routes(router, read, key)
@@ -107,12 +108,12 @@ def _rollout_routes(router: APIRouter, read: list, key) -> None:
     @router.get("/models/{name}/monitor", dependencies=read, response_model=Monitor, responses=errors(401, 404, 422))
     async def model_monitor(name: ModelPath, loop: Loop) -> dict:
         """Per version: eval.json vs live accuracy, drift, rates; the rollout, shadow agreement, captures."""
-        return await asyncio.to_thread(monitor, loop, _known(name))
+        return await asyncio.to_thread(lambda: monitor(loop, _known(name)))
 
     @router.post("/models/{name}/rollout", response_model=RolloutOut, responses=errors(400, 401, 404, 409, 422))
     async def start_rollout(name: ModelPath, body: RolloutIn, loop: Loop, by: str = Depends(key)) -> dict:
         """Make `version` a canary (`percent` of un-pinned traffic) or a shadow of the stable version."""
-        model = _known(name)
+        model = await asyncio.to_thread(_known, name)
         await asyncio.to_thread(store.resolve, f"{model}:{body.version}")  # 404 naming it when unknown
         serving = await asyncio.to_thread(_serving_before, model, body.version)
         state = await asyncio.to_thread(rollouts.start, loop.db, model, body.version, body.mode, body.percent,
@@ -120,19 +121,27 @@ def _rollout_routes(router: APIRouter, read: list, key) -> None:
         await asyncio.to_thread(loop.refresh)
         return state.public()
 
-    @router.post("/models/{name}/promote", response_model=RolloutOut, responses=errors(401, 404, 409))
-    async def promote(name: ModelPath, loop: Loop, by: str = Depends(key)) -> dict:
-        """The candidate becomes stable: all un-pinned traffic, on every worker within a second."""
-        state = await asyncio.to_thread(rollouts.promote, loop.db, _known(name), by)
+    @router.post("/models/{name}/promote", response_model=RolloutOut, responses=errors(401, 404, 409, 422))
+    async def promote(name: ModelPath, loop: Loop, body: ExpectIn | None = None, by: str = Depends(key)) -> dict:
+        """The candidate becomes stable: all un-pinned traffic, on every worker within a second. With
+        `expected`, only if that is still the candidate (else 409 naming the actual one)."""
+        model = await asyncio.to_thread(_known, name)
+        expected = body.expected if body else None
+        state = await asyncio.to_thread(rollouts.promote, loop.db, model, by, "", expected)
         await asyncio.to_thread(loop.refresh)
         return state.public()
 
-    @router.post("/models/{name}/rollback", response_model=RolloutOut, responses=errors(401, 404, 409))
-    async def rollback(name: ModelPath, loop: Loop, by: str = Depends(key)) -> dict:
-        """Drop the candidate; without one, return to the stable version before the last promotion."""
-        state = await asyncio.to_thread(rollouts.rollback, loop.db, _known(name), by)
+    @router.post("/models/{name}/rollback", response_model=RolloutOut, responses=errors(401, 404, 409, 422))
+    async def rollback(name: ModelPath, loop: Loop, body: ExpectIn | None = None, by: str = Depends(key)) -> dict:
+        """Drop the candidate; without one, return to the version before the serving one (the stable
+        one before its promotion, else the one published before it; every version stays stored).
+        With `expected`, only if that is the version being rolled back (else 409 naming it)."""
+        model = await asyncio.to_thread(_known, name)
+        versions = await asyncio.to_thread(_versions, model)
+        state, rolled = await asyncio.to_thread(rollouts.rollback, loop.db, model, by, versions,
+                                                body.expected if body else None)
         await asyncio.to_thread(loop.refresh)
-        return state.public()
+        return {**state.public(), "rolled_back": rolled, "returned_to": state.stable}
 
 
 def _known(ref: str) -> str:
@@ -140,6 +149,32 @@ def _known(ref: str) -> str:
     if store.latest_version(name) is None:
         raise ModelNotFound(f"unknown model {name!r}")
     return name
+
+
+def _versions(model: str) -> list[str]:
+    """The model's versions, `latest` first, then the others newest first."""
+    latest = store.latest_version(model)
+    names = [v.version for v in store.list_models().get(model, [])]
+    return [v for v in dict.fromkeys([latest, *names]) if v]
+
+
+async def _feedback_on_answer(loop: LoopPlane, request_id: str, label: str, by: str) -> dict:
+    """Feedback by request id, also right after the answer: a record not in the database yet is
+    either queued in this worker (flushed now) or about to be written by the worker that answered
+    (the database is re-read for a bounded `feedback_wait_s`, a little over its flush interval)."""
+    deadline = time.monotonic() + loop.settings.feedback_wait_s
+    flushed = False
+    while True:
+        try:
+            return await asyncio.to_thread(_record, loop, request_id, label, by)
+        except records.UnknownRequest:
+            if time.monotonic() >= deadline:
+                raise
+        if not flushed:
+            flushed = True
+            await loop.flush()
+        else:
+            await asyncio.sleep(0.05)
 
 
 def _serving_before(model: str, candidate: str) -> str | None:

@@ -1,6 +1,7 @@
 """POST /models/{name}/finetune_from_feedback: a fine-tune job whose source is the served version
 and whose data is its labelled feedback (plus, when asked, the version's training data); the job
-is an ordinary fine-tune (GET /finetune/{job_id} follows it)."""
+is an ordinary fine-tune (GET /finetune/{job_id} follows it). Every store read, file and SQLite
+call runs in a worker thread, never on the event loop."""
 import asyncio
 import json
 import shutil
@@ -38,27 +39,34 @@ def add_retrain_route(router: APIRouter, loop_of, key) -> None:
         if manager is None:
             raise HTTPException(501, "fine-tune jobs are not available on this server")
         model, _ = store.split_ref(name)
-        version = body.version or _serving(loop, model)
-        kind = kind_named("finetune")
-        config = kind.validate({"name": body.name or model, "source": f"{model}:{version}", **body.config})
-        from service.finetune.store import new_job_id
-
-        job_id = new_job_id(kind.id_prefix)
-        job_dir = manager.settings.jobs_dir / job_id
-        try:
-            info = await asyncio.to_thread(retrain.prepare, loop.db, model, version, job_dir / "dataset",
-                                           body.with_training_data)
-            min_per_class = max(manager.settings.finetune_min_per_class, int(config.get("min_images_per_class") or 2))
-            summary = await asyncio.to_thread(check_dataset, job_dir / "dataset", manager.settings, min_per_class, config)
-            job = manager.store.create(config, job_dir / "dataset", job_dir, job_id, submitted_by=by,
-                                       quota=manager.settings, kind=kind.name)
-        except BaseException:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            raise
+        version = body.version or await asyncio.to_thread(_serving, loop, model)
+        job, kind, config, info, summary = await asyncio.to_thread(_submit, manager, loop, model, version, body, by)
         manager.wake()
-        await asyncio.to_thread(_record, loop, model, info, job_id, by)
+        await asyncio.to_thread(_record, loop, model, info, job.id, by)
         body_out = {"job_id": job.id, "kind": kind.name, "state": job.state, "dataset": summary, "config": config, **info}
         return JSONResponse(body_out, status_code=202, headers={"Location": f"/{kind.name}/{job.id}"})
+
+
+def _submit(manager: Any, loop: LoopPlane, model: str, version: str, body: RetrainIn, by: str) -> tuple:
+    """Validate, build the dataset, check it and store the job, in one worker thread (store reads,
+    file links, SQLite writes: none of it on the event loop); a failure removes the job folder.
+    → (job, kind, config, what the dataset holds, the dataset summary)."""
+    from service.finetune.store import new_job_id
+
+    kind = kind_named("finetune")
+    config = kind.validate({"name": body.name or model, "source": f"{model}:{version}", **body.config})
+    job_id = new_job_id(kind.id_prefix)
+    job_dir = manager.settings.jobs_dir / job_id
+    try:
+        info = retrain.prepare(loop.db, model, version, job_dir / "dataset", body.with_training_data)
+        min_per_class = max(manager.settings.finetune_min_per_class, int(config.get("min_images_per_class") or 2))
+        summary = check_dataset(job_dir / "dataset", manager.settings, min_per_class, config)
+        job = manager.store.create(config, job_dir / "dataset", job_dir, job_id, submitted_by=by,
+                                   quota=manager.settings, kind=kind.name)
+    except BaseException:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    return job, kind, config, info, summary
 
 
 def _serving(loop: LoopPlane, model: str) -> str:
