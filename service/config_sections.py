@@ -217,6 +217,9 @@ class LimitSettings(Section):
     allowed_formats: Annotated[frozenset[str], parsed(formats)] = Field(ALLOWED_FORMATS, description="Image formats accepted (comma-separated)")
     max_zip_entries: Int(1) = Field(ZIP_LIMITS.max_entries, description="Entries an uploaded dataset zip may hold")
     max_unpacked_mb: Float(positive=True) = Field(ZIP_LIMITS.max_unpacked_bytes / MIB, description="Total unpacked size of an uploaded dataset zip, MiB")
+    evaluate_max_images: Int(1) = Field(5000, description="Images one /evaluate may hold (413 beyond); one evaluation runs at a time per worker (429)")
+    evaluate_max_unpacked_mb: Float(positive=True) = Field(
+        512.0, description="Unpacked size of an /evaluate zip, MiB; its scratch is charged to the fine-tune disk budget (507)")
 
     @property
     def max_body_bytes(self) -> int:
@@ -225,6 +228,10 @@ class LimitSettings(Section):
     @property
     def max_unpacked_bytes(self) -> int:
         return int(self.max_unpacked_mb * MIB)
+
+    @property
+    def evaluate_max_unpacked_bytes(self) -> int:
+        return int(self.evaluate_max_unpacked_mb * MIB)
 
 
 class ServingSettings(Section):
@@ -310,8 +317,8 @@ class LoopSettings(Section):
     drift_window: Int(10) = Field(200, description="Samples per drift window (the newest, per version)")
     drift_max_samples: Int(10) = Field(2000, description="Drift samples kept per version")
     drift_interval_s: Float(positive=True) = Field(30.0, description="How often each version's drift window is computed, seconds")
-    drift_alpha: Share = Field(0.01, description="MMD permutation p-value below which a window counts as drifted")
+    drift_alpha: Share = Field(0.01, description="MMD permutation p-value below which a window counts as drifted (windows never overlap: about alpha x windows false alarms a day)")
     loop_refresh_s: Float(positive=True) = Field(1.0, description="How often each worker re-reads rollouts and capture switches, seconds")
-    auto_promote: Bool = Field(False, description="Promote a candidate whose live accuracy is no worse than stable's")
+    auto_promote: Bool = Field(False, description="Promote a candidate once its live accuracy's 95 % Wilson lower bound is above stable's upper bound (one worker decides)")
     auto_promote_min_feedback: Int(1) = Field(100, description="Labelled requests each version needs before auto-promote decides")
-    auto_promote_margin: Share = Field(0.0, description="How much lower than stable's the candidate's live accuracy may be")
+    auto_promote_margin: Share = Field(0.0, description="Auto-promote also when the candidate's Wilson lower bound is at most this far below stable's upper bound")
