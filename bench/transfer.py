@@ -13,8 +13,11 @@ same splits in the same run:
   embed-knn        k-NN on the source's embedding (its pooled last layer)
   embed-logistic   a logistic probe on the source's embedding
   scratch          the same network from random weights, trained for the wall time auto used
-Accuracy, macro F1, balanced accuracy, per-class recall and seconds; mean ± std over seeds in the
-markdown table (`--table`). State the machine's load with the numbers: this prints it.
+Accuracy, macro F1, balanced accuracy, per-class recall, the positive class's recall where the target
+names one (inspection: "defective") and seconds; mean ± std over seeds in the markdown table.
+Images of varying sizes (the inspection targets) reach the raw-pixel baselines resized to one
+MAX_SIDE × MAX_SIDE grid; inspection defect masks are written beside the data (root/masks/<same
+path>). State the machine's load with the numbers: this prints it.
 `--quick` (CI): one target, 10 images per class, one seed, 300 test images. Test splits larger than
 `--max-test` (2,000) are subsampled with the seed, the same images for every method.
 """
@@ -37,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.baselines import embedding_knn, embedding_logistic, raw_logistic, raw_svc, score  # noqa: E402
+from bench.baselines import MAX_SIDE, embedding_knn, embedding_logistic, raw_logistic, raw_svc, score  # noqa: E402
 from bench.transfer_data import TARGETS, Target, load_target  # noqa: E402
 from models.data.datasets import Sample, split_samples  # noqa: E402
 from training.auto import predict, run_auto  # noqa: E402
@@ -51,15 +54,28 @@ QUICK_TEST_IMAGES = 300
 MAX_SCRATCH_EPOCHS = 100  # a bound, should auto's wall time ever include a pause
 
 
-def write_images(x: np.ndarray, y: np.ndarray, labels: list[str], root: Path, split: str | None) -> list[Sample]:
+def write_images(x: np.ndarray, y: np.ndarray, labels: list[str], root: Path, split: str | None,
+                 masks: np.ndarray | None = None) -> list[Sample]:
+    """PNGs under root/<label>/; each mask (when given) at root/../masks/<the same path>, outside the dataset."""
     samples = []
     for i, (image, target) in enumerate(zip(x, y)):
-        folder = root / labels[target]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{split or 'train'}-{i:05d}.png"
-        Image.fromarray(image).save(path)
-        samples.append(Sample(path, labels[target], split))
+        relative = Path(labels[target]) / f"{split or 'train'}-{i:05d}.png"
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / relative)
+        if masks is not None:
+            (root.parent / "masks" / relative).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(masks[i].astype(np.uint8) * 255).save(root.parent / "masks" / relative)
+        samples.append(Sample(root / relative, labels[target], split))
     return samples
+
+
+def on_one_grid(images: np.ndarray, side: int = MAX_SIDE) -> np.ndarray:
+    """Images of different sizes (an object array) → uint8 [N, side, side, 3] for the raw-pixel baselines,
+    which resize to at most MAX_SIDE anyway; a stacked array passes through untouched."""
+    if images.dtype != object:
+        return images
+    return np.stack([np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
+                     for image in images])
 
 
 @torch.no_grad()
@@ -72,8 +88,8 @@ def embeddings(config: TrainConfig, labels: list[str], samples: list[Sample]) ->
 
 def prepare_case(target: Target, seed: int, root: Path, source: str) -> tuple[TrainConfig, dict, list[str]]:
     labels = list(target.labels)
-    train = write_images(target.train_x, target.train_y, labels, root / "data", None)
-    test = write_images(target.test_x, target.test_y, labels, root / "data", "test")
+    train = write_images(target.train_x, target.train_y, labels, root / "data", None, target.train_masks)
+    test = write_images(target.test_x, target.test_y, labels, root / "data", "test", target.test_masks)
     splits = split_samples(train + test, val_fraction=0.15, test_fraction=0.0, seed=seed)
     config = TrainConfig(name="bench", source=source, data=str(root / "data"), seed=seed,
                          output_dir=str(root / "run"))
@@ -93,10 +109,12 @@ def run_case(target: Target, seed: int, source: str) -> list[dict]:
     result = run_auto(config, splits, labels)
     auto_s = time.monotonic() - started
     pred = predict(result.built.model, splits["test"], labels, result.built.preprocessing)
-    rows.append(record("auto", score(test_y, pred, auto_s), chosen=result.strategy, candidates=result.candidates,
-                       image_size=config.image_size))
-    rows.append(record("raw-logistic", raw_logistic(target.train_x, target.train_y, target.test_x, target.test_y)))
-    rows.append(record("raw-svc", raw_svc(target.train_x, target.train_y, target.test_x, target.test_y)))
+    positive = labels.index(target.positive) if target.positive else None
+    rows.append(record("auto", score(test_y, pred, auto_s), positive, chosen=result.strategy,
+                       candidates=result.candidates, image_size=config.image_size))
+    train_x, test_x = on_one_grid(target.train_x), on_one_grid(target.test_x)
+    rows.append(record("raw-logistic", raw_logistic(train_x, target.train_y, test_x, target.test_y), positive))
+    rows.append(record("raw-svc", raw_svc(train_x, target.train_y, test_x, target.test_y), positive))
 
     started = time.monotonic()
     train_samples = splits["train"] + splits["val"]
@@ -106,13 +124,13 @@ def run_case(target: Target, seed: int, source: str) -> list[dict]:
     train_fy = np.array([labels.index(s.label) for s in train_samples])
     for name, fit in (("embed-knn", embedding_knn), ("embed-logistic", embedding_logistic)):
         scores = fit(train_f, train_fy, test_f, test_y)
-        rows.append(record(name, replace(scores, seconds=scores.seconds + embed_s)))
-    rows.append(scratch_row(config, splits, labels, auto_s, test_y, root))
+        rows.append(record(name, replace(scores, seconds=scores.seconds + embed_s), positive))
+    rows.append(scratch_row(config, splits, labels, auto_s, test_y, root, positive))
     return rows
 
 
 def scratch_row(config: TrainConfig, splits: dict, labels: list[str], budget_s: float, test_y: np.ndarray,
-                root: Path) -> dict:
+                root: Path, positive: int | None = None) -> dict:
     """The same network from random weights, trained for about the wall time auto used (epochs from one timed epoch)."""
     started = time.monotonic()
     scratch = config.replace(strategy="full", weights="none", epochs=1, patience=0, output_dir=str(root / "scratch"))
@@ -122,11 +140,15 @@ def scratch_row(config: TrainConfig, splits: dict, labels: list[str], budget_s: 
     if epochs > 1:
         result = train(scratch.replace(epochs=epochs, output_dir=str(root / "scratch2")), splits, labels)
     pred = predict(result.built.model, splits["test"], labels, result.built.preprocessing)
-    return record("scratch", score(test_y, pred, time.monotonic() - started), epochs=epochs)
+    return record("scratch", score(test_y, pred, time.monotonic() - started), positive, epochs=epochs)
 
 
-def record(method: str, scores, **extra) -> dict:
-    return {"method": method, **asdict(scores), "min_recall": float(min(scores.per_class_recall)), **extra}
+def record(method: str, scores, positive: int | None = None, **extra) -> dict:
+    """A result row; `positive` (a class id present in the test split) adds that class's recall."""
+    row = {"method": method, **asdict(scores), "min_recall": float(min(scores.per_class_recall))}
+    if positive is not None:  # per_class_recall follows the sorted test labels, which hold every class here
+        row["positive_recall"] = float(scores.per_class_recall[positive])
+    return {**row, **extra}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -141,18 +163,20 @@ def summarise(rows: list[dict]) -> list[dict]:
         table.append({"target": target, "per_class": per_class, "method": method, "seeds": len(members),
                       **{key: stat(key) for key in ("accuracy", "macro_f1", "seconds")},
                       "min_recall": stat("min_recall") if "min_recall" in members[0] else None,
+                      "positive_recall": stat("positive_recall") if "positive_recall" in members[0] else None,
                       "chosen": sorted({m.get("chosen") for m in members if m.get("chosen")})})
     return table
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| target | train/class | method | accuracy | macro F1 | worst-class recall | seconds | auto chose |",
-             "|---|---|---|---|---|---|---|---|"]
+    """The table; "positive recall" (the defective class's, for inspection) is blank for targets without one."""
+    lines = ["| target | train/class | method | accuracy | macro F1 | worst-class recall | positive recall | seconds"
+             " | auto chose |", "|---|---|---|---|---|---|---|---|---|"]
     for row in table:
-        fmt = lambda pair: f"{pair[0]:.3f} ± {pair[1]:.3f}"  # noqa: E731
-        recall = fmt(row["min_recall"]) if row["min_recall"] else ""
+        fmt = lambda pair: f"{pair[0]:.3f} ± {pair[1]:.3f}" if pair else ""  # noqa: E731
         lines.append(f"| {row['target']} | {row['per_class']} | {row['method']} | {fmt(row['accuracy'])} | "
-                     f"{fmt(row['macro_f1'])} | {recall} | {row['seconds'][0]:.1f} | {', '.join(row['chosen'])} |")
+                     f"{fmt(row['macro_f1'])} | {fmt(row['min_recall'])} | {fmt(row.get('positive_recall'))} | "
+                     f"{row['seconds'][0]:.1f} | {', '.join(row['chosen'])} |")
     return "\n".join(lines)
 
 
@@ -164,7 +188,8 @@ def run_target(name: str, per_class: int | None, seed: int, args) -> list[dict]:
     target = load_target(name, per_class, seed)
     if len(target.test_y) > args.max_test:
         keep = np.random.default_rng(seed).permutation(len(target.test_y))[:args.max_test]
-        target = replace(target, test_x=target.test_x[keep], test_y=target.test_y[keep])
+        masks = None if target.test_masks is None else target.test_masks[keep]
+        target = replace(target, test_x=target.test_x[keep], test_y=target.test_y[keep], test_masks=masks)
     load_before = os.getloadavg()[0]
     rows = []
     for row in run_case(target, seed, args.source):

@@ -11,6 +11,13 @@ test split is kept whole except where a loader notes otherwise.
     fashion          Fashion-MNIST (Debian's dataset-fashion-mnist), official train / 10,000-image test
     faces            scikit-image lfw_subset: faces vs non-faces, a seeded 50/50 stratified split
     textures         crops of scikit-image's texture photos: top half trains, bottom half tests
+    inspection-grey  thin low-contrast scratches, cracks and spots on 256–320 px crops of scikit-image's grey
+                     photos (training/inspection_data.py); defective a third; per_class is the defective
+                     count (clean twice that); train crops from one half of each photo, test from the other
+    inspection-colour  the same on its colour photos
+
+The inspection targets' images differ in size, so their image fields are object arrays of [H, W, 3]
+arrays; they carry each image's defect mask and name their positive class ("defective").
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ FASHION_MAX_TRAIN = 6000  # 60,000 train images do not fit a 2-core benchmark ru
 TEXTURE_SIZE = 64
 TEXTURE_TRAIN_CROPS = 100  # per class
 TEXTURE_TEST_CROPS = 50
+INSPECTION_ALL = 150  # defective train images for "all" (clean: twice that): the generator has no end
+INSPECTION_TEST = 300  # test images per seed, a third defective
 
 
 @dataclass
@@ -41,6 +50,9 @@ class Target:
     test_x: np.ndarray
     test_y: np.ndarray
     shift: str  # one line: what makes the test split differ from the train split
+    positive: str | None = None  # the class whose recall matters most (inspection: "defective")
+    train_masks: np.ndarray | None = None  # object array of bool [H, W] defect masks (inspection only)
+    test_masks: np.ndarray | None = None
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:
@@ -189,12 +201,41 @@ def load_textures(per_class: int | None, seed: int, size: int = TEXTURE_SIZE) ->
                   "spatial: train crops come from the top half of each photo, test crops from the bottom half")
 
 
+def as_objects(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-d object array holding `arrays` (of different shapes) as they are."""
+    holder = np.empty(len(arrays), dtype=object)
+    holder[:] = arrays
+    return holder
+
+
+def load_inspection(per_class: int | None, seed: int, variant: str = "grey",
+                    test_images: int = INSPECTION_TEST) -> Target:
+    from training.inspection_data import LABELS, generate
+
+    defective = per_class or INSPECTION_ALL
+    parts = {split: generate(count, seed, split, variant) for split, count in (("train", 3 * defective),
+                                                                               ("test", test_images))}
+
+    def field(split: str, name: str) -> np.ndarray:
+        return as_objects([getattr(item, name) for item in parts[split]])
+
+    def labels(split: str) -> np.ndarray:
+        return np.array([LABELS.index(item.label) for item in parts[split]], np.int64)
+
+    return Target(f"inspection-{variant}", list(LABELS), field("train", "image"), labels("train"),
+                  field("test", "image"), labels("test"),
+                  "spatial: train crops come from one half of each photo, test crops from the other half",
+                  positive="defective", train_masks=field("train", "mask"), test_masks=field("test", "mask"))
+
+
 LOADERS: dict[str, Callable[..., Target]] = {
     "digits-writer": load_digits_writer,
     "digits-to-mnist": load_digits_to_mnist,
     "fashion": load_fashion,
     "faces": load_faces,
     "textures": load_textures,
+    "inspection-grey": lambda per_class, seed, **options: load_inspection(per_class, seed, "grey", **options),
+    "inspection-colour": lambda per_class, seed, **options: load_inspection(per_class, seed, "colour", **options),
 }
 TARGETS = tuple(LOADERS)
 

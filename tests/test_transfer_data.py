@@ -97,6 +97,7 @@ def test_faces_and_textures_splits():
 
 
 def test_unknown_target_is_named():
-    assert TARGETS == ("digits-writer", "digits-to-mnist", "fashion", "faces", "textures")
+    assert TARGETS == ("digits-writer", "digits-to-mnist", "fashion", "faces", "textures", "inspection-grey",
+                       "inspection-colour")
     with pytest.raises(ValueError, match="unknown target 'mnist'.*digits-writer"):
         load_target("mnist", None, 0)

@@ -1,10 +1,11 @@
-"""Offline demo datasets written as a folder per class: scikit-learn's digits, scikit-image's textures."""
+"""Offline demo datasets: scikit-learn's digits and scikit-image's textures (a folder per class), and an
+inspection set (thin scratches, cracks and spots on real photos, with masks: training/inspection_data.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-DEMO_SETS = ("digits", "textures")
+DEMO_SETS = ("digits", "textures", "inspection")
 TEXTURES = ("brick", "grass", "gravel", "moon")
 
 
@@ -44,10 +45,19 @@ def write_textures(directory: Path, size: int = 64, per_class: int = 60, seed: i
 
 
 def write_demo_data(dataset: str, directory: Path, size: int = 64, per_class: int = 60, seed: int = 0) -> dict[str, Any]:
-    """Write `dataset` (one of DEMO_SETS) under `directory`; returns what was written."""
+    """Write `dataset` (one of DEMO_SETS) under `directory`; returns what was written.
+
+    inspection: `per_class` defective images and twice as many clean ones, a quarter of them a given
+    test split, `manifest.csv` naming every image (so the `masks/` folder beside them is no class)."""
     if dataset not in DEMO_SETS:
         raise ValueError(f"unknown demo dataset {dataset!r}; known: {', '.join(DEMO_SETS)}")
     directory.mkdir(parents=True, exist_ok=True)
+    if dataset == "inspection":  # real sizes (256–320 px a side) are the point of this set: `size` does not apply
+        from training.inspection_data import LABELS, write_inspection
+
+        written = write_inspection(directory, per_class, seed)
+        return {"dataset": dataset, "directory": str(directory), "images": written["images"], "classes": list(LABELS),
+                "defective": written["defective"], "masks": str(directory / "masks.csv")}
     if dataset == "digits":
         count = write_digits(directory, size)
     else:

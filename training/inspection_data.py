@@ -3,10 +3,10 @@
 Every image is a random crop of one of scikit-image's bundled photos or textures (only those that load
 without a download), at a real size (each side drawn from 256–320 px). A third of them (the minority,
 as in inspection) get a defect drawn at full resolution: a 1–2 px scratch (a nearly straight polyline),
-a random-walk crack (sometimes branched) or a few 2–4 px spots, 1–1.5 times the texture's local spread
-off the background (25–90 grey levels). Defects are local and thin, and the clean images hold natural edges and texture (mortar
-lines, gravel, a camera's tripod), so a classifier on downsampled pixels sees next to nothing while a
-model that looks at fine detail can. Each defect's binary mask is kept for evidence-map evaluation.
+a random-walk crack (sometimes branched) or a few 2–4 px spots, 1–1.5 times the texture's local
+spread off the background (25–90 grey levels). Defects are local and thin, and the clean images hold
+natural edges and texture (mortar lines, gravel, a camera's tripod), so a classifier on downsampled
+pixels sees next to nothing while a model that looks at fine detail can. Each defect's binary mask is kept for evidence-map evaluation.
 
 Leakage: each photo is cut in two halves along its longer side; train crops come from the first half,
 test crops from the second, so no test background was seen in training. Everything is drawn from
@@ -45,7 +45,7 @@ class InspectionImage:
     label: str  # "clean" or "defective"
     split: str  # "train" or "test": which half of the source photo the crop came from
     source: str  # the scikit-image picture's name
-    box: tuple[int, int, int, int]  # the crop window in the source: top, left, height, width
+    box: tuple[int, int, int, int]  # the crop window in the source photo: top, left, height, width
     defects: tuple[str, ...]  # the kinds drawn, empty for a clean image
 
     @property
@@ -69,13 +69,13 @@ def load_picture(name: str) -> np.ndarray:
     return np.ascontiguousarray(picture[..., :3])
 
 
-def half_of(picture: np.ndarray, split: str) -> np.ndarray:
-    """The train (first) or test (second) half of `picture`, cut across its longer side."""
+def half_of(picture: np.ndarray, split: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """The train (first) or test (second) half of `picture`, cut across its longer side, and its (top, left)."""
     height, width = picture.shape[:2]
     first = split == SPLITS[0]
     if height >= width:
-        return picture[: height // 2] if first else picture[height // 2 :]
-    return picture[:, : width // 2] if first else picture[:, width // 2 :]
+        return (picture[: height // 2], (0, 0)) if first else (picture[height // 2 :], (height // 2, 0))
+    return (picture[:, : width // 2], (0, 0)) if first else (picture[:, width // 2 :], (0, width // 2))
 
 
 def random_crop(region: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -215,7 +215,9 @@ def generate(count: int, seed: int = 0, split: str = "train", variant: str = "gr
     images = []
     for is_defective in rng.permutation(defective):
         source = sources[int(rng.integers(len(sources)))]
-        crop, box = random_crop(regions[source], rng)
+        region, (top, left) = regions[source]
+        crop, (y, x, win_h, win_w) = random_crop(region, rng)
+        box = (top + y, left + x, win_h, win_w)  # in the whole photo
         grey = is_grey(crop)
         levels, mask, kinds = add_defect(crop, rng) if is_defective else (crop.astype(np.float64),
                                                                             np.zeros(crop.shape[:2], bool), ())
@@ -233,18 +235,14 @@ def write_inspection(directory: Path, per_class: int = 60, seed: int = 0, varian
     split) makes the folders a dataset whose `masks/` folder is not a class. `masks.csv` has, per
     image, its mask, split, source picture, crop box and defect kinds.
     """
-    from PIL import Image
-
     total = per_class * 3
     test_count = max(3, round(total * test_share))
     rows = []
     for split, count in (("train", total - test_count), ("test", test_count)):
         for index, item in enumerate(generate(count, seed, split, variant)):
             relative = Path(item.label) / f"{split}-{index:04d}.png"
-            for root, pixels in ((directory, item.image), (directory / "masks", item.mask.astype(np.uint8) * 255)):
-                (root / relative).parent.mkdir(parents=True, exist_ok=True)
-                mode = "L" if pixels.ndim == 2 or item.grey else "RGB"
-                Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and mode == "L" else pixels, mode).save(root / relative)
+            save_png(item.image[..., 0] if item.grey else item.image, directory / relative)
+            save_png(item.mask.astype(np.uint8) * 255, directory / "masks" / relative)
             rows.append({"path": relative.as_posix(), "label": item.label, "split": split,
                          "mask": (Path("masks") / relative).as_posix(), "source": item.source,
                          "box": " ".join(map(str, item.box)), "defects": " ".join(item.defects),
@@ -252,6 +250,14 @@ def write_inspection(directory: Path, per_class: int = 60, seed: int = 0, varian
     write_csv(directory / "manifest.csv", [{k: r[k] for k in ("path", "label", "split")} for r in rows])
     write_csv(directory / "masks.csv", rows)
     return {"images": len(rows), "defective": sum(r["label"] == "defective" for r in rows)}
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
+    """[H, W] as a grey PNG, [H, W, 3] as RGB (grey images are written with one channel)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path)  # 2-d: grey ("L"); [H, W, 3]: RGB
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
