@@ -27,7 +27,7 @@ from models.transfer.recipe import default_budget_s, fit_epochs
 from training.backbones import Built, Classifier, ImageModel, build_source
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, make_loader
-from training.multidepth import FittedHead, classifier_for, extract, fit_head, stages_for, val_scores
+from training.multidepth import FittedHead, classifier_for, embedding_gap, extract, fit_head, stages_for, val_scores
 from training.progress import Progress
 from training.train import TrainResult, train
 
@@ -37,6 +37,7 @@ ROOM = 0.99  # a val macro F1 at or above this leaves too little to win for a fi
 MIN_FINETUNE_EPOCHS = 3
 BACKWARD_FACTOR = 3.0  # a training step costs about 3 forward passes (forward, backward, update)
 FIXED_SECONDS = 20.0  # export, parity, calibration, evaluation and publishing of a small model on 2 cores
+EMBEDDING_GAP = 1e-4  # relative; the tap runs the body's own modules, so only float noise separates them
 
 
 @dataclass
@@ -57,14 +58,19 @@ class Features:
     val_x: np.ndarray
     val_y: np.ndarray
     per_image_s: float  # forward pass per image, measured
-    embedding_dim: int  # the last columns are the usual embedding (the last stage's global mean)
+    embedding_dim: int  # the last columns are the usual embedding: the model's own features(), what its head reads
 
 
 def compute_features(built: Built, splits: dict[str, list[Sample]], labels: list[str], config: TrainConfig,
                      stop: threading.Event | None) -> tuple[torch.nn.Module, Features]:
-    stages = stages_for(built.model.classifier.body)
+    body = built.model.classifier.body
+    stages = stages_for(body)
     if stages is None:
         raise ValueError(f"multi-depth features are not available for backbone {built.backbone}")
+    size = built.preprocessing.size
+    gap = embedding_gap(stages, body, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    if not gap <= EMBEDDING_GAP:  # heads fitted on other columns than the exported head reads would be published
+        raise ValueError(f"{built.backbone}: the stage tap's embedding differs from the model's features() ({gap:.3g})")
     started = time.monotonic()
     batches = {}
     for split in ("train", "val"):

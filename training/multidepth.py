@@ -14,6 +14,7 @@ an RBF SVC on the raw pixels 0.96 in the same run.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,14 +30,29 @@ C_VALUES = (0.03, 0.1, 0.3)  # inverse L2 strength, chosen on val; wide features
 MAX_ITER = 1000
 
 
+def tail_of(body: nn.Module) -> nn.Module:
+    """The body's own forward from its last feature map on (pooling, and whatever the backbone puts
+    before its head: MobileNetV3's Linear + Hardswish, ConvNeXt's LayerNorm), sharing its parameters.
+
+    A shallow copy whose trunk is an identity: the embedding is the model's own `features()`, not a
+    re-implementation of it, so a head fitted on it reads what the exported head reads."""
+    tail = copy.copy(body)
+    if isinstance(getattr(body, "features", None), nn.Sequential):
+        tail._modules = {**body._modules, "features": nn.Identity()}
+    else:  # EfficientNet-Lite: forward = extract_features → pooling → dropout → head
+        tail.extract_features = lambda x: x
+    return tail
+
+
 class LiteStages(nn.Module):
-    """EfficientNet-Lite body → the feature map after each MBConv block and after the head conv."""
+    """EfficientNet-Lite body → (the feature map after each MBConv block and after the head conv, the embedding)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self._tail = (tail_of(net),)  # a tuple: not registered twice
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
         maps = []
@@ -44,31 +60,45 @@ class LiteStages(nn.Module):
             x = block(x)
             maps.append(x)
         maps.append(net._swish(net._bn1(net._conv_head(x))))
-        return maps
+        return maps, self._tail[0](maps[-1])
 
 
 class SequentialStages(nn.Module):
-    """A body whose `features` is a Sequential of stages (the tiny test CNN) → each stage's output."""
+    """A body whose `features` is a Sequential of stages (torchvision's MobileNetV3, EfficientNet and
+    ConvNeXt, the tiny test CNN) → (each stage's output, the embedding)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self._tail = (tail_of(net),)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         maps = []
         for stage in self.net.features:
             x = stage(x)
             maps.append(x)
-        return maps
+        return maps, self._tail[0](maps[-1])
 
 
 def stages_for(body: nn.Module) -> nn.Module | None:
     """The stage tap for a backbone body, or None when multi-depth features are not supported for it."""
-    if all(hasattr(body, name) for name in ("_conv_stem", "_blocks", "_conv_head")):
+    if all(hasattr(body, name) for name in ("_conv_stem", "_blocks", "_conv_head", "extract_features")):
         return LiteStages(body)
     if isinstance(getattr(body, "features", None), nn.Sequential):
         return SequentialStages(body)
     return None
+
+
+@torch.no_grad()
+def embedding_gap(stages: nn.Module, body: nn.Module, x: torch.Tensor) -> float:
+    """max |tap's embedding − the body's own output| relative to its scale, on normalised images `x`:
+    a backbone whose forward does not start with its stages would give the heads the wrong columns."""
+    stages.eval()
+    _, embedding = stages(x)
+    own = body(x)
+    if own.shape != embedding.shape:
+        return float("inf")
+    return float((embedding - own).abs().max()) / max(1.0, float(own.abs().max()))
 
 
 def grid_means(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -83,20 +113,21 @@ def grid_means(x: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.stack(cells, 2).flatten(1)
 
 
-def pool_stages(maps: list[torch.Tensor], grid: int = GRID) -> torch.Tensor:
-    """Global mean of every stage, plus grid cells of every stage but the last (its global mean is the
-    usual embedding; a grid there would add the most dimensions and, measured, nothing)."""
+def pool_stages(maps: list[torch.Tensor], embedding: torch.Tensor | None = None, grid: int = GRID) -> torch.Tensor:
+    """Global mean and grid cells of every stage but the last, then the embedding (the model's own
+    `features()`; the last stage's global mean where none is given). The last stage gets no grid: it
+    would add the most dimensions and, measured, nothing. The embedding's columns come last."""
     parts = []
     for stage in maps[:-1]:
         parts += [stage.mean((2, 3)), grid_means(stage, grid)]
-    parts.append(maps[-1].mean((2, 3)))
+    parts.append(maps[-1].mean((2, 3)) if embedding is None else embedding)
     return torch.cat(parts, 1)
 
 
 class MultiDepthClassifier(Classifier):
     """Stages → standardised multi-depth features → the linear head.
 
-    The exported `embedding` stays the source's usual one (the last stage's global mean): the
+    The exported `embedding` stays the source's usual one (what its own head reads): the
     in-domain score, drift reference, advisor and instant heads keep working on a compact vector
     instead of ten thousand dimensions."""
 
@@ -107,18 +138,18 @@ class MultiDepthClassifier(Classifier):
         self.register_buffer("mean", mean.float().view(1, -1))
         self.register_buffer("scale", scale.float().view(1, -1))
 
-    def standardised(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        return (pool_stages(maps, self.grid) - self.mean) / self.scale
+    def standardised(self, maps: list[torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:
+        return (pool_stages(maps, embedding, self.grid) - self.mean) / self.scale
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.standardised(self.body(x))
+        return self.standardised(*self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     def logits_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.body(x)
-        return self.head(self.standardised(maps)), maps[-1].mean((2, 3))
+        maps, embedding = self.body(x)
+        return self.head(self.standardised(maps, embedding)), embedding
 
 
 @torch.no_grad()
@@ -132,7 +163,7 @@ def extract(stages: nn.Module, normalise: Callable[[torch.Tensor], torch.Tensor]
     for x, y in batches:
         if stop is not None and stop.is_set():
             raise Cancelled("cancelled while computing multi-depth features")
-        feats.append(pool_stages(stages(normalise(x))).float().numpy())
+        feats.append(pool_stages(*stages(normalise(x))).float().numpy())
         targets.append(np.asarray(y))
     return np.concatenate(feats), np.concatenate(targets).astype(np.int64)
 
