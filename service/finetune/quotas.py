@@ -91,7 +91,7 @@ def check_disk(settings: Any, incoming: int) -> int:
     free = free_bytes(settings.jobs_root)
     if incoming + settings.finetune_min_free_bytes > free:
         raise InsufficientStorage(
-            f"the disk holding {settings.jobs_root} has {free} bytes free; this submission needs {incoming} plus "
+            f"the job disk has {free} bytes free; this submission needs {incoming} plus "
             f"{settings.finetune_min_free_bytes} kept free (TUNESERVE_FINETUNE_MIN_FREE_MB). Free some space and submit again."
         )
     return min(budget - used, free - settings.finetune_min_free_bytes)

@@ -42,8 +42,8 @@ STATUS_MEANING = {
     413: "The body, an image's pixel count or the number of files is over its limit",
     415: "The body is not multipart/form-data, or an image format is not allowed",
     422: "A field breaks its declared constraints, or the data is not usable (labels, zip contents, training config)",
-    429: "Too many active jobs for this key or for the server; Retry-After says when to try again",
-    503: "The worker is still starting: models are not loaded yet",
+    429: "Too many active jobs for this key or for the server, or an evaluation already runs in this worker; Retry-After says when to try again",
+    503: "The worker is still starting (models are not loaded yet), or it is overloaded; Retry-After says when to try again",
     507: "The fine-tune disk budget or the disk is full",
 }
 
