@@ -1,7 +1,9 @@
 """The production loop on the real server (`bentoml serve`, two workers): request ids and feedback,
-capture within its limits under load, the review queue's order, drift that fires on a shifted
-stream and stays quiet on a like one, a canary split, shadow mode that never changes an answer,
-and promote/rollback under load without a failed request."""
+feedback sent right after the answer (on either worker), capture within its limits under load,
+the review queue's order, drift that fires on a shifted stream and stays quiet on a like one in
+windows that never overlap, rollback after a plain publish, compare-and-set promote and rollback,
+a canary split, shadow mode that never changes an answer, and promote/rollback under load without
+a failed request."""
 from __future__ import annotations
 
 import io
@@ -54,6 +56,8 @@ def server(tmp_path_factory):
         v1 = store.publish("colours", write_trusted_tiny_model(root / "stage" / "v1", root / "fit1")).version
         v2 = store.publish("colours", write_trusted_tiny_model(root / "stage" / "v2", root / "fit2")).version
         store.publish("other", write_trusted_tiny_model(root / "stage" / "o", root / "fit3"))
+        for i in (1, 2):  # published one after the other, never rolled out: a plain publish
+            store.publish("plain", write_tiny_model(root / "stage" / f"p{i}"))
         swapped = np.zeros((3, 3), np.float32)
         swapped[0, 0] = swapped[1, 2] = swapped[2, 1] = 0.05  # sees green as blue and blue as green
         store.publish("mixed", write_tiny_model(root / "stage" / "mixed", weights=swapped, embedding=True))
@@ -144,6 +148,27 @@ def test_v2_classification_carries_request_ids_that_feedback_takes(server):
     assert sent.status_code == 200 and sent.json()["version"] == v1, sent.text
 
 
+def test_feedback_right_after_the_answer_is_accepted_on_either_worker(server):
+    import httpx
+
+    http, url, v1, _, _ = server
+    rng = np.random.default_rng(5)
+    for i in range(20):
+        data, truth = like_training(rng)
+        answer = classify(http, data)
+        body = {"request_id": answer["request_id"], "label": truth}
+        if i % 2:  # a fresh connection: with two workers it may land on the one that did not answer
+            with httpx.Client(base_url=url, timeout=60) as other:
+                sent = other.post("/feedback", json=body, headers=AUTH)
+        else:  # the same connection: the answering worker, before its periodic write
+            sent = http.post("/feedback", json=body, headers=AUTH)
+        assert sent.status_code == 200, (i, sent.text)
+        assert sent.json()["version"] == answer["version"] == v1 and sent.json()["predicted"] == answer["label"]
+    started = time.monotonic()
+    assert http.post("/feedback", json={"request_id": "0" * 32, "label": "red"}, headers=AUTH).status_code == 404
+    print(f"an unknown request id answered 404 after {time.monotonic() - started:.2f} s")
+
+
 def test_capture_stays_within_its_limits_under_load(server):
     http, url, _, _, root = server
     rng = np.random.default_rng(1)
@@ -176,31 +201,55 @@ def test_review_queue_is_ordered_by_uncertainty(server):
     assert items[0]["capture_id"] not in after and items[1]["capture_id"] not in after
 
 
-def _report_after_one_more(http, version, data):
-    """The first drift report computed after every earlier sample is written: one more request
-    (a second later) makes the next report include them all."""
-    time.sleep(1.0)
-    sent = time.time()
-    classify(http, data, f"colours:{version}")
-    return wait_for(lambda: _newest_report(http, version, sent))
+def _next_report(http, model, version, after_id=0, timeout=30.0):
+    """The first drift report of `model:version` past sample id `after_id`."""
+    def newest():
+        report = http.get(f"/models/{model}/monitor").json()["versions"].get(version, {}).get("drift")
+        return report if report and report["oldest_id"] > after_id else None
+    return wait_for(newest, timeout)
 
 
-def _newest_report(http, version, after):
-    report = http.get("/models/colours/monitor").json()["versions"][version]["drift"]
-    return report if report and report["at"] > after else None
-
-
-def test_drift_quiet_on_a_like_stream_and_fires_on_a_shifted_one(server):
-    http, url, v1, _, _ = server
+def test_drift_quiet_on_a_like_stream_and_fires_on_a_shifted_one_in_windows_that_never_overlap(server):
+    http, url, _, _, _ = server
+    version = http.get("/models/other/monitor").json()["serving"]["latest"]  # no sample of it yet
     rng = np.random.default_rng(2)
-    many(url, [lambda h, d=like_training(rng)[0]: classify(h, d, f"colours:{v1}") for _ in range(80)])
-    quiet = _report_after_one_more(http, v1, like_training(rng)[0])
+    many(url, [lambda h, d=like_training(rng)[0]: classify(h, d, "other") for _ in range(60)])  # one window
+    quiet = _next_report(http, "other", version)
     assert quiet["window"] == 60 and quiet["embedding"]["drifted"] is False, quiet
-    many(url, [lambda h, d=shifted(rng): classify(h, d, f"colours:{v1}") for _ in range(80)])
-    fired = _report_after_one_more(http, v1, shifted(rng))
+    many(url, [lambda h, d=shifted(rng): classify(h, d, "other") for _ in range(60)])  # the next window
+    fired = _next_report(http, "other", version, quiet["newest_id"])
+    assert fired["window"] == 60 and fired["oldest_id"] > quiet["newest_id"]  # no sample tested twice
     assert fired["embedding"]["drifted"] is True and fired["in_domain_rate"] < quiet["in_domain_rate"], fired
-    metrics = http.get("/metrics").text
-    assert f'tuneserve_drift_p_value{{model="colours",version="{v1}"}}' in metrics
+    history = http.get("/models/other/monitor").json()["versions"][version]["history"]
+    assert len(history) == 2  # one report per window, however many workers and passes
+    metrics = wait_for(lambda: (m := http.get("/metrics").text) and f'model="other",version="{version}"' in m and m)
+    assert f'tuneserve_drift_p_value{{model="other",version="{version}"}}' in metrics
+
+
+def test_rollback_after_a_plain_publish_and_compare_and_set(server):
+    http, _, _, _, _ = server
+    described = http.get("/models/plain").json()
+    versions = [v["version"] for v in described["versions"]]
+    newest = described["latest"]  # published last: it serves, with no rollout
+    before = next(v for v in versions if v != newest)
+    assert classify(http, png((200, 30, 30)), "plain")["version"] == newest
+    wrong = http.post("/models/plain/rollback", json={"expected": before}, headers=AUTH)
+    assert wrong.status_code == 409 and newest in wrong.json()["error"], wrong.text
+    back = http.post("/models/plain/rollback", json={"expected": newest}, headers=AUTH)
+    assert back.status_code == 200, back.text
+    assert (back.json()["returned_to"], back.json()["rolled_back"], back.json()["stable"]) == (before, newest, before)
+    assert wait_for(lambda: all(classify(http, png((1, 2, 3)), "plain")["version"] == before for _ in range(5)), 5)
+    assert {v["version"] for v in http.get("/models/plain").json()["versions"]} == set(versions)  # nothing lost
+    assert classify(http, png((1, 2, 3)), f"plain:{newest}")["version"] == newest
+    again = http.post("/models/plain/rollback", headers=AUTH)
+    assert again.status_code == 409 and "nothing to roll back to" in again.json()["error"]
+    rolled_out = http.post("/models/plain/rollout", json={"version": newest, "percent": 50}, headers=AUTH)
+    assert rolled_out.status_code == 200 and rolled_out.json()["stable"] == before
+    stale = http.post("/models/plain/promote", json={"expected": before}, headers=AUTH)
+    assert stale.status_code == 409 and newest in stale.json()["error"]
+    promoted = http.post("/models/plain/promote", json={"expected": newest}, headers=AUTH)
+    assert promoted.status_code == 200 and promoted.json()["stable"] == newest
+    assert http.post("/models/plain/promote", json={"expected": newest}, headers=AUTH).status_code == 409
 
 
 def test_canary_split_and_pinned_requests(server):
@@ -252,7 +301,7 @@ def test_promote_and_rollback_under_load_fail_no_request(server):
         t.start()
     try:
         time.sleep(1)
-        promoted = http.post("/models/colours/promote", headers=AUTH).json()
+        promoted = http.post("/models/colours/promote", json={"expected": v2}, headers=AUTH).json()
         assert promoted["stable"] == v2 and promoted["candidate"] is None
         time.sleep(2)
         assert wait_for(lambda: classify(http, png((1, 2, 3)))["version"] == v2, 5)
