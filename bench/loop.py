@@ -12,6 +12,12 @@ Phases, each `--seconds` of /classify from `--threads` client threads on one ser
 - shadow: a candidate version runs on a copy of every request;
 then a second server with drift sampling of every answer (fraction 1) and all three together.
 Prints a markdown table and writes bench/results/loop.json.
+
+    .venv/bin/python bench/loop.py --drift-day [--hours 24] [--rate 10] [--seed 0]
+
+simulates a day of drift windows on undrifted traffic through service/loop/drift.py (no server)
+and counts false alarms, non-overlapping windows against the earlier overlapping rule; writes
+bench/results/loop_drift_day.json.
 """
 from __future__ import annotations
 
@@ -108,6 +114,63 @@ def phases(http, url, model, stable, candidate, data, args, drift: bool) -> dict
     return results
 
 
+def _embeddings(rng, n: int, shift: float = 0.0, dims: int = 64, clusters: int = 10) -> np.ndarray:
+    """Traffic like a classifier's embeddings: one cluster per class plus noise; `shift` moves every
+    image along one direction (a camera or lighting change)."""
+    points = np.eye(dims)[:clusters][rng.integers(0, clusters, n)] * 4 + rng.normal(size=(n, dims))
+    points[:, -1] += shift
+    return points
+
+
+def drift_day(args) -> dict:
+    """False alarms of the drift test over a simulated day of undrifted traffic, through the loop's
+    own drift code and database: `--rate` answers/s, the default sampling (0.25), window (200),
+    pass interval (30 s) and alpha (0.01). Non-overlapping windows (the loop's rule: a report once a
+    full window of new samples is in) against the earlier rule (every pass tests the newest
+    `window`, overlapping the last), then `--shift` of drift to show the windows still fire."""
+    from models.artifact.reference import build_reference, load_reference
+    from service.loop import drift
+    from service.loop.db import LoopDb
+    from service.loop.settings import LoopSettings
+
+    s, rng = LoopSettings(), np.random.default_rng(args.seed)
+    passes = int(args.hours * 3600 / s.drift_interval_s)
+    per_pass = args.rate * s.drift_fraction * s.drift_interval_s
+    with tempfile.TemporaryDirectory() as tmp:
+        db, labels = LoopDb(Path(tmp)), [str(i) for i in range(10)]
+        classes = rng.integers(0, 10, 1000)
+        build_reference(_embeddings(rng, 1000), classes, classes, labels).save(Path(tmp))
+        reference = load_reference(Path(tmp))  # float16 on disk, as a served version's
+
+        def run(count: int, shift: float, overlapping: bool) -> tuple[list[bool], list[bool]]:
+            windows, old, owed = [], [], 0.0
+            for _ in range(count):
+                owed += per_pass
+                n, owed = int(owed), owed - int(owed)
+                drift.write_samples(db, [drift.Sample("m", "v", "0", 0.5, False, e, 0.0)
+                                         for e in _embeddings(rng, n, shift)], s.drift_max_samples)
+                if overlapping:  # the earlier rule: the newest window, every pass
+                    report = drift.window_report(db, "m", "v", reference, labels, s.drift_window, s.drift_alpha, after_id=0)
+                    old.append(bool(report["embedding"]["drifted"]))
+                if drift.unreported(db, "m", "v") >= s.drift_window:
+                    report = drift.window_report(db, "m", "v", reference, labels, s.drift_window, s.drift_alpha)
+                    drift.record(db, "m", "v", report)
+                    windows.append(bool(report["embedding"]["drifted"]))
+            return windows, old
+
+        started = time.perf_counter()
+        windows, old = run(passes, 0.0, overlapping=True)
+        shifted, _ = run(int(args.shift_minutes * 60 / s.drift_interval_s), args.shift, overlapping=False)
+    episodes = sum(1 for i, x in enumerate(old) if x and (i == 0 or not old[i - 1]))
+    result = {"hours": args.hours, "rate_per_s": args.rate, "window": s.drift_window, "alpha": s.drift_alpha,
+              "windows": len(windows), "false_alarms": sum(windows), "rate": sum(windows) / max(1, len(windows)),
+              "overlapping_tests": len(old), "overlapping_alarms": sum(old), "overlapping_episodes": episodes,
+              "shift": args.shift, "shifted_windows": len(shifted), "shifted_detected": sum(shifted),
+              "seconds": time.perf_counter() - started}
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     import httpx
 
@@ -117,7 +180,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--model", choices=("tiny", "imagenet"), default="tiny")
+    parser.add_argument("--drift-day", action="store_true", help="simulate a day of drift windows instead (no server)")
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--rate", type=float, default=10.0, help="--drift-day: answers per second")
+    parser.add_argument("--shift", type=float, default=1.0, help="--drift-day: the drift after the day")
+    parser.add_argument("--shift-minutes", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.drift_day:
+        result = drift_day(args)
+        (ROOT / "bench" / "results" / "loop_drift_day.json").write_text(json.dumps(result, indent=2))
+        return
     data = images()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:

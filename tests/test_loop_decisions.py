@@ -157,3 +157,36 @@ def test_false_alarms_over_many_windows_of_undrifted_traffic_stay_near_alpha(db)
     _stream(db, rng, 50, shift=2.0)
     shifted = drift.window_report(db, "pets", "v1", ref, labels, window=50, alpha=alpha, permutations=100)
     assert shifted["embedding"]["drifted"] is True
+
+
+BLOCKING = {"read", "write", "rmtree", "resolve", "latest_version", "list_models", "create", "refresh", "set_capture",
+            "prepare", "check_dataset", "monitor", "_known", "_serving", "_record", "_versions", "_submit", "image"}
+
+
+def _blocking_calls(function) -> list[str]:
+    """Calls in an async route body that would block its event loop: a blocking name called
+    directly (not awaited, not handed to asyncio.to_thread, not inside a lambda run there)."""
+    import ast
+
+    found, stack = [], [(function, False)]
+    while stack:
+        node, awaited = stack.pop()
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Call) and not awaited:
+            callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if callee in BLOCKING:
+                found.append(f"{function.name}:{node.lineno} {callee}")
+        stack.extend((child, isinstance(node, ast.Await)) for child in ast.iter_child_nodes(node))
+    return found
+
+
+def test_loop_routes_keep_sqlite_store_and_file_calls_off_the_event_loop():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "service" / "routes"
+    routes = [node for name in ("loop.py", "loop_retrain.py")
+              for node in ast.walk(ast.parse((root / name).read_text())) if isinstance(node, ast.AsyncFunctionDef)]
+    assert len(routes) > 8
+    assert [call for route in routes for call in _blocking_calls(route)] == []
