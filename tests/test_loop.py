@@ -78,6 +78,9 @@ def test_feedback_scores_live_accuracy_per_version_and_bounds_the_records(db):
         records.record_feedback(db, "nope", "cat", None, by=None)
     with pytest.raises(records.BadFeedback, match="not one of"):
         records.record_feedback(db, "a1", "horse", ["cat", "dog"], by=None)
+    with pytest.raises(records.FeedbackTaken):  # bob cannot replace alice's label
+        records.record_feedback(db, "a0", "dog", ["cat", "dog"], by="bob")
+    assert records.record_feedback(db, "a0", "cat", ["cat", "dog"], by="alice")["label"] == "cat"  # alice may
     records.write_predictions(db, [_record(f"c{i}") for i in range(200)], max_records=50)
     assert db.read("SELECT COUNT(*) AS n FROM predictions")[0]["n"] == 50
     assert records.prediction(db, "c199") is not None and records.prediction(db, "a0") is None

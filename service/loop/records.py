@@ -25,6 +25,12 @@ class BadFeedback(TuneserveError):
     status = 422
 
 
+class FeedbackTaken(TuneserveError):
+    """Another key already gave this request's true label: only that key may change it (409)."""
+
+    status = 409
+
+
 @dataclass(frozen=True)
 class PredictionRecord:
     request_id: str
@@ -87,6 +93,9 @@ def record_feedback(db: LoopDb, request_id: str, label: str, labels: list[str] |
     row = {"request_id": request_id, "model": model, "version": version, "predicted": predicted, "label": label,
            "created": time.time(), "submitted_by": by, "capture_id": capture_id}
     with db.write() as conn:
+        earlier = conn.execute("SELECT submitted_by FROM feedback WHERE request_id = ?", (request_id,)).fetchone()
+        if earlier is not None and earlier[0] != by:  # one caller never replaces another's label
+            raise FeedbackTaken(f"request {request_id} already has feedback from another key; only that key may change it")
         conn.execute("INSERT OR REPLACE INTO feedback VALUES (:request_id, :model, :version, :predicted, :label,"
                      " :created, :submitted_by, :capture_id)", row)
         if capture_id:
