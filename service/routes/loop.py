@@ -54,7 +54,7 @@ def build_router(settings: Settings) -> APIRouter:
     read = [Depends(require_read_access(settings))]
     key = require_api_key(settings)
 
-    @router.post("/feedback", response_model=FeedbackOut, responses=errors(400, 401, 404, 413, 415, 422),
+    @router.post("/feedback", response_model=FeedbackOut, responses=errors(400, 401, 404, 409, 413, 415, 422),
                  openapi_extra=FEEDBACK_BODY)
     async def feedback(request: Request, loop: Loop, by: str = Depends(key)) -> dict[str, Any]:
         """The true label of a served request (`request_id`), or of an uploaded `image`; JSON or a form."""
