@@ -27,6 +27,7 @@ from tqdm import tqdm
 from training.backbones import ImageModel
 from training.config import TrainConfig
 from training.data import class_weights, make_loader
+from training.multidepth import tail_of
 from training.strategies import configure_strategy, set_train_mode
 
 CACHE_BYTES_FP32 = 2**30  # a larger cache is kept in float16 (half the memory; the tail computes in float32)
@@ -54,20 +55,23 @@ def _lite_split(net: nn.Module, first: int) -> Split:
             x = net._blocks[index](x)
         return x
 
+    after = tail_of(net)  # pooling, dropout and the (identity) head: the body's own forward
+
     def tail(x: torch.Tensor) -> torch.Tensor:
         for index in range(first, count):
             x = net._blocks[index](x, drop_connect_rate=rate(index))
-        x = net._swish(net._bn1(net._conv_head(x)))
-        return net._fc(net._dropout(net._avg_pooling(x).flatten(1)))
+        return after(net._swish(net._bn1(net._conv_head(x))))
 
     return Split(net._blocks[first - 1], trunk, tail)
 
 
 def _sequential_split(net: nn.Module, first: int) -> Split:
+    after = tail_of(net)
+
     def tail(x: torch.Tensor) -> torch.Tensor:
         for stage in net.features[first:]:
             x = stage(x)
-        return net.fc(net.flatten(net.pool(x)))
+        return after(x)
 
     return Split(net.features[first - 1], lambda x: net.features[:first](x), tail)
 
@@ -80,7 +84,7 @@ def split_for(model: ImageModel, trained_blocks: int) -> Split | None:
     if all(hasattr(body, n) for n in ("_conv_stem", "_blocks", "_conv_head")):
         first = min(first, len(body._blocks))  # the registry's last block is the head conv
         return _lite_split(body, first) if first >= 1 else None
-    if isinstance(getattr(body, "features", None), nn.Sequential) and hasattr(body, "pool") and 1 <= first:
+    if isinstance(getattr(body, "features", None), nn.Sequential) and 1 <= first:
         return _sequential_split(body, first)
     return None
 
