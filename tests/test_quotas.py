@@ -176,3 +176,28 @@ def test_running_job_stops_below_the_free_space_floor(serve, settings, dataset, 
     manager.start()
     done = wait_for(lambda: (j := manager.store.get(job_id)).state not in ("queued", "running") and j, 30, what="the resume")
     assert done.state == "succeeded" and done.model.startswith("roomy:")
+
+
+def test_finetune_from_feedback_is_charged_to_the_disk_budget(tmp_path, bento_home, monkeypatch):
+    """The feedback dataset a retrain builds counts in the budget, as an upload to /finetune does: over
+    it, 507 and the job folder is gone."""
+    from types import SimpleNamespace
+
+    from service.finetune.quotas import InsufficientStorage
+    from service.loop import retrain
+    from service.routes import loop_retrain
+
+    def prepare(db, model, version, destination, with_training_data):
+        (destination / "cat").mkdir(parents=True)
+        (destination / "cat" / "0.png").write_bytes(bytes(2 * MIB))  # 2 MiB of feedback images
+        return {"source": f"{model}:{version}", "feedback": 1, "training_images": 0}
+
+    monkeypatch.setattr(retrain, "prepare", prepare)
+    kind = SimpleNamespace(id_prefix="ft", validate=lambda config: config)  # no stored source model needed here
+    monkeypatch.setattr(loop_retrain, "kind_named", lambda name: kind)
+    settings = Settings.of(home=tmp_path / "home", finetune_disk_budget_mb=1.0, finetune_min_free_mb=0)
+    manager = SimpleNamespace(settings=settings)
+    body = loop_retrain.RetrainIn(with_training_data=False)
+    with pytest.raises(InsufficientStorage, match="budget"):
+        loop_retrain._submit(manager, SimpleNamespace(db=None), "pets", "v1", body, "alice")
+    assert not settings.jobs_dir.exists() or not any(settings.jobs_dir.iterdir())

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from models.artifact import store
+from service.finetune import quotas
 from service.jobs.datasets import check_dataset
 from service.jobs.registry import kind_named
 from service.loop import retrain
@@ -58,7 +59,9 @@ def _submit(manager: Any, loop: LoopPlane, model: str, version: str, body: Retra
     job_id = new_job_id(kind.id_prefix)
     job_dir = manager.settings.jobs_dir / job_id
     try:
+        quotas.check_disk(manager.settings, 0)  # the disk budget and floor, as POST /finetune checks them
         info = retrain.prepare(loop.db, model, version, job_dir / "dataset", body.with_training_data)
+        quotas.check_disk(manager.settings, 0)  # again, with the new job folder counted (removed if over)
         min_per_class = max(manager.settings.finetune_min_per_class, int(config.get("min_images_per_class") or 2))
         summary = check_dataset(job_dir / "dataset", manager.settings, min_per_class, config)
         job = manager.store.create(config, job_dir / "dataset", job_dir, job_id, submitted_by=by,
