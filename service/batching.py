@@ -123,12 +123,16 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            items = self._within_deadline(await self._collect())
-            groups: dict[int, list[_Item]] = {}
-            for item in items:
-                groups.setdefault(id(item.classifier), []).append(item)
-            for group in groups.values():
-                await self._run_group(group)
+            # one call per batch: no local of this frame keeps the last batch's classifier alive while
+            # the queue idles, so a version the pool unloads is freed (service/pool/registry.py)
+            await self._run_items(self._within_deadline(await self._collect()))
+
+    async def _run_items(self, items: list[_Item]) -> None:
+        groups: dict[int, list[_Item]] = {}
+        for item in items:
+            groups.setdefault(id(item.classifier), []).append(item)
+        for group in groups.values():
+            await self._run_group(group)
 
     def _within_deadline(self, items: list[_Item]) -> list[_Item]:
         """The items still wanted: a cancelled one is dropped, one past its deadline answered 503."""

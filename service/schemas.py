@@ -137,6 +137,25 @@ class ModelList(BaseModel):
     runtime: dict[str, Any] = Field(description="This worker's device and load errors")
 
 
+class LoadedVersion(BaseModel):
+    model: str
+    version: str
+    variant: str
+    follows_latest: bool = Field(description="true: loaded as the model's `latest` (hot-reloaded); false: pinned or a canary")
+
+
+class Readiness(BaseModel):
+    ready: bool = Field(description="The default model is loaded (what /readyz answers 200 for)")
+    default_model: str
+    worker: int | None = Field(description="The BentoML worker that answered (each holds its own models)")
+    loaded: list[LoadedVersion] = Field(description="The versions this worker holds, most recently used first")
+    max_loaded_models: int = Field(description="The bound on `loaded` (TUNESERVE_MAX_LOADED_MODELS)")
+    loads: int = Field(description="Versions this worker has loaded since it started (cold loads, preloads, reloads)")
+    evictions: int = Field(description="Versions unloaded to stay within the bound")
+    peak_loaded: int = Field(description="The most versions this worker has held at once")
+    load_errors: dict[str, str] = Field(description="Startup loads that failed, by model")
+
+
 class ModelDetail(BaseModel):
     name: str
     latest: str | None

@@ -1,12 +1,16 @@
 """The models one serving worker holds (`ModelPool`), with hot reload. No HTTP here.
 
 - `ModelPool.get("name")` gives the classifier `latest` pointed at when it was loaded;
-  `get("name:version")` a pinned version (at most `max_loaded_models`, least recently used
-  unloaded first). Models other than the preloaded ones load lazily on first use (once, however
-  many requests ask at the same time).
-- A poller checks `models.artifact.store.latest_version(name)` every `poll_seconds`; a new version is
-  loaded off the event loop and swapped in with one assignment. A request keeps the classifier
-  object it started with, so it finishes on that version and its response names it.
+  `get("name:version")` a pinned version (a canary or shadow candidate is one too). Models other
+  than the preloaded ones load lazily on first use (once, however many requests ask at the same time).
+- Every loaded version counts against one bound, `max_loaded_models`, whatever the traffic: followed
+  `latest`s, pinned versions, canaries. One LRU order covers them all; room is made before a new
+  session is created, so at most `max_loaded_models` sessions are held plus the one being loaded.
+  The default model is never evicted (readiness depends on it), nor the version a request is loading.
+  An evicted classifier stays valid for the requests that already hold it; its memory goes with them.
+- A poller checks `models.artifact.store.latest_version(name)` every `poll_seconds` for the names it
+  follows; a new version is loaded off the event loop and swapped in with one assignment. A request
+  keeps the classifier object it started with, so it finishes on that version and its response names it.
 Nothing runs a model here: batching (service/batching.py), decoding, the decision and top-k belong
 to the data plane (service/dataplane.py).
 """
@@ -21,8 +25,8 @@ from typing import Any
 
 from models.artifact import store
 from models.serving.runtime import OnnxClassifier, RuntimeOptions
-from service.pool.devices import runtime_options, runtime_summary
-from service.pool.metrics import metrics
+from service.pool.devices import runtime_options, runtime_summary, worker_index
+from service.pool.metrics import metrics, observe_load, set_loaded
 
 log = logging.getLogger("tuneserve.service")
 
@@ -34,14 +38,20 @@ class ModelPool:
         self.settings = settings
         self.options = options or runtime_options(settings)
         self._load = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
-        self._latest: dict[str, OnnxClassifier] = {}
-        self._pinned: OrderedDict[str, OnnxClassifier] = OrderedDict()
+        self._latest: dict[str, OnnxClassifier] = {}  # name -> the version it follows
+        self._pinned: dict[str, OnnxClassifier] = {}  # name:version -> that version
+        self._recent: OrderedDict[str, None] = OrderedDict()  # keys of both, least recently used first
         self._locks: dict[str, asyncio.Lock] = {}
         self._failed: dict[str, tuple[str, float]] = {}  # name -> (version, when) of a failed reload
         self._poller: asyncio.Task | None = None
         self._preloader: asyncio.Task | None = None
         self.load_errors: dict[str, str] = {}
+        self.counts = {"loads": 0, "evictions": 0, "peak_loaded": 0}  # since this worker started
         metrics()
+
+    @property
+    def bound(self) -> int:
+        return self.settings.max_loaded_models
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -57,9 +67,13 @@ class ModelPool:
         self._load.shutdown(wait=False, cancel_futures=True)
 
     async def _preload(self) -> None:
-        for name in self.settings.models_to_load:
+        names = self.settings.models_to_load
+        if len(names) > self.bound:
+            log.warning("%d models to preload but max_loaded_models=%d: the least recently used are unloaded again",
+                        len(names), self.bound)
+        for name in names:
             try:
-                await self.get(name)
+                await self.get(name, reason="preload")
                 self.load_errors.pop(name, None)
             except Exception as error:
                 self.load_errors[name] = str(error)
@@ -78,49 +92,96 @@ class ModelPool:
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
-    async def get(self, ref: str | None = None) -> OnnxClassifier:
+    async def get(self, ref: str | None = None, reason: str = "request") -> OnnxClassifier:
         """The classifier for `name` (current latest) or `name:version`; loads it on first use."""
         ref = (ref or self.settings.default_model).strip()
         name, version = store.split_ref(ref)
         current = self._latest.get(name)
         if version == "latest":
             if current is not None:
-                return current
-            return await self._load_once(name, self._latest, name)
+                return self._touch(name, current)
+            return await self._load_once(name, self._latest, name, reason)
         if current is not None and current.version == version:
-            return current
+            return self._touch(name, current)
         tag = f"{name}:{version}"
         if tag in self._pinned:
-            self._pinned.move_to_end(tag)
-            return self._pinned[tag]
-        classifier = await self._load_once(tag, self._pinned, tag)
-        room = max(1, self.settings.max_loaded_models - len(self._latest))
-        while len(self._pinned) > room:
-            evicted, _ = self._pinned.popitem(last=False)  # oldest first; requests holding it still finish
-            self._locks.pop(evicted, None)
-            log.info("unloaded pinned model %s (max_loaded_models=%d)", evicted, self.settings.max_loaded_models)
+            return self._touch(tag, self._pinned[tag])
+        return await self._load_once(tag, self._pinned, tag, reason)
+
+    def _touch(self, key: str, classifier: OnnxClassifier) -> OnnxClassifier:
+        self._recent.move_to_end(key)
         return classifier
 
-    async def _load_once(self, ref: str, cache: dict, key: str) -> OnnxClassifier:
+    async def _load_once(self, ref: str, cache: dict, key: str, reason: str) -> OnnxClassifier:
         """Resolve and load `ref` into `cache[key]` once, however many requests ask at once."""
         lock = self._lock(key)
         try:
             async with lock:
                 if key in cache:
-                    return cache[key]
+                    return self._touch(key, cache[key])
                 resolved = await asyncio.to_thread(store.resolve, ref)
-                cache[key] = await self._load_version(resolved)
-                return cache[key]
+                classifier = self._adopt_pinned(resolved) if cache is self._latest else None
+                if classifier is None:
+                    self._evict(self.bound - 1, spare=key)  # room first: never bound + 1 sessions held
+                    classifier = await self._load_version(resolved, reason)
+                self._admit(cache, key, classifier)
+                return classifier
         finally:
             if key not in cache and not lock.locked():
                 self._locks.pop(key, None)  # unknown refs must not pile up locks
 
-    async def _load_version(self, version: store.ModelVersion) -> OnnxClassifier:
+    def _adopt_pinned(self, resolved: store.ModelVersion) -> OnnxClassifier | None:
+        """The pinned classifier of the version `latest` names, moved to follow `latest` (no second session)."""
+        classifier = self._pinned.pop(resolved.tag, None)
+        if classifier is not None:
+            self._recent.pop(resolved.tag, None)
+        return classifier
+
+    def _admit(self, cache: dict, key: str, classifier: OnnxClassifier) -> None:
+        cache[key] = classifier
+        self._recent[key] = None
+        self._recent.move_to_end(key)
+        self._evict(self.bound, spare=key)  # loads that finished meanwhile may have filled the room
+        self.counts["peak_loaded"] = max(self.counts["peak_loaded"], len(self._recent))
+        set_loaded(len(self._recent))
+
+    def _protected(self) -> str:
+        """The key of the default model: never evicted, readiness depends on it."""
+        name, version = store.split_ref(self.settings.default_model)
+        return name if version == "latest" else f"{name}:{version}"
+
+    def _evict(self, keep: int, spare: str) -> list[str]:
+        """Unload least recently used versions until at most `keep` are held; returns their keys."""
+        protected, evicted = {self._protected(), spare}, []
+        for key in list(self._recent):
+            if len(self._recent) <= max(keep, 0):
+                break
+            if key in protected:
+                continue
+            self._recent.pop(key)
+            classifier = self._latest.pop(key, None) or self._pinned.pop(key, None)
+            lock = self._locks.get(key)
+            if lock is not None and not lock.locked():
+                self._locks.pop(key, None)
+            evicted.append(key)
+            log.info("unloaded %s, least recently used (max_loaded_models=%d)", classifier.tag if classifier else key, self.bound)
+        if evicted:
+            self.counts["evictions"] += len(evicted)
+            metrics()["evictions"].inc(len(evicted))
+            set_loaded(len(self._recent))
+        return evicted
+
+    async def _load_version(self, version: store.ModelVersion, reason: str) -> OnnxClassifier:
         def load() -> OnnxClassifier:
-            return OnnxClassifier(version.path, version.name, version.version, self.options).load()
+            started = time.perf_counter()
+            classifier = OnnxClassifier(version.path, version.name, version.version, self.options).load()
+            observe_load(reason, time.perf_counter() - started)
+            return classifier
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._load, load)
+        classifier = await loop.run_in_executor(self._load, load)
+        self.counts["loads"] += 1
+        return classifier
 
     # ---- hot reload ------------------------------------------------------------------------
     async def _poll(self) -> None:
@@ -149,21 +210,24 @@ class ModelPool:
         return swapped
 
     async def _swap_in(self, name: str, latest: str, current: OnnxClassifier) -> OnnxClassifier | None:
-        """Load `name:latest` and make it the one new requests get; None if it failed or was already in."""
+        """Load `name:latest` and make it the one new requests get; None if it failed, was already in,
+        or `name` was unloaded meanwhile (its next request loads the new latest anyway)."""
         try:
             async with self._lock(name):
-                if self._latest[name].version == latest:
+                if name not in self._latest or self._latest[name].version == latest:
                     return None  # a concurrent check (the poller or POST /models/{name}/reload) swapped it in
                 resolved = await asyncio.to_thread(store.resolve, f"{name}:{latest}")
-                classifier = await self._load_version(resolved)
+                classifier = await self._load_version(resolved, "reload")
                 previous = self._latest.get(name)
+                if previous is None:
+                    return None  # evicted while loading: keep the bound
                 self._latest[name] = classifier  # the atomic swap; in-flight requests keep `previous`
         except Exception as error:
             self._failed[name] = (latest, time.monotonic())
             log.error("hot reload of %s:%s failed, still serving %s: %s", name, latest, current.tag, error)
             return None
         metrics()["reloads"].labels(name).inc()
-        log.info("hot reload: %s now serves %s (was %s)", name, classifier.tag, previous.tag if previous else None)
+        log.info("hot reload: %s now serves %s (was %s)", name, classifier.tag, previous.tag)
         return classifier
 
     # ---- description -----------------------------------------------------------------------
@@ -173,6 +237,22 @@ class ModelPool:
             described[classifier.tag] = {**classifier.describe(), "follows_latest": self._latest.get(classifier.name) is classifier}
         return described
 
+    def readiness(self) -> dict[str, Any]:
+        """What this worker holds, from memory only (GET /readyz/models): cheap enough for a balancer."""
+        def entry(key: str) -> dict[str, Any]:
+            classifier = self._latest.get(key) or self._pinned[key]
+            return {"model": classifier.name, "version": classifier.version, "variant": classifier.variant,
+                    "follows_latest": key in self._latest}
+
+        return {
+            "ready": self.ready(),
+            "default_model": self.settings.default_model,
+            "worker": worker_index(),
+            "loaded": [entry(key) for key in reversed(self._recent)],  # most recently used first
+            "max_loaded_models": self.bound,
+            **self.counts,
+            "load_errors": dict(self.load_errors),
+        }
+
     def runtime(self) -> dict[str, Any]:
         return runtime_summary(self.options, self.load_errors)
-

@@ -1,8 +1,9 @@
-"""GET /models, GET /models/{name}, POST /models/{name}/reload."""
+"""GET /models, GET /models/{name}, POST /models/{name}/reload, GET /readyz/models."""
 import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from models.artifact import store
 from models.errors import TuneserveError
@@ -10,7 +11,7 @@ from service.auth import require_api_key, require_read_access
 from service.config import Settings
 from service.pool import ModelPool
 from service.routes.forms import ModelPath, errors, pool_of
-from service.schemas import ModelDetail, ModelList, Reloaded
+from service.schemas import ModelDetail, ModelList, Readiness, Reloaded
 
 Pool = Annotated[ModelPool, Depends(pool_of)]
 
@@ -46,6 +47,16 @@ def build_router(settings: Settings) -> APIRouter:
         swapped = await pool.check_for_updates()
         current = await pool.get(model_name)
         return {"model": model_name, "version": current.version, "variant": current.variant, "swapped": swapped}
+
+    not_ready = {503: {"model": Readiness, "description": "Not ready yet: the default model is not loaded"}}
+
+    @router.get("/readyz/models", dependencies=read, response_model=Readiness, responses={**errors(401), **not_ready})
+    async def readiness(pool: Pool) -> JSONResponse:
+        """/readyz with a body: whether this worker is ready and what it holds, from memory (no store
+        read). 503 with the same body until the default model is loaded. BentoML answers /readyz itself,
+        as plain text."""
+        state = pool.readiness()
+        return JSONResponse(Readiness(**state).model_dump(), status_code=200 if state["ready"] else 503)
 
     return router
 
