@@ -5,13 +5,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.names import CALLER_ID
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
 class FeedbackIn(BaseModel):
-    request_id: str = Field(min_length=1, max_length=200, description="The `request_id` of a classification result")
+    request_id: str = Field(min_length=1, max_length=200, pattern=CALLER_ID.pattern,
+                            description="The `request_id` of a classification result")
     label: str = Field(min_length=1, max_length=200, description="The true label of that image")
 
 

@@ -9,7 +9,7 @@ import json
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path as PathParam, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
@@ -25,11 +25,16 @@ from service.loop.plane import LoopPlane, loop_for
 from service.loop.schemas import (
     CaptureSwitch, ExpectIn, FeedbackIn, FeedbackOut, Monitor, ReviewQueue, RolloutIn, RolloutOut,
 )
+from service.names import CALLER_ID
 from service.routes.forms import ModelPath, errors
 from service.routes.loop_retrain import add_retrain_route
 
+# a capture id is a request id the server made (older records: a caller's checked id); nothing else is looked up
+CaptureId = Annotated[str, PathParam(pattern=CALLER_ID.pattern, description="A captured image's id (its request id)")]
+
 FEEDBACK_FORM = {"type": "object", "additionalProperties": False, "required": ["label"], "properties": {
-    "request_id": {"type": "string", "minLength": 1, "description": "The request_id of a classification result"},
+    "request_id": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": CALLER_ID.pattern,
+                   "description": "The request_id of a classification result"},
     "label": {"type": "string", "minLength": 1, "description": "The true label"},
 }}
 FEEDBACK_BODY = {
@@ -77,17 +82,17 @@ def build_router(settings: Settings) -> APIRouter:
                  for c, score in ranked]
         return {"model": model, "items": items, "waiting": len(found)}
 
-    @router.get("/models/{name}/captures/{capture_id}", dependencies=read, responses=errors(401, 404),
+    @router.get("/models/{name}/captures/{capture_id}", dependencies=read, responses=errors(401, 404, 422),
                 response_class=Response)
-    async def captured_image(name: ModelPath, capture_id: str, loop: Loop) -> Response:
+    async def captured_image(name: ModelPath, capture_id: CaptureId, loop: Loop) -> Response:
         """The bytes of one captured image, as uploaded."""
         data = await asyncio.to_thread(loop.captures.image, name, capture_id)
         if data is None:
             raise ModelNotFound(f"no captured image {capture_id!r} of model {name!r} (never captured, or aged out)")
         return Response(data, media_type="application/octet-stream")
 
-    @router.post("/models/{name}/review/{capture_id}/skip", responses=errors(401, 404))
-    async def skip(name: ModelPath, capture_id: str, loop: Loop, by: str = Depends(key)) -> dict:
+    @router.post("/models/{name}/review/{capture_id}/skip", responses=errors(401, 404, 422))
+    async def skip(name: ModelPath, capture_id: CaptureId, loop: Loop, by: str = Depends(key)) -> dict:
         """Take an image out of the review queue without a label."""
         if not await asyncio.to_thread(review.skip, loop.db, name, capture_id):
             raise ModelNotFound(f"no captured image {capture_id!r} of model {name!r}")
