@@ -1,0 +1,60 @@
+"""What every peer service shares: the model, its preprocessing and the answer's shape.
+
+Only ONNX Runtime, Pillow and numpy, so the peers' own venvs need nothing from tuneserve.
+The preprocessing follows the version's manifest.json (shorter side to `resize` with its
+interpolation, centre crop `size`, uint8 NHWC: normalisation is inside the graph), done the
+plain way a service author would write it (resize the whole image, then crop).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+              "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def setting(name: str, default: str) -> str:
+    """Peers are configured by environment, so one launcher drives four frameworks."""
+    return os.environ.get(f"PEER_{name}", default)
+
+
+class Classifier:
+    """The model file tuneserve serves, with 1 intra-op thread (one replica per core)."""
+
+    def __init__(self, model_dir: str | None = None, threads: int | None = None):
+        folder = Path(model_dir or setting("MODEL_DIR", "."))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        self.spec = manifest["preprocessing"]
+        self.labels = manifest["labels"]
+        self.input_name = manifest["input_name"]
+        self.output_name = manifest["output_names"][1]  # probabilities
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or int(setting("THREADS", "1"))
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        image = image.convert("RGB")
+        size, resize = self.spec["size"], self.spec["resize"]
+        scale = resize / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((width, height), RESAMPLING[self.spec["interpolation"]])
+        left, top = (width - size) // 2, (height - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return self.preprocess(Image.open(io.BytesIO(data)))
+
+    def predict(self, batch: list[np.ndarray]) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: np.stack(batch)})[0]
+
+    def top5(self, probabilities: np.ndarray) -> list[dict]:
+        best = np.argsort(probabilities)[::-1][:5]
+        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
