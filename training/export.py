@@ -17,7 +17,8 @@ from models.artifact import store
 from models.data.datasets import Sample
 from models.errors import TuneserveError
 from models.data.evaluate import evaluate
-from models.artifact.manifest import CHECKPOINT_FILE, EMBEDDING_OUTPUT, ONNX_FILE, DatasetInfo, Manifest, write_eval, write_manifest
+from models.artifact.manifest import (CHECKPOINT_FILE, EMBEDDING_OUTPUT, EVIDENCE_OUTPUT, ONNX_FILE, DatasetInfo,
+                                      EvidenceSection, Manifest, write_eval, write_manifest)
 from models.serving.preprocess import prepare, stack
 from models.serving.runtime import OnnxClassifier, RuntimeOptions
 from training.backbones import Built, ImageModel, checkpoint_payload
@@ -39,8 +40,9 @@ class ExportError(TuneserveError):
 OUTPUTS = ["logits", "probabilities", EMBEDDING_OUTPUT]
 
 
-def export_onnx(model: ImageModel, path: str | Path, size: int) -> int:
-    """uint8 NHWC `image` → `logits`, `probabilities`, `embedding`; dynamic batch, one self-contained file.
+def export_onnx(model: torch.nn.Module, path: str | Path, size: int, outputs: list[str] = OUTPUTS) -> int:
+    """uint8 NHWC `image` → `outputs` (`logits`, `probabilities`, `embedding`, maybe `evidence`); dynamic
+    batch, one self-contained file.
 
     Returns the opset.
     """
@@ -54,7 +56,7 @@ def export_onnx(model: ImageModel, path: str | Path, size: int) -> int:
         (example,),
         str(path),
         input_names=["image"],
-        output_names=OUTPUTS,
+        output_names=outputs,
         dynamic_shapes={"image": {0: batch}},
         external_data=False,
         dynamo=True,
@@ -63,9 +65,9 @@ def export_onnx(model: ImageModel, path: str | Path, size: int) -> int:
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
     inputs = [i.name for i in graph.graph.input]
-    outputs = [o.name for o in graph.graph.output]
-    if inputs != ["image"] or outputs != OUTPUTS:
-        raise ExportError(f"exported graph has inputs {inputs} and outputs {outputs}; expected ['image'] and {OUTPUTS}")
+    got = [o.name for o in graph.graph.output]
+    if inputs != ["image"] or got != outputs:
+        raise ExportError(f"exported graph has inputs {inputs} and outputs {got}; expected ['image'] and {outputs}")
     return next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
@@ -92,6 +94,35 @@ def parity_check(model: ImageModel, onnx_path: str | Path, images: np.ndarray, t
         raise ExportError(f"parity check failed: ONNX Runtime vs torch relative difference of the embedding "
                           f"{embedding_diff:.3g} > {EMBEDDING_TOLERANCE}")
     return diff
+
+
+def onnx_evidence_error(onnx_path: str | Path, images: np.ndarray, bias: np.ndarray) -> float:
+    """The evidence check on the exported graph, as ONNX Runtime computes it."""
+    import onnxruntime as ort
+
+    from training.evidence import evidence_error
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits, evidence = session.run(["logits", EVIDENCE_OUTPUT], {"image": images})
+    return evidence_error(logits, evidence, bias)
+
+
+def export_explained(built: Built, onnx_path: Path, images: np.ndarray) -> tuple[int, EvidenceSection]:
+    """Export with an `evidence` output where the head is linear over pooled maps and the exported maps
+    sum to logit − bias (training/evidence.py); otherwise without it, saying why. Returns (opset, section)."""
+    from training.evidence import EVIDENCE_TOLERANCE, explained
+
+    size = built.preprocessing.size
+    model, reason = explained(built.model, size, images)
+    if model is not None:
+        opset = export_onnx(model, onnx_path, size, [*OUTPUTS, EVIDENCE_OUTPUT])
+        error = onnx_evidence_error(onnx_path, images, model.evidence.bias.numpy())
+        if np.isfinite(error) and error <= EVIDENCE_TOLERANCE:
+            log.info("evidence: maps sum to logit - bias within %.1e (relative)", error)
+            return opset, EvidenceSection(available=True, output=EVIDENCE_OUTPUT, side=model.evidence.side, max_error=error)
+        reason = f"the exported evidence maps do not sum to the logits (relative error {error:.2g})"
+    log.info("no evidence output: %s", reason)
+    return export_onnx(built.model, onnx_path, size), EvidenceSection(available=False, reason=reason)
 
 
 def held_out_images(samples: list[Sample], spec, limit: int = PARITY_IMAGES) -> np.ndarray:
@@ -131,11 +162,11 @@ def export_model(built: Built, labels: list[str], staging: str | Path, parity_im
     staging.mkdir(parents=True)
     progress.phase("exporting")
     onnx_path = staging / ONNX_FILE
-    opset = export_onnx(built.model, onnx_path, built.preprocessing.size)
+    opset, evidence = export_explained(built, onnx_path, parity_images)
     progress.phase("parity")
     diff = parity_check(built.model, onnx_path, parity_images)
     log.info("parity: max abs difference of probabilities %.2e", diff)
-    manifest = build_manifest(built, labels, training, dataset, opset, diff)
+    manifest = build_manifest(built, labels, training, dataset, opset, diff).model_copy(update={"evidence": evidence})
     write_manifest(manifest, staging)
     torch.save(checkpoint_payload(checkpoint or built, labels), staging / CHECKPOINT_FILE)
     return manifest

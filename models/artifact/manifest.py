@@ -18,6 +18,7 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 CHECKPOINT_FILE = "checkpoint.pt"
 EMBEDDING_OUTPUT = "embedding"
+EVIDENCE_OUTPUT = "evidence"
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
@@ -120,6 +121,19 @@ class OodSection(BaseModel):
         return value
 
 
+class EvidenceSection(BaseModel):
+    """Whether the graph gives exact evidence maps (`evidence [N, C, side, side]`, summing per class to
+    logit − bias; training/evidence.py), or why not. Absent on versions exported before it existed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    available: bool
+    output: str | None = Field(default=None, description="graph output name when available")
+    side: int | None = Field(default=None, gt=0, description="the maps' height and width")
+    max_error: float | None = Field(default=None, ge=0, description="relative |sum - (logit - bias)| at export")
+    reason: str | None = Field(default=None, description="why the graph has no evidence output")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -147,6 +161,7 @@ class Manifest(BaseModel):
     ood: OodSection | None = None
     recipe: dict[str, Any] | None = Field(
         default=None, description="what was chosen automatically for fields left unset, and why (models/transfer/recipe.py)")
+    evidence: EvidenceSection | None = None
 
     @field_validator("schema_version")
     @classmethod
