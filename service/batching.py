@@ -30,7 +30,7 @@ from service.admission import Overloaded, shed
 from service.pool.metrics import metrics, observe
 
 log = logging.getLogger("tuneserve.service")
-EXTRAS = ("logits", "embedding")  # graph outputs a caller may ask for beside the probabilities
+EXTRAS = ("logits", "embedding", "evidence")  # graph outputs a caller may ask for beside the probabilities
 
 
 class Row(NamedTuple):
@@ -41,6 +41,7 @@ class Row(NamedTuple):
     in_domain: float | None
     logits: np.ndarray | None = None
     embedding: np.ndarray | None = None
+    evidence: np.ndarray | None = None  # [C, side, side]
 
 
 def run_batch(classifier: OnnxClassifier, batch: np.ndarray, extras: frozenset[str]) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
@@ -52,6 +53,8 @@ def run_batch(classifier: OnnxClassifier, batch: np.ndarray, extras: frozenset[s
     names = {"logits": manifest.output_names[0], "probabilities": manifest.output_names[1]}
     if "embedding" in extras or classifier.ood is not None:
         names["embedding"] = classifier.require_embedding("the embedding output")
+    if "evidence" in extras:  # only when asked: it is C·side² floats per image to copy out
+        names["evidence"] = classifier.require_evidence()
     wanted = ["probabilities", *sorted(n for n in names if n != "probabilities")]
     values = dict(zip(wanted, classifier.run(batch, [names[n] for n in wanted])))
     in_domain = classifier.ood.score(values["embedding"]) if classifier.ood is not None else None
@@ -63,7 +66,7 @@ class QueueLimits:
     """The bounds of every model's queue in one worker (settings: max_queued_images, request_deadline_s)."""
 
     max_queued: int = 256
-    deadline_s: float = 10.0
+    deadline_s: float = 5.0
     retry_after_s: int = 1
 
 
@@ -88,14 +91,27 @@ class Batcher:
         self.limits = limits
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         self.task: asyncio.Task | None = None
+        self.seconds_per_image = 0.0  # moving average of ONNX Runtime time per image, for the expected wait
+
+    def expected_wait_s(self) -> float:
+        """How long an image queued now would wait, from the queue's length and recent batches."""
+        return (self.queue.qsize() + 1) * self.seconds_per_image
+
+    def _refusal(self) -> str | None:
+        if self.queue.qsize() >= self.limits.max_queued:
+            return (f"{self.queue.qsize()} images wait for model {self.name!r}, the limit "
+                    f"(TUNESERVE_MAX_QUEUED_IMAGES={self.limits.max_queued})")
+        if self.expected_wait_s() > self.limits.deadline_s:  # it would only be refused later, after waiting
+            return (f"an image would wait about {self.expected_wait_s():.1f} s for model {self.name!r}, past the deadline "
+                    f"(TUNESERVE_REQUEST_DEADLINE_S={self.limits.deadline_s:g})")
+        return None
 
     async def submit(self, classifier: OnnxClassifier, array: np.ndarray, extras: frozenset[str] = frozenset()) -> Row:
         """The `Row` of one prepared image: probabilities, in-domain score, and the `extras` asked for."""
-        if self.queue.qsize() >= self.limits.max_queued:
+        refusal = self._refusal()
+        if refusal is not None:
             shed("batcher", "queue")
-            raise Overloaded(f"overloaded: {self.queue.qsize()} images wait for model {self.name!r}, the limit "
-                             f"(TUNESERVE_MAX_QUEUED_IMAGES={self.limits.max_queued}); retry after "
-                             f"{self.limits.retry_after_s} s", self.limits.retry_after_s)
+            raise Overloaded(f"overloaded: {refusal}; retry after {self.limits.retry_after_s} s", self.limits.retry_after_s)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.queue.put_nowait(_Item(classifier, array, frozenset(extras), future))
@@ -168,9 +184,11 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(RuntimeError(f"inference failed: {error}"))
             return
+        elapsed = time.perf_counter() - started
+        self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * elapsed / len(group) if self.seconds_per_image else elapsed / len(group)
         try:
             m = metrics()
-            m["latency"].labels(self.name).observe(time.perf_counter() - started)
+            m["latency"].labels(self.name).observe(elapsed)
             m["batch"].labels(self.name).observe(len(group))
             m["images"].labels(self.name).inc(len(group))
         except Exception:  # metrics must never strand the requests of a batch

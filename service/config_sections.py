@@ -253,7 +253,8 @@ class ServingSettings(Section):
         "beyond, 503 with Retry-After (gRPC RESOURCE_EXHAUSTED) at once, before the body is read (docs/security.md)")
     max_queued_images: Int(1) = Field(256, description="Images waiting in one model's micro-batch queue per worker; beyond, 503 at once")
     request_deadline_s: Float(positive=True) = Field(
-        10.0, description="Longest an image may wait in the batch queue; past it the request is answered 503 and its image never runs")
+        5.0, description="Longest an image may wait in the batch queue: one expected to wait longer (queue length × recent "
+        "time per image) is refused at once, one that waited longer is answered 503 and never runs")
     retry_after_s: Int(1) = Field(1, description="Seconds a 503 for overload tells the client to wait (Retry-After)")
     grpc_max_concurrent_calls: Int(1) = Field(
         128, description="Concurrent gRPC calls one worker's server accepts; beyond, RESOURCE_EXHAUSTED from gRPC itself")

@@ -73,6 +73,24 @@ def test_an_image_past_its_deadline_is_answered_503_and_never_runs():
     assert batches == [1]  # the late image never reached ONNX Runtime
 
 
+def test_an_image_expected_to_wait_past_the_deadline_is_refused_before_it_queues():
+    async def scenario():
+        batchers = Batchers(max_size=1, max_latency_s=0, limits=QueueLimits(max_queued=100, deadline_s=1.0))
+        model = SlowClassifier(0.05)
+        await batchers.submit(model, _image())  # creates the model's batcher
+        batcher = batchers._by_name["slow"]
+        batcher.task.cancel()  # hold the queue still: what waits is what the check sees
+        for _ in range(3):
+            batcher.queue.put_nowait(object())
+        batcher.seconds_per_image = 0.5  # 4 × 0.5 s > 1 s
+        with pytest.raises(Overloaded, match="would wait about 2.0 s"):
+            await batcher.submit(model, _image())
+        batcher.seconds_per_image = 0.2  # 4 × 0.2 s < 1 s: it queues
+        assert batcher._refusal() is None and batcher.expected_wait_s() == pytest.approx(0.8)
+
+    asyncio.run(scenario())
+
+
 def test_the_middleware_counts_inference_routes_only():
     release = asyncio.Event()
     sent: list[tuple[str, int]] = []
