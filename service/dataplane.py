@@ -36,7 +36,7 @@ from service.batching import EXTRAS, Batchers, QueueLimits, Row
 from service.pool import ModelPool, observe
 from service.schemas import Prediction
 
-OUTPUTS = ("probabilities", "logits", "embedding")
+OUTPUTS = ("probabilities", "logits", "embedding", "evidence")
 
 
 class InvalidInput(TuneserveError):
@@ -66,6 +66,8 @@ class ImageResult:
     probabilities: np.ndarray | None = None  # [C]
     logits: np.ndarray | None = None  # [C]
     embedding: np.ndarray | None = None  # [D]
+    evidence: np.ndarray | None = None  # [C, side, side]: each class's evidence map (models/serving/evidence.py)
+    pixels: np.ndarray | None = None  # the uint8 crop the model saw, kept only when evidence was asked (overlays)
     in_domain: float | None = None
     ranked: np.ndarray | None = None  # label indices of the top k, most probable first
     prediction: Prediction | None = None  # top-k and decision, when top_k > 0
@@ -155,6 +157,9 @@ class DataPlane:
             images = [image or self._answer(classifier, next(answered), request, min_confidence) for image in images]
         else:
             images = [image or ImageResult() for image in images]
+        if "evidence" in request.outputs:  # overlays are drawn on what the model saw
+            for image, array in zip(images, arrays):
+                image.pixels = None if image.error is not None else array
         result = InferenceResult(classifier, images, request.id, min_confidence, time.perf_counter() - started)
         self.loop.ensure_worker(self.pool, self.batchers)
         self.loop.after(asked.id, asked.outputs, asked.top_k, asked.images or asked.pixels, result)
@@ -174,6 +179,8 @@ class DataPlane:
             raise InvalidInput(f"unknown outputs {sorted(unknown)}; this model gives {list(OUTPUTS)}")
         if "embedding" in request.outputs:
             classifier.require_embedding("the embedding output")
+        if "evidence" in request.outputs:
+            classifier.require_evidence()
         return frozenset(request.outputs) & frozenset(EXTRAS)
 
     async def _inputs(self, request: InferenceRequest, classifier: OnnxClassifier) -> list[np.ndarray | TuneserveError]:
@@ -207,6 +214,7 @@ class DataPlane:
             probabilities=row.probabilities if "probabilities" in asked else None,
             logits=row.logits if "logits" in asked else None,
             embedding=row.embedding if "embedding" in asked else None,
+            evidence=row.evidence if "evidence" in asked else None,
             in_domain=row.in_domain,
         )
         if request.top_k > 0:

@@ -33,6 +33,19 @@ class RankedLabel(BaseModel):
     probability: float = Field(ge=0, le=1)
 
 
+class Evidence(BaseModel):
+    """Where in the image one class's logit comes from (docs/explain.md): the graph's exact evidence map
+    pooled to a small grid, which sums to `logit - bias`."""
+
+    label: str = Field(description="The class explained: `explain_label`, else the most probable label")
+    logit: float = Field(description="The class's logit")
+    bias: float = Field(description="The part of the logit no image position contributes: logit - sum(grid) * scale")
+    scale: float = Field(ge=0, description="The largest |cell| before normalising: grid × scale are the cells' shares of logit - bias")
+    grid: list[list[float]] = Field(description="Rows of cells over the crop the model saw, top first, in [-1, 1]; "
+                                    "positive cells are evidence for the class, negative against")
+    overlay_png: str | None = Field(None, description="With `explain_overlay`: the crop with the grid drawn on it, base64 PNG")
+
+
 class Prediction(BaseModel):
     """One image's answer: the top label, the ranked top-k, and which model version gave it."""
 
@@ -51,6 +64,7 @@ class Prediction(BaseModel):
     variant: str = Field("fp32", description="Which ONNX file answered: fp32, fp16 or int8")
     request_id: str | None = Field(None, description="This answer's id: POST /feedback with it and the true label "
                                    "(docs/production-loop.md)")
+    evidence: Evidence | None = Field(None, description="With `explain`: where the evidence for a class is (docs/explain.md)")
 
     @classmethod
     def of(cls, ranked: list[dict[str, Any]], model: str, version: str, **extra: Any) -> "Prediction":

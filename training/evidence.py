@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.serving.evidence import area_weights
 from training.backbones import ImageModel
 from training.multidepth import MultiDepthClassifier, stages_for
 
@@ -52,9 +53,7 @@ def cell_masks(height: int, width: int, grid: int) -> torch.Tensor:
 
 def area_matrix(fine: int, coarse: int) -> torch.Tensor:
     """[fine, coarse]: the share of coarse cell i that lands in fine cell r (each column sums to 1)."""
-    r, i = np.arange(fine)[:, None], np.arange(coarse)[None, :]
-    overlap = np.minimum((r + 1) / fine, (i + 1) / coarse) - np.maximum(r / fine, i / coarse)
-    return torch.from_numpy(np.clip(overlap, 0, None) * coarse).float()
+    return torch.from_numpy(area_weights(fine, coarse)).float()
 
 
 def linear_terms(weight: torch.Tensor, shapes: list[tuple[int, int, int]]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -223,6 +223,13 @@ class OnnxClassifier:
                 "(it still classifies); fine-tune or re-export it with this tuneserve to add the output")
         return self.manifest.embedding_output
 
+    def require_evidence(self) -> str:
+        """The evidence maps' output name (models/serving/evidence.py), or a refusal saying why there are none."""
+        from models.serving.evidence import evidence_output
+
+        outputs = None if self._session is None else {o.name for o in self._session.get_outputs()}
+        return evidence_output(self.manifest, self.tag, outputs)
+
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 `[N, H, W, 3]` → the features the head reads, `[N, D]` (float32)."""
         name = self.require_embedding("embed")

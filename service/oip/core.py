@@ -25,6 +25,7 @@ from service.dataplane import DataPlane, InferenceRequest, InferenceResult
 
 EXTENSIONS = ["classification", "binary_tensor_data"]
 OUTPUTS = ("probabilities", "logits")
+EVIDENCE = "evidence"  # FP32 [N, C, side, side], only when named (docs/explain.md): never computed into an answer otherwise
 PLATFORM = "onnxruntime_onnx"
 SERVER_NAME = "tuneserve"
 
@@ -102,8 +103,15 @@ def model_metadata(classifier: OnnxClassifier, versions: list[str]) -> dict[str,
         "platform": PLATFORM,
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                    {"name": "pixels", "datatype": "UINT8", "shape": [-1, size, size, 3]}],
-        "outputs": [{"name": output, "datatype": "FP32", "shape": [-1, classes]} for output in OUTPUTS],
+        "outputs": [{"name": output, "datatype": "FP32", "shape": [-1, classes]} for output in OUTPUTS] + evidence_metadata(classifier),
     }
+
+
+def evidence_metadata(classifier: OnnxClassifier) -> list[dict[str, Any]]:
+    section = classifier.manifest.evidence
+    if section is None or not section.available:
+        return []
+    return [{"name": EVIDENCE, "datatype": "FP32", "shape": [-1, classifier.manifest.num_classes, section.side, section.side]}]
 
 
 # ---- inference ---------------------------------------------------------------------------------
@@ -129,11 +137,13 @@ async def infer(plane: DataPlane, classifier: OnnxClassifier, inference: Inferen
 
 
 def _top_k(output: RequestedOutput, classifier: OnnxClassifier) -> int:
-    if output.name not in OUTPUTS:
-        raise ProtocolError(f"unknown output {output.name!r}; this model gives {list(OUTPUTS)}")
+    if output.name not in (*OUTPUTS, EVIDENCE):
+        raise ProtocolError(f"unknown output {output.name!r}; this model gives {[*OUTPUTS, EVIDENCE]}")
     k = output.classification
     if k is None:
         return 0
+    if output.name == EVIDENCE:
+        raise ProtocolError("output 'evidence': the classification extension applies to probabilities and logits only")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ProtocolError(f"output {output.name!r}: classification must be a positive integer, got {k!r}")
     return min(k, classifier.manifest.num_classes)
@@ -205,7 +215,7 @@ def pixel_batch(tensor: InputTensor, size: int, limit: int) -> np.ndarray:
 
 def _output(requested: RequestedOutput, result: InferenceResult) -> OutputTensor:
     """FP32 `[N, C]`, or with the classification extension BYTES `[N, k]` of "value:index:label"."""
-    values = result.stacked(requested.name)
+    values = result.stacked(requested.name)  # evidence: [N, C, side, side]
     k = requested.classification
     if k is None:
         return OutputTensor(requested.name, "FP32", list(values.shape), values.astype(np.float32, copy=False), requested.binary)

@@ -70,7 +70,7 @@ class OutputParameters(BaseModel):
 
 
 class OutputRequest(BaseModel):
-    name: Literal["probabilities", "logits"]
+    name: Literal["probabilities", "logits", "evidence"]
     parameters: OutputParameters | None = None
 
 
