@@ -27,6 +27,7 @@ from models.transfer.recipe import default_budget_s, fit_epochs
 from training.backbones import Built, Classifier, ImageModel, build_source
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, make_loader
+from training.crossfit import crossfit_logits, with_calibration
 from training.multidepth import FittedHead, classifier_for, embedding_gap, extract, fit_head, stages_for, val_scores
 from training.progress import Progress
 from training.train import TrainResult, train
@@ -195,9 +196,10 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     log.info("auto: chose %s; candidates %s", chosen.strategy,
              {c.strategy: round(c.val["macro_f1"], 4) for c in candidates})
     result = results[chosen.strategy]
-    return replace(result, seconds=time.monotonic() - started, strategy=chosen.strategy,
-                   candidates=[c.to_dict() for c in candidates], budget_s=round(budget, 1),
-                   checkpoint=None if chosen.strategy == "full" else standard)
+    calibration = crossfit_logits(chosen.strategy, chosen.details, features, len(labels), balanced)
+    return with_calibration(replace(result, seconds=time.monotonic() - started, strategy=chosen.strategy,
+                                    candidates=[c.to_dict() for c in candidates], budget_s=round(budget, 1),
+                                    checkpoint=None if chosen.strategy == "full" else standard), calibration)
 
 
 def should_run_auto(config: TrainConfig) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -255,13 +255,20 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
         if best is None or scores["macro_f1"] > best[1]["macro_f1"] + 1e-9:
             best = (c, scores)
     c, scores = best
-    all_x, all_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-    mean, scale = standardiser(all_x)
-    all_z = (all_x - mean) / scale
-    model, coef, intercept = fit_logistic(all_z, all_y, c, balanced, row_space(all_z))
-    weight, bias = _full_rank(model.classes_, coef, intercept, num_classes, train_x.shape[1])
+    head = fit_fixed(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), c, num_classes, balanced)
+    return replace(head, val=scores, seconds=time.monotonic() - started)
+
+
+def fit_fixed(x: np.ndarray, y: np.ndarray, c: float, num_classes: int, balanced: bool = True) -> FittedHead:
+    """One logistic head at a chosen C on all of `x` (standardised on `x`): the refit, and each
+    cross-fitted fold that calibration is fitted on (training/auto.py)."""
+    started = time.monotonic()
+    mean, scale = standardiser(x)
+    z = (x - mean) / scale
+    model, coef, intercept = fit_logistic(z, y, c, balanced, row_space(z))
+    weight, bias = _full_rank(model.classes_, coef, intercept, num_classes, x.shape[1])
     return FittedHead(weight.astype(np.float32), bias.astype(np.float32), mean.astype(np.float32),
-                      scale.astype(np.float32), c, scores, time.monotonic() - started)
+                      scale.astype(np.float32), c, {}, time.monotonic() - started)
 
 
 def _full_rank(classes: np.ndarray, coef: np.ndarray, intercept: np.ndarray, num_classes: int,

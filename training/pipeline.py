@@ -91,7 +91,9 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     export_model(result.built, labels, staging, held_out_images(test, result.built.preprocessing), training,
                  dataset, progress, checkpoint=result.checkpoint)
     progress.phase("calibrating")
-    calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device))
+    # auto's cheap heads were refitted on val: calibrate on val logits from heads that never saw the row
+    calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device),
+                      val_logits=getattr(result, "calibration_logits", None))
     report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
     if config.int8:
         report = quantize_export(staging, splits, progress)

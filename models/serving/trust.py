@@ -4,7 +4,9 @@ Torch-free: it works on the exported graph through the same runtime and preproce
 serving, so what is fitted is exactly what is served. Training calls `calibrate_version` on the
 staging folder after the parity gate and before evaluation:
 1. val logits → temperature T (min NLL), baked into model.onnx: probabilities = softmax(logits / T);
-2. val probabilities at T → the best-F1 threshold of each label;
+   where the head was fitted on val too, training passes val logits from heads that never saw the
+   row (training/crossfit.py) instead of the graph's own;
+2. val probabilities at T → the best-F1 threshold of each label (and the drift reference's predictions);
 3. train embeddings → class means and shared covariance; val embeddings → the in-domain scale.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ class TrustFit:
     val_samples: int
     train_samples: int
     reference: Reference | None = None  # what served traffic should look like (drift monitoring)
+    fitted_on: str = "val"
 
 
 def _indices(samples: list[Sample], kept: list[int], labels: list[str]) -> np.ndarray:
@@ -45,18 +48,23 @@ def _indices(samples: list[Sample], kept: list[int], labels: list[str]) -> np.nd
     return np.array([index[samples[i].label] for i in kept], dtype=np.int64)
 
 
-def fit_trust(classifier: OnnxClassifier, train: list[Sample], val: list[Sample]) -> TrustFit:
-    """Temperature and thresholds from `val`; the in-domain score from `train` (+ `val` for its scale)."""
+def fit_trust(classifier: OnnxClassifier, train: list[Sample], val: list[Sample],
+              val_logits: np.ndarray | None = None) -> TrustFit:
+    """Temperature and thresholds from `val`; the in-domain score from `train` (+ `val` for its scale).
+
+    `val_logits` (one row per `val` sample), when given, replace the graph's own val logits: training
+    passes them when the published head was fitted on val (logits from heads that never saw the row)."""
     manifest = classifier.manifest
     embedding = manifest.embedding_output if classifier.has_embedding else None
     logits_name = manifest.output_names[0]
     val_out, val_kept, _ = run_samples(classifier, val, [logits_name] + ([embedding] if embedding else []))
     y_val = _indices(val, val_kept, manifest.labels)
-    temperature = cal.fit_temperature(val_out[logits_name], y_val)
+    logits = val_out[logits_name] if val_logits is None else np.asarray(val_logits, dtype=np.float64)[val_kept]
+    temperature = cal.fit_temperature(logits, y_val)
     if not cal.TEMPERATURE_BOUNDS[0] * 1.01 < temperature < cal.TEMPERATURE_BOUNDS[1] / 1.01:
         log.warning("%s: temperature %.3g is at the edge of %s: the model is far from calibrated (undertrained?)",
                     classifier.tag, temperature, cal.TEMPERATURE_BOUNDS)
-    probabilities = cal.softmax(val_out[logits_name], temperature)
+    probabilities = cal.softmax(logits, temperature)
     thresholds = dict(zip(manifest.labels, cal.best_f1_thresholds(probabilities, y_val)))
     ood = None
     train_count = 0
@@ -68,7 +76,8 @@ def fit_trust(classifier: OnnxClassifier, train: list[Sample], val: list[Sample]
     log.info("%s: temperature %.3f from %d val images; in-domain score %s", classifier.tag, temperature,
              len(val_kept), f"from {train_count} train images" if ood else "unavailable (no embedding output)")
     reference = build_reference(val_out[embedding], y_val, probabilities.argmax(1), manifest.labels) if embedding else None
-    return TrustFit(temperature, thresholds, ood, len(val_kept), train_count, reference)
+    return TrustFit(temperature, thresholds, ood, len(val_kept), train_count, reference,
+                    "val" if val_logits is None else "val, cross-fitted")
 
 
 def apply_trust(directory: str | Path, fit: TrustFit, manifest: Manifest) -> Manifest:
@@ -86,7 +95,7 @@ def apply_trust(directory: str | Path, fit: TrustFit, manifest: Manifest) -> Man
         fit.ood.save(directory)
         ood = OodSection(**fit.ood.section(train=fit.train_samples, val=fit.val_samples))
     updated = manifest.model_copy(update={
-        "calibration": Calibration(temperature=fit.temperature, fitted_on="val", samples=fit.val_samples),
+        "calibration": Calibration(temperature=fit.temperature, fitted_on=fit.fitted_on, samples=fit.val_samples),
         "thresholds": fit.thresholds,
         "ood": ood,
     })
@@ -104,13 +113,14 @@ def check_baked(classifier: OnnxClassifier, images: np.ndarray) -> float:
 
 
 def calibrate_version(directory: str | Path, name: str, train: list[Sample], val: list[Sample],
-                      options: RuntimeOptions | None = None) -> Manifest:
-    """Fit and apply the trust sections to an exported version folder (see the module docstring)."""
+                      options: RuntimeOptions | None = None, val_logits: np.ndarray | None = None) -> Manifest:
+    """Fit and apply the trust sections to an exported version folder (see the module docstring);
+    `val_logits`: see `fit_trust`."""
     classifier = OnnxClassifier(directory, name, "staging", options).load()
     if not val:
         log.warning("%s: no validation images; served uncalibrated (T = 1, no thresholds)", name)
         return classifier.manifest
-    manifest = apply_trust(directory, fit_trust(classifier, train, val), classifier.manifest)
+    manifest = apply_trust(directory, fit_trust(classifier, train, val, val_logits), classifier.manifest)
     baked = OnnxClassifier(directory, name, "staging", options).load()
     check_baked(baked, stack([prepare(s.path, manifest.preprocessing) for s in val[:8]]))
     return manifest
