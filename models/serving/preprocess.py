@@ -24,6 +24,11 @@ RESAMPLING = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+# JPEG and MPO (a JPEG with more pictures after it, as cameras and phones write) decode through
+# libjpeg, which can scale by 1/2, 1/4 or 1/8 inside the inverse DCT.
+DRAFT_FORMATS = frozenset({"JPEG", "MPO"})
+DRAFT_SCALES = (8, 4, 2)
+
 # We enforce our own pixel limit before decoding; Pillow's global limit would otherwise
 # raise a warning-or-error at a threshold we do not control.
 Image.MAX_IMAGE_PIXELS = None
@@ -37,8 +42,8 @@ def decode_image(
 ) -> Image.Image:
     """Bytes or a path → RGB PIL image, upright per EXIF. Refuses non-images and pixel bombs.
 
-    `draft_size` lets JPEG decode at a reduced scale that still covers that shorter side,
-    which is several times faster for large photos.
+    `draft_size` lets a JPEG decode at a reduced scale (`draft_scale`) whose shorter side still
+    covers it, which is several times faster for large photos.
     """
     source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     try:
@@ -57,9 +62,12 @@ def decode_image(
     if width == 0 or height == 0:
         raise InvalidImage("image has zero width or height")
     try:
-        if draft_size and image.format == "JPEG":
-            scale = draft_size / min(width, height)
-            image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+        if draft_size and image.format in DRAFT_FORMATS:
+            reduce = draft_scale(width, height, draft_size)
+            if reduce > 1:
+                # Pillow picks the largest of 8/4/2/1 not above min(width // w, height // h), which
+                # for (width // reduce, height // reduce) is exactly `reduce`
+                image.draft("RGB", (width // reduce, height // reduce))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
@@ -68,6 +76,14 @@ def decode_image(
         return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImage(f"corrupt or truncated image: {error}") from None
+
+
+def draft_scale(width: int, height: int, shorter_side: int) -> int:
+    """The largest libjpeg reduction (8, 4, 2, else 1) whose decoded shorter side is still at least
+    `shorter_side`, so the resize that follows only ever shrinks (no upsampling of a drafted image).
+    Only the shorter side matters: resize scales it to `shorter_side` and the crop is square."""
+    short = min(width, height)
+    return next((r for r in DRAFT_SCALES if short // r >= shorter_side), 1)
 
 
 def resize_and_crop(image: Image.Image, spec: Preprocessing) -> np.ndarray:
