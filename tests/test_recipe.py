@@ -17,7 +17,7 @@ def write_images(root, mode, sizes, colour=True):
     return load_samples(root)
 
 
-@pytest.mark.parametrize("median,default,expected", [(128, 224, 128), (140, 224, 128), (150, 224, 160), (500, 224, 224),
+@pytest.mark.parametrize("median,default,expected", [(128, 224, 128), (140, 224, 128), (150, 224, 160), (500, 224, 320), (300, 224, 288),
                                                      (8, 224, 96), (64, 224, 96), (100, 32, 32)])
 def test_image_size_is_the_median_shorter_side_rounded_to_32_within_bounds(median, default, expected):
     # tiny images are upsampled to 96 px: a stride-32 backbone's last feature map stays 3×3, not 1×1

@@ -30,6 +30,7 @@ from training.data import ImageDataset, make_loader
 from training.crossfit import crossfit_logits, with_calibration
 from training.multidepth import FittedHead, classifier_for, embedding_gap, extract, fit_head, stages_for, val_scores
 from training.progress import Progress
+from training.spend import Spent, capture_trunk, spend
 from training.train import TrainResult, train
 
 log = logging.getLogger("tuneserve.training")
@@ -166,7 +167,11 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
                               f"(EfficientNet-Lite, simple_cnn); {built.backbone} has none")
         log.info("auto: no multi-depth features for %s; a full fine-tune", built.backbone)
         return replace(train(config.replace(strategy="full"), splits, labels, progress, stop, resume), strategy="full")
-    stages, features = compute_features(built, splits, labels, config, stop)
+    split, capture = capture_trunk(built) if config.strategy == "auto" else (None, None)
+    try:  # the first forward pass also caches the frozen trunk's output for a partial fine-tune
+        stages, features = compute_features(built, splits, labels, config, stop)
+    finally:
+        trunk = capture.close() if capture is not None else None
     balanced = config.class_balance != "none"
     dim = features.embedding_dim
     logistic = fit_head(features.train_x[:, -dim:], features.train_y, features.val_x[:, -dim:], features.val_y,
@@ -184,6 +189,12 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
         candidates = candidates[-1:]
     results = {name: TrainResult(model_built, labels, [], 0, "cpu", 0.0) for name, model_built in models.items()}
     best = max(candidates, key=lambda c: c.val["macro_f1"])
+    if config.strategy == "auto" and best.val["macro_f1"] < ROOM and split is not None:
+        heads = (multi, True, logistic) if multi.val["macro_f1"] > logistic.val["macro_f1"] else (logistic, False, logistic)
+        spent = spend(config, built, stages, split, trunk, heads, features, splits, labels, started, budget,
+                      best.val["macro_f1"], progress, stop)
+        budget, trunk = spent.budget_s, None
+        candidates += add_spent(spent, results, labels)
     remaining = budget - (time.monotonic() - started) - FIXED_SECONDS
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
         epochs, why = finetune_epochs(config, features, remaining)
@@ -199,7 +210,20 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     calibration = crossfit_logits(chosen.strategy, chosen.details, features, len(labels), balanced)
     return with_calibration(replace(result, seconds=time.monotonic() - started, strategy=chosen.strategy,
                                     candidates=[c.to_dict() for c in candidates], budget_s=round(budget, 1),
-                                    checkpoint=None if chosen.strategy == "full" else standard), calibration)
+                                    checkpoint=result.checkpoint or (None if chosen.strategy == "full" else standard)),
+                            calibration)
+
+
+def add_spent(spent: Spent, results: dict[str, TrainResult], labels: list[str]) -> list[Candidate]:
+    """The second stage's candidates (training/spend.py) as results and candidates; its plan in their details."""
+    added = []
+    for name, scores, details in spent.candidates:
+        served, tuned, tail, seconds = spent.results[name]
+        results[name] = TrainResult(served, labels, tail.history, tail.best_epoch, "cpu", seconds, checkpoint=tuned)
+        added.append(Candidate(name, scores, seconds, {**details, **spent.notes}))
+    if not spent.candidates:  # what was planned and why it did not run, recorded beside the candidates
+        added.append(Candidate("partial (not run)", {"macro_f1": -1.0}, 0.0, spent.notes))
+    return added
 
 
 def should_run_auto(config: TrainConfig) -> bool:

@@ -19,7 +19,7 @@ STATS_IMAGES = 200  # image headers read to size the data (a sample: big dataset
 GRAYSCALE_SHARE = 0.9  # scans and text: nearly every image has equal channels
 PHOTO_CROP_SCALE = 0.5  # random resized crop keeps 50–100 % of the area
 SCAN_CROP_SCALE = 0.85  # small jitter: 85–100 % of the area, never mirrored
-MAX_DETAIL_SCALE = 1.5  # grey fine-detail images are kept up to this multiple of the source's size (2.25x the cost)
+MAX_DETAIL_SCALE = 1.5  # larger images are kept up to this multiple of the source's size (2.25x the cost)
 BUDGET_SAFETY = 0.85  # plan to use this share of the budget; the rest absorbs noise
 LINEAR_EPOCHS = 10  # cached features make each linear epoch nearly free
 MIN_STEPS = 200  # small datasets get more epochs: a head and a backbone need updates, not passes
@@ -74,25 +74,28 @@ def data_stats(samples: list[Sample], limit: int = STATS_IMAGES) -> DataStats:
 
 def fit_image_size(stats: DataStats, default: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, str]:
     rounded = int(round(stats.median_short_side / multiple)) * multiple
-    if stats.median_short_side > default and stats.grayscale_share >= GRAYSCALE_SHARE:
+    if rounded > default:
         return fine_detail_size(stats, default, rounded)
     size = max(min(MIN_SIZE, default), min(default, rounded))
     return size, (f"median shorter side {stats.median_short_side}px over {stats.images} images, rounded to a multiple "
                   f"of {multiple} and kept within [{MIN_SIZE}, {default}] (the source's size): smaller images are "
-                  "upsampled so the last feature map keeps a layout, larger would only add cost")
+                  "upsampled so the last feature map keeps a layout")
 
 
 def fine_detail_size(stats: DataStats, default: int, rounded: int) -> tuple[int, str]:
-    """Grey images larger than the source's size (inspection, micrographs, scans) are kept nearer their own
-    size: their evidence is thin strokes, cracks and edges that a downscale to the source's size would
-    thin below a pixel, unlike a photo's objects (the scale the source learnt)."""
-    cap = int(math.ceil(default * MAX_DETAIL_SCALE / SIZE_MULTIPLE)) * SIZE_MULTIPLE
+    """Images larger than the source's size are kept nearer their own size, up to MAX_DETAIL_SCALE times it.
+
+    Where the evidence is small (a 1–2 px crack or scratch on a 300 px inspection image) a downscale to
+    the source's size blurs it below a pixel; where it is not (a photo's object), a moderately larger
+    input does not hurt a CNN's frozen features (FixRes, Touvron et al. 2019: objects look larger at
+    test time than in random-resized-crop training). Nothing cheap tells the two apart before a forward
+    pass, so the cost (at most 2.25x per image) is paid, and the budget sees it in the timed pass."""
+    cap = max(default, int(default * MAX_DETAIL_SCALE // SIZE_MULTIPLE) * SIZE_MULTIPLE)
     size = min(rounded, cap)
     return size, (f"median shorter side {stats.median_short_side}px over {stats.images} images, larger than the "
-                  f"source's {default}px, and {stats.grayscale_share:.0%} grey (inspection, scans, micrographs): their "
-                  f"evidence is thin detail that a downscale to {default}px would blur below a pixel, so {size}px "
-                  f"(the median rounded to {SIZE_MULTIPLE}, at most {MAX_DETAIL_SCALE:g}x the source's size: "
-                  f"{(size / default) ** 2:.1f}x its cost per image)")
+                  f"source's {default}px: small evidence (a thin crack, a scratch) would be blurred below a pixel "
+                  f"by a downscale to {default}px, so {size}px (the median rounded to {SIZE_MULTIPLE}, at most "
+                  f"{MAX_DETAIL_SCALE:g}x the source's size; {(size / default) ** 2:.1f}x its cost per image)")
 
 
 def default_budget_s(train_images: int) -> float:

@@ -1,0 +1,249 @@
+"""`auto`'s second stage: when the cheap heads leave room, spend the budget where it pays.
+
+The plan, estimated from the timed forward pass before anything runs, and recorded with why:
+1. which flips and quarter turns keep the label, measured on val (training/invariance.py);
+2. the frozen trunk's output for the views those make (the untransformed one was captured during
+   the first forward pass), cached once (training/trunk.py);
+3. the last blocks and the head trained on those rows for many epochs (a partial fine-tune at a
+   fraction of a full one's cost), warm-started from the fitted logistic head (linear probe, then
+   fine-tune: the head does not tear the features apart while it is still random);
+4. test-time averaging over the label-keeping views, served only when it pays on val.
+
+Budget: a user's `budget_s` is a hard cap (a deadline stops training, keeping the best epoch). With
+no `budget_s`, the default grows to what the plan needs (within BUDGET_CAP_S) when the cheap heads
+are clearly not good enough (val macro F1 below GOOD_ENOUGH): a slow target then gets the strategy
+its estimates favour instead of nothing.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.data.datasets import Sample
+from models.transfer.recipe import BUDGET_RANGE_S
+from training.backbones import Built, ImageModel
+from training.config import TrainConfig
+from training.data import ImageDataset, make_loader
+from training.invariance import GENERATORS, TTA_MIN_GAIN, Invariance, ViewAveraged, apply_view, averaged_gain, decide
+from training.multidepth import FittedHead, extract, val_scores
+from training.progress import Progress
+from training.train import pick_device
+from training.trunk import Cached, Capture, Deadline, Split, split_for, train_tail, trunk_outputs
+
+log = logging.getLogger("tuneserve.training")
+
+GOOD_ENOUGH = 0.95  # below this best cheap val macro F1 the default budget grows to fit the plan
+BUDGET_CAP_S = BUDGET_RANGE_S[1]  # the most a default budget grows to (15 minutes)
+PARTIAL_BLOCKS = 2  # EfficientNet-Lite: the last MBConv block and the head conv
+MAX_VIEWS = 4  # train views cached (the untransformed one included)
+TAIL_STEPS = 600  # optimiser steps a cached partial fine-tune aims at, within TAIL_EPOCHS
+TAIL_EPOCHS = (3, 20)
+TAIL_PATIENCE = 3
+FIXED_SECONDS = 20.0  # export, parity, calibration and publishing (as training/auto.py)
+
+
+@dataclass
+class Plan:
+    views: int
+    epochs: int
+    estimate_s: float
+    budget_s: float
+    why: str
+
+
+@dataclass
+class Spent:
+    """What the second stage adds: candidates (name → (TrainResult args, Candidate dict)), the budget, notes."""
+
+    results: dict[str, Any] = field(default_factory=dict)
+    candidates: list[Any] = field(default_factory=list)
+    budget_s: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_trunk(built: Built, blocks: int = PARTIAL_BLOCKS) -> tuple[Split | None, Capture | None]:
+    """Hook the trunk's last module before the first forward pass, so that pass fills the cache."""
+    split = split_for(built.model, blocks)
+    return split, (Capture(split.last_frozen) if split is not None else None)
+
+
+def tail_epochs(rows: int, batch_size: int) -> int:
+    steps = max(1, math.ceil(rows / batch_size))
+    return min(TAIL_EPOCHS[1], max(TAIL_EPOCHS[0], math.ceil(TAIL_STEPS / steps)))
+
+
+def plan(n_train: int, n_val: int, per_image_s: float, step_s: float, batch_size: int, elapsed: float,
+         budget: float, given: bool, best_f1: float) -> Plan:
+    """Views and epochs that fit; with no budget given and weak cheap heads, the budget that fits them."""
+    measure = len(GENERATORS) * n_val * per_image_s
+
+    def cost(views: int, epochs: int) -> float:
+        steps = math.ceil(n_train * views / batch_size)
+        return measure + (views - 1) * n_train * per_image_s + epochs * (steps + math.ceil(n_val / batch_size) / 3) * step_s
+
+    wanted = Plan(MAX_VIEWS, tail_epochs(n_train * MAX_VIEWS, batch_size), 0.0, budget, "")
+    wanted.estimate_s = cost(wanted.views, wanted.epochs)
+    room = budget - elapsed - FIXED_SECONDS
+    grown = ""
+    if not given and best_f1 < GOOD_ENOUGH and wanted.estimate_s > room:
+        budget = min(BUDGET_CAP_S, max(budget, elapsed + FIXED_SECONDS + wanted.estimate_s * 1.1))
+        room = budget - elapsed - FIXED_SECONDS
+        grown = (f"; no budget given and the best cheap head's val macro F1 {best_f1:.3f} < {GOOD_ENOUGH}: "
+                 f"the default budget grows to {budget:.0f}s (at most {BUDGET_CAP_S:.0f}s)")
+    for views in range(MAX_VIEWS, 0, -1):  # fewer views before fewer epochs: each view costs a forward pass
+        epochs = tail_epochs(n_train * views, batch_size)
+        while epochs > TAIL_EPOCHS[0] and cost(views, epochs) > room:
+            epochs -= 1
+        if cost(views, epochs) <= room:
+            return Plan(views, epochs, cost(views, epochs), budget, (
+                f"estimated {cost(views, epochs):.0f}s for {views} view(s) x {epochs} epoch(s) of the cached partial "
+                f"fine-tune ({per_image_s * 1000:.1f} ms per image forward, {step_s * 1000:.0f} ms per tail step); "
+                f"{room:.0f}s left{grown}"))
+    return Plan(0, 0, wanted.estimate_s, budget, f"the cached partial fine-tune needs about {wanted.estimate_s:.0f}s "
+                                                 f"and {room:.0f}s are left{grown}")
+
+
+def time_tail_step(model: ImageModel, split: Split, rows: torch.Tensor, batch_size: int) -> float:
+    """Seconds of one tail training step (forward, backward), measured on a copy so nothing learns."""
+    probe = copy.deepcopy(model)
+    tail_split = split_for(probe, PARTIAL_BLOCKS)
+    x = rows[:batch_size].float()
+    started = time.perf_counter()
+    for _ in range(2):
+        probe.classifier.head(tail_split.tail(x)).sum().backward()
+    return (time.perf_counter() - started) / 2
+
+
+def views_of(loader, view: str):
+    return ((apply_view(x, view), y) for x, y in loader)
+
+
+def measure_invariance(built: Built, stages, split: Split, loader, predict, val_x: np.ndarray, val_y: np.ndarray,
+                       stop) -> tuple[Invariance, dict[str, torch.Tensor]]:
+    """Each generator's val features (for the decision) and trunk outputs (for test-time averaging)."""
+    features, trunks = {"identity": val_x}, {}
+    for view in GENERATORS:
+        capture = Capture(split.last_frozen)
+        try:
+            features[view], _ = extract(stages, built.model.normalise, views_of(loader, view), stop)
+        finally:
+            trunks[view] = capture.close()
+    return decide(predict, features, val_y), trunks
+
+
+def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.Tensor,
+          heads: tuple[FittedHead, bool, FittedHead], features, splits: dict[str, list[Sample]], labels: list[str], started: float, budget: float, best_f1: float,
+          progress: Progress, stop: threading.Event | None) -> Spent:
+    """Measure invariances, cache the trunk's views and train the tail; the `partial` candidate if it fits.
+
+    `heads`: the best cheap linear head, whether it reads every column (multi-depth) or the embedding's, and
+    the logistic head on the embedding (the tail's warm start)."""
+    head, every_column, warm = heads
+    per_image_s = features.per_image_s
+    n_train, n_val = len(splits["train"]), len(splits["val"])
+    cached = Cached(trunk[:n_train], torch.tensor([labels.index(s.label) for s in splits["train"]]),
+                    trunk[n_train:], torch.tensor([labels.index(s.label) for s in splits["val"]]))
+    step_s = time_tail_step(built.model, split, cached.train_x, config.batch_size)
+    the_plan = plan(n_train, n_val, per_image_s, step_s, config.batch_size, time.monotonic() - started, budget,
+                    bool(config.budget_s), best_f1)
+    log.info("auto: cached partial fine-tune: %s", the_plan.why)
+    spent = Spent(budget_s=the_plan.budget_s, notes={"plan": the_plan.why, "estimate_s": round(the_plan.estimate_s, 1)})
+    if the_plan.views == 0:
+        return spent
+    deadline = Deadline(started + the_plan.budget_s - FIXED_SECONDS - time.monotonic())
+    loaders = {name: make_loader(ImageDataset(splits[name], labels, built.preprocessing, train=False), 64, False,
+                                 num_workers=config.num_workers, seed=config.seed) for name in ("train", "val")}
+    columns = slice(None) if every_column else slice(-features.embedding_dim, None)
+    invariance, val_trunks = measure_invariance(built, stages, split, loaders["val"],
+                                                lambda x: head.logits(x[:, columns]).argmax(1), features.val_x,
+                                                cached.val_y.numpy(), stop)
+    spent.notes["invariance"] = invariance.to_dict()
+    views = invariance.views[:the_plan.views]
+    started_tail = time.monotonic()
+    train_x = [cached.train_x] + [trunk_outputs(built.model, split, loaders["train"], lambda x, v=v: apply_view(x, v),
+                                                next(built.model.parameters()).device, stop) for v in views[1:]]
+    cached = Cached(torch.cat(train_x), cached.train_y.repeat(len(views)), cached.val_x, cached.val_y)
+    tuned, tail = tuned_copy(built, warm)
+    epochs = the_plan.epochs
+    tuned.model.to(pick_device(config.device))  # the tail trains where the device is; export reads it on the CPU
+    result = train_tail(tuned.model, tail, cached, config.replace(epochs=epochs, patience=TAIL_PATIENCE), len(labels),
+                        deadline, on_step=pacer(progress, epochs, math.ceil(len(cached.train_y) / config.batch_size)))
+    tuned.model.cpu()
+    if not result.epochs_run:
+        spent.notes["partial"] = "stopped by the deadline before one epoch"
+        return spent
+    served, tta = with_tta(tuned, tail, cached, val_trunks, invariance)
+    scores = val_scores(cached.val_y.numpy(), tail_logits(tuned.model, tail, cached.val_x).argmax(1))
+    details = {"blocks": PARTIAL_BLOCKS, "views": views, "epochs": epochs, "epochs_run": result.epochs_run,
+               "best_epoch": result.best_epoch, "stopped_by": result.stopped_by, "estimate_s": round(the_plan.estimate_s, 1),
+               "tail_step_s": round(step_s, 4), "tta": tta}
+    spent.results["partial"] = (served, tuned, result, time.monotonic() - started_tail)
+    spent.candidates.append(("partial", scores if not tta["served"] else tta["scores"], details))
+    return spent
+
+
+def tuned_copy(built: Built, head: FittedHead) -> tuple[Built, Split]:
+    """A copy of the source to train (the cheap candidates share the original's body), its head the fitted
+    logistic head with the standardisation folded in (a warm start)."""
+    tuned = copy.deepcopy(built)
+    weight = head.weight / head.scale  # the standardisation folded in: the head reads the raw embedding
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(weight).float())
+        linear.bias.copy_(torch.from_numpy(head.bias - weight @ head.mean).float())
+    tuned.model.classifier.head = linear
+    return tuned, split_for(tuned.model, PARTIAL_BLOCKS)
+
+
+@torch.no_grad()
+def tail_logits(model: ImageModel, split: Split, rows: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model.classifier.head(split.tail(rows[i:i + batch_size].to(device).float())).float().cpu().numpy()
+           for i in range(0, len(rows), batch_size)]
+    return np.concatenate(out)
+
+
+def with_tta(tuned: Built, split: Split, cached: Cached, val_trunks: dict[str, torch.Tensor],
+             invariance: Invariance) -> tuple[Built, dict[str, Any]]:
+    """The tuned model, wrapped to average its logits over the kept views when that pays on val."""
+    views = ["identity", *invariance.kept]
+    if len(views) == 1:
+        return tuned, {"served": False, "why": "no view keeps the label"}
+    by_view = {"identity": cached.val_x, **{v: val_trunks[v] for v in invariance.kept}}
+    y = cached.val_y.numpy()
+    gain = averaged_gain(lambda rows: tail_logits(tuned.model, split, rows), by_view, y, views,
+                         lambda t, p: val_scores(t, p)["macro_f1"])
+    invariance.tta_gain = round(gain, 4)
+    if gain < TTA_MIN_GAIN:
+        return tuned, {"served": False, "views": views, "gain": round(gain, 4),
+                       "why": f"averaging {len(views)} views adds {gain:+.3f} val macro F1 (< {TTA_MIN_GAIN}): not worth "
+                              f"{len(views)}x the serving cost"}
+    invariance.tta = True
+    mean = np.mean([tail_logits(tuned.model, split, by_view[v]) for v in views], 0)
+    served = copy.copy(tuned)
+    served.model = ImageModel(ViewAveraged(tuned.model.classifier, views), tuned.preprocessing.mean,
+                              tuned.preprocessing.std).eval()
+    return served, {"served": True, "views": views, "gain": round(gain, 4), "scores": val_scores(y, mean.argmax(1)),
+                    "why": f"averaging {len(views)} views adds {gain:+.3f} val macro F1: the served graph averages them "
+                           f"({len(views)}x the serving cost)"}
+
+
+def pacer(progress: Progress, epochs: int, steps: int):
+    """Progress events with an ETA from the mean step time so far."""
+    started = time.monotonic()
+
+    def on_step(epoch: int, done: int, loss: float) -> None:
+        if done % 10 == 0 or done == epochs * steps:
+            eta = (time.monotonic() - started) / done * (epochs * steps - done)
+            progress.step(epoch, epochs, done - (epoch - 1) * steps, steps, loss, round(eta, 1))
+
+    return on_step
