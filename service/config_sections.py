@@ -190,7 +190,7 @@ class ModelSettings(Section):
     default_model: Annotated[str, parsed(model_ref)] = Field("imagenet", description="The model a request gets when it names none")
     preload: Annotated[tuple[str, ...], parsed(model_names)] = Field((), description="Models loaded at startup besides the default model (comma-separated)")
     poll_seconds: Float(positive=True) = Field(2.0, description="How often each worker checks the store for a new `latest` (jobs poll their children as often)")
-    max_loaded_models: Int(1) = Field(8, description="Distinct model versions kept loaded per worker")
+    max_loaded_models: Int(1) = Field(8, description="Model versions a worker keeps loaded, all counted (followed `latest`s, pinned and canary versions): the least recently used is unloaded first, never the default model")
 
 
 class SecuritySettings(Section):
