@@ -6,9 +6,8 @@ Two replicas of one CPU each. The endpoint decodes its own upload, then awaits t
 model call, as the docs' image examples do. `max_ongoing_requests` is raised to the batch size
 because Ray warns that a replica never fills a batch otherwise (its default is 5).
 Run as a script rather than `serve run` only to pick the HTTP port and a private local cluster.
+No `from __future__ import annotations`: FastAPI must resolve `UploadFile` inside the class.
 """
-from __future__ import annotations
-
 import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from ray import serve
