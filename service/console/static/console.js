@@ -113,7 +113,34 @@ function predictionBars(predictions) {
   return list;
 }
 
-async function classifyOne(file, model, topK, minConfidence) {
+// The evidence overlay (docs/explain.md) over the card's image, and a button that toggles it off and on.
+function evidenceToggle(card, evidence) {
+  const img = card.querySelector("img"), original = img.src, overlay = `data:image/png;base64,${evidence.overlay_png}`;
+  img.src = overlay;
+  const button = el("button", { type: "button", class: "evidence-toggle", "aria-pressed": "true" }, `Evidence for ${evidence.label}: on`);
+  button.addEventListener("click", () => {
+    const on = button.getAttribute("aria-pressed") !== "true";
+    img.src = on ? overlay : original;
+    button.setAttribute("aria-pressed", String(on));
+    button.textContent = `Evidence for ${evidence.label}: ${on ? "on" : "off"}`;
+  });
+  return button;
+}
+
+async function classifyRequest(form, explain) {
+  if (!explain) return [await api("/classify", { method: "POST", body: form }), null];
+  const asked = new FormData();
+  for (const [key, value] of form.entries()) asked.append(key, value);
+  asked.append("explain_overlay", "true");
+  try {
+    return [await api("/classify", { method: "POST", body: asked }), null];
+  } catch (err) {  // 409: this version has no evidence maps; answer without them and say why
+    if (!err.message.startsWith("409")) throw err;
+    return [await api("/classify", { method: "POST", body: form }), err.message.slice(5)];
+  }
+}
+
+async function classifyOne(file, model, topK, minConfidence, explain) {
   const form = new FormData();
   form.append("image", file);
   if (model) form.append("model", model);
@@ -124,7 +151,7 @@ async function classifyOne(file, model, topK, minConfidence) {
   $("#classify-results").append(card);
   const started = performance.now();
   try {
-    const r = await api("/classify", { method: "POST", body: form });
+    const [r, noEvidence] = await classifyRequest(form, explain);
     const ms = performance.now() - started;
     const top = r.label !== undefined ? r.label : (r.predictions && r.predictions[0] && r.predictions[0].label);
     const abstained = r.abstained ? el("p", { class: "abstained" }, "abstained: below the confidence threshold") : null;
@@ -132,7 +159,9 @@ async function classifyOne(file, model, topK, minConfidence) {
       el("strong", { class: "top-label" }, top === null ? "(no answer)" : top), abstained,
       predictionBars(r.predictions),
       el("p", { class: "meta" }, `${r.model}:${r.version}${r.variant ? " · " + r.variant : ""}`
-        + `${r.in_domain !== undefined && r.in_domain !== null ? " · in-domain " + fmt(r.in_domain, 2) : ""} · ${ms.toFixed(0)} ms`));
+        + `${r.in_domain !== undefined && r.in_domain !== null ? " · in-domain " + fmt(r.in_domain, 2) : ""} · ${ms.toFixed(0)} ms`),
+      r.evidence && r.evidence.overlay_png ? evidenceToggle(card, r.evidence) : null,
+      noEvidence ? el("p", { class: "meta no-evidence" }, noEvidence) : null);
   } catch (err) {
     card.classList.add("failed");
     fill(card.querySelector("figcaption"), el("span", { class: "error-text", role: "alert" }, `${file.name}: ${err.message}`));
@@ -146,7 +175,8 @@ async function onClassify(e) {
   if (!files.length) { showError("#classify-error", new Error("pick or drop at least one image")); return; }
   fill($("#classify-results"));
   const model = $("#classify-model").value, topK = $("#classify-topk").value || "3";
-  await Promise.all(files.map((f) => classifyOne(f, model, topK, $("#classify-confidence").value.trim())));
+  const explain = $("#classify-explain").checked;
+  await Promise.all(files.map((f) => classifyOne(f, model, topK, $("#classify-confidence").value.trim(), explain)));
 }
 
 // ---- Models ---------------------------------------------------------------------------------
