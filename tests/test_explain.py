@@ -112,7 +112,7 @@ def test_classify_explain_refusals_and_batch(served):
     unknown = classify(http, explain="true", explain_label="purple")
     assert unknown.status_code == 422 and "purple" in unknown.json()["error"]
     without = classify(http, explain="true", model="plain")
-    assert without.status_code == 409 and "before evidence maps existed" in without.json()["error"]
+    assert without.status_code == 409 and "no evidence maps" in without.json()["error"]
     batch = classify(http, "/classify_batch", explain="true").json()
     assert [item["evidence"]["label"] for item in batch["results"]] == ["red", "red"]
 
@@ -140,3 +140,29 @@ def test_oip_evidence_output_over_rest_and_grpc(served):
         assert evidence.shape == (2, 3, 16, 16)
         np.testing.assert_allclose(evidence.sum((2, 3)), logits, atol=1e-5)
     np.testing.assert_array_equal(results[0][0], results[1][0])
+
+
+def test_score_evidence_writes_an_overlay_per_image_and_refuses_models_without_maps(bento_home, tmp_path, capsys):
+    from PIL import Image
+
+    from models.artifact import store
+    from tuneserve.cli import main
+
+    store.publish("explained", write_explained_tiny_model(tmp_path / "v"))
+    store.publish("plain", write_tiny_model(tmp_path / "p"))
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "a.png").write_bytes(half_red_png())
+    (images / "sub" / "b.png").write_bytes(half_red_png())
+    (images / "broken.png").write_bytes(b"not an image")
+    code = main(["score", "--model", "explained", "--input", str(images), "--output", str(tmp_path / "s.csv"),
+                 "--no-progress", "--evidence", str(tmp_path / "maps")])
+    assert code == 0 and "wrote 2 evidence overlays" in capsys.readouterr().err
+    overlay = np.asarray(Image.open(tmp_path / "maps" / "sub" / "b.png").convert("RGB"), np.int64)
+    assert overlay.shape == (224, 224, 3)
+    assert overlay[:, :100, 1].mean() > 20  # the red half gets the orange-red overlay (green channel raised)
+    assert np.abs(overlay[:, 130:]).max() == 0  # no evidence on the black half: left untouched
+    code = main(["score", "--model", "plain", "--input", str(images), "--output", str(tmp_path / "t.csv"),
+                 "--no-progress", "--evidence", str(tmp_path / "none")])
+    assert code != 0
+    assert "no evidence maps" in capsys.readouterr().err and not (tmp_path / "t.csv").exists()

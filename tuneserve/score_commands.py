@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", help="ray: cluster address (ray://host:10001 or auto); default $RAY_ADDRESS, else a local Ray")
     p.add_argument("--no-eval", action="store_true", help="ignore labels in the input; do not write the evaluation report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--evidence", type=Path, metavar="DIR",
+                   help="also write an evidence overlay per image to DIR/<path>.png (docs/explain.md); a pass of its own")
     p.set_defaults(handler=run_score)
 
 
@@ -46,6 +48,10 @@ def run_score(args: argparse.Namespace) -> int:
         raise DatasetError("--top-k and --batch-size must be at least 1")
     from models.serving.decision import parse_min_confidence
 
+    if args.evidence:
+        from tuneserve.score_evidence import check_explainable
+
+        check_explainable(args.model)
     options = dict(
         top_k=args.top_k, batch_size=args.batch_size, use_labels=not args.no_eval, progress=not args.no_progress,
         min_confidence=parse_min_confidence(args.min_confidence),
@@ -70,4 +76,9 @@ def run_score(args: argparse.Namespace) -> int:
         from models.artifact.manifest import eval_summary
 
         print(json.dumps({"eval": eval_summary(result.report), "report": str(result.report_path)}, indent=2))
+    if args.evidence:
+        from tuneserve.score_evidence import write_overlays
+
+        written = write_overlays(args.model, args.input, args.evidence, args.batch_size, args.device)
+        print(f"wrote {written} evidence overlays under {args.evidence}", file=sys.stderr)
     return 0

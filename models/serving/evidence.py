@@ -84,8 +84,9 @@ def evidence_output(manifest, tag: str, graph_outputs: set[str] | None) -> str:
     `graph_outputs`: the loaded session's outputs (None before loading)."""
     section = manifest.evidence
     if section is None:
-        raise EvidenceUnavailable(f"model {tag} was exported before evidence maps existed (it still classifies); "
-                                  "fine-tune or re-export it with this tuneserve to add them")
+        raise EvidenceUnavailable(f"model {tag} has no evidence maps: it was exported before they existed, or is an "
+                                  "instant head on a source's embedding (it still classifies); fine-tune it with this "
+                                  "tuneserve to add them")
     if not section.available:
         raise EvidenceUnavailable(f"model {tag} has no evidence maps: {section.reason}")
     if graph_outputs is not None and section.output not in graph_outputs:
