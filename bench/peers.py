@@ -6,7 +6,8 @@
 Each peer (bench/peers/*_app.py, written as its project's docs show) serves the same ONNX file, the
 `imagenet` EfficientNet-Lite0 from `tuneserve bootstrap`, with ONNX Runtime on 1 intra-op thread in
 each of 2 workers/replicas, batching up to 32, decoding the JPEG and preparing it as the model's
-manifest says (shorter side 256 bilinear, centre crop 224, uint8). tuneserve runs as `make serve` runs it
+manifest says (shorter side 256 bilinear, centre crop 224, uint8), by default with the same pixels and
+work as tuneserve (JPEG draft decoding, only the crop window resampled; `--plain-decode`: the docs' way). tuneserve runs as `make serve` runs it
 (`bentoml serve service.service:TuneServe`, 2 workers x 1 ORT thread). One server at a time, each:
 
 1. started, and ready once a good request answers 200; then 2 x clients warm-up requests;
@@ -209,7 +210,8 @@ def installed(python: Path | str, distribution: str) -> str:
 def make_peers(names: list[str], home: Path, model_dir: Path, venvs: Path, args) -> list[Peer]:
     base = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(PEER_DIR),
             "PEER_MODEL_DIR": str(model_dir), "PEER_THREADS": "1", "PEER_WORKERS": str(args.workers),
-            "PEER_MAX_BATCH": str(args.max_batch), "PEER_BATCH_TIMEOUT_S": str(args.batch_timeout_s)}
+            "PEER_MAX_BATCH": str(args.max_batch), "PEER_BATCH_TIMEOUT_S": str(args.batch_timeout_s),
+            "PEER_SAME_DECODE": "0" if getattr(args, "plain_decode", False) else "1"}
     peers = []
     for name in names:
         port = free_port()
@@ -389,6 +391,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="workers / replicas per server")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--batch-timeout-s", type=float, default=0.01, help="LitServe's and Ray Serve's batch wait")
+    parser.add_argument("--plain-decode", action="store_true",
+                        help="peers decode in full and resize the whole image (docs style) instead of tuneserve's savings")
     parser.add_argument("--home", default="/tmp/tuneserve-bench", help="private BENTOML_HOME (model built there once)")
     parser.add_argument("--model", default="imagenet")
     parser.add_argument("--venvs", default=str(ROOT.parent / "peer-venvs"), help="where the peers' venvs live")
@@ -421,6 +425,7 @@ def main() -> int:
     report = {"model": version.tag, "model_file": str(Path(version.path) / "model.onnx"), "cores": os.cpu_count(),
               "server_cpus": args.server_cpus, "client_cpus": args.client_cpus, "workers": args.workers,
               "ort_intra_op_threads": 1, "max_batch": args.max_batch, "batch_timeout_s": args.batch_timeout_s,
+              "peers_decode": "plain" if args.plain_decode else "same as tuneserve",
               "onnxruntime": importlib.metadata.version(ort_distribution()), "peers": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=float))

@@ -2,8 +2,8 @@
 
 Only ONNX Runtime, Pillow and numpy, so the peers' own venvs need nothing from tuneserve.
 The preprocessing follows the version's manifest.json (shorter side to `resize` with its
-interpolation, centre crop `size`, uint8 NHWC: normalisation is inside the graph), done the
-plain way a service author would write it (resize the whole image, then crop).
+interpolation, centre crop `size`, uint8 NHWC: normalisation is inside the graph), by default
+with the same decode and resize savings as tuneserve (see `prepare`).
 """
 from __future__ import annotations
 
@@ -25,6 +25,31 @@ def setting(name: str, default: str) -> str:
     return os.environ.get(f"PEER_{name}", default)
 
 
+def prepare(image: Image.Image, spec: dict, same_as_tuneserve: bool = True) -> np.ndarray:
+    """Shorter side to `resize`, centre crop `size` → uint8 HWC (the manifest's preprocessing).
+
+    With `same_as_tuneserve` (the default), the two savings models/serving/preprocess.py makes, so
+    every server does the same work per image: a JPEG decodes at 1/2, 1/4 or 1/8 scale when that
+    still covers `resize` (Pillow's draft), and only the crop window is resampled. Without, the plain
+    way a docs example writes it: decode in full, resize the whole image, crop.
+    """
+    size, resize = spec["size"], spec["resize"]
+    if same_as_tuneserve and image.format == "JPEG":
+        scale = resize / min(image.size)
+        image.draft("RGB", (max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    image = image.convert("RGB")
+    scale = resize / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    left, top = (width - size) // 2, (height - size) // 2
+    if same_as_tuneserve:
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return np.asarray(image.resize((size, size), RESAMPLING[spec["interpolation"]], box=box, reducing_gap=None),
+                          dtype=np.uint8)
+    image = image.resize((width, height), RESAMPLING[spec["interpolation"]])
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
 class Classifier:
     """The model file tuneserve serves, with 1 intra-op thread (one replica per core)."""
 
@@ -41,13 +66,7 @@ class Classifier:
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        image = image.convert("RGB")
-        size, resize = self.spec["size"], self.spec["resize"]
-        scale = resize / min(image.size)
-        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((width, height), RESAMPLING[self.spec["interpolation"]])
-        left, top = (width - size) // 2, (height - size) // 2
-        return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        return prepare(image, self.spec, setting("SAME_DECODE", "1") == "1")
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.preprocess(Image.open(io.BytesIO(data)))
