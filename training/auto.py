@@ -164,7 +164,8 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     if stages_for(built.model.classifier.body) is None:
         if config.strategy == "multidepth":
             raise ConfigError(f"strategy multidepth needs a backbone whose stages can be tapped "
-                              f"(EfficientNet-Lite, simple_cnn); {built.backbone} has none")
+                              f"(EfficientNet-Lite, MobileNetV3, EfficientNet-B0, ConvNeXt, simple_cnn); "
+                              f"{built.backbone} has none")
         log.info("auto: no multi-depth features for %s; a full fine-tune", built.backbone)
         return replace(train(config.replace(strategy="full"), splits, labels, progress, stop, resume), strategy="full")
     split, capture = capture_trunk(built) if config.strategy == "auto" else (None, None)
