@@ -29,6 +29,48 @@ def test_normalisation_and_head_stay_float():
     assert kept == {"transpose_0", "cast_1", "sub_2", "div_3", "conv_4", "reducemean_8", "gemm_9", "softmax_10"}
 
 
+def multidepth_graph() -> onnx.ModelProto:
+    """The tiny conv model with a multi-depth head, as training/multidepth.py exports one: the first
+    stage's output pooled globally and over a slice, concatenated with the last stage's pool,
+    standardised, then the head."""
+    from onnx import helper, numpy_helper
+
+    model = tiny_conv_graph()
+    graph = model.graph
+    head = next(n for n in graph.node if n.op_type == "Gemm")
+    features = 8 * 3
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([0], np.int64), "starts"), numpy_helper.from_array(np.array([8], np.int64), "ends"),
+        numpy_helper.from_array(np.array([2], np.int64), "slice_axes"),
+        numpy_helper.from_array(np.full(features, 0.5, np.float32), "feature_mean"),
+        numpy_helper.from_array(np.full(features, 0.01, np.float32), "feature_scale"),
+        numpy_helper.from_array(np.zeros((3, features), np.float32), "md.w"),
+    ])
+    extra = [
+        helper.make_node("ReduceMean", ["r1", "axes"], ["pool1"], keepdims=0, name="stage1_pool"),
+        helper.make_node("Slice", ["r1", "starts", "ends", "slice_axes"], ["top"], name="stage1_slice"),
+        helper.make_node("ReduceMean", ["top", "axes"], ["pool1_top"], keepdims=0, name="stage1_cell"),
+        helper.make_node("Concat", ["pool1", "pool1_top", "embedding"], ["features"], axis=1, name="concat"),
+        helper.make_node("Sub", ["features", "feature_mean"], ["centred_features"], name="standardise_sub"),
+        helper.make_node("Div", ["centred_features", "feature_scale"], ["standardised"], name="standardise_div"),
+    ]
+    head.input[0], head.input[1] = "standardised", "md.w"
+    at = list(graph.node).index(head)
+    for offset, node in enumerate(extra):
+        graph.node.insert(at + offset, node)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_multidepth_pooling_standardisation_and_head_stay_float():
+    from models.artifact.quantize import float_nodes
+
+    kept = set(float_nodes(multidepth_graph().graph))
+    assert {"stage1_pool", "stage1_slice", "stage1_cell", "concat", "standardise_sub", "standardise_div",
+            "gemm_9", "softmax_10", "reducemean_8"} <= kept
+    assert not kept & {"relu_5", "conv_6", "relu_7"}  # the backbone after the stem is quantized
+
+
 def _signature(model: onnx.ModelProto) -> tuple[list, list]:
     return ([(i.name, i.type.tensor_type.elem_type) for i in model.graph.input],
             [(o.name, o.type.tensor_type.elem_type) for o in model.graph.output])
@@ -78,7 +120,7 @@ def test_variant_is_recorded_in_manifest_and_eval(quantized):
     entry = read_eval(directory)["variants"]["int8"]
     assert entry["accuracy"] == 1.0 and entry["macro_f1"] == 1.0 and entry["fp32"]["accuracy"] == 1.0
     assert entry["agreement"] == 1.0 and entry["max_probability_diff"] == variant.max_probability_diff
-    assert set(entry["validation"]) == {"minmax", "entropy", "percentile"}
+    assert set(entry["validation"]) == {"minmax"}  # the first method already passed: no histograms built
     assert all(set(scores) >= {"accuracy", "agreement", "mean_probability_diff"} for scores in entry["validation"].values())
     assert read_eval(directory)["accuracy"] == 1.0  # the fp32 report is kept
 
@@ -93,6 +135,40 @@ def test_int8_graph_serves_real_answers(quantized):
     probabilities = model.predict(stack([prepare(p, model.manifest.preprocessing) for p in images]))
     assert [LABELS[i] for i in probabilities.argmax(1)] == [p.parent.name for p in images]
     assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_quantizing_logs_one_line_per_method_and_prints_nothing(tmp_path, caplog, capsys):
+    import logging
+
+    from models.artifact.quantize import quantize_version
+    from models.artifact.quantize_inputs import QuantizeConfig, data_from_samples
+
+    directory = write_tiny_conv_model(tmp_path / "model")
+    data = data_from_samples(noisy_colour_images(tmp_path / "data"), read_manifest(directory), QuantizeConfig())
+    with caplog.at_level(logging.INFO):
+        quantize_version(directory, data, QuantizeConfig(methods=("entropy", "percentile")))
+    assert capsys.readouterr().out == ""  # ONNX Runtime's histogram progress prints went to a debug logger
+    methods = [r.getMessage().split(":")[0] for r in caplog.records if r.getMessage().startswith("int8 ")
+               and r.name == "tuneserve.quantize" and "variant" not in r.getMessage()]
+    assert methods == ["int8 entropy"]  # entropy passed, so percentile never ran
+    loud = [r for r in caplog.records if "onnxruntime" in r.pathname and r.levelno >= logging.INFO]
+    assert loud == []
+
+
+def test_a_variant_that_cannot_pass_the_gate_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    import models.artifact.quantize as quantize
+    from models.artifact.quantize_inputs import Int8Skipped, QuantizeConfig, data_from_samples
+
+    directory = write_tiny_conv_model(tmp_path / "model")
+    data = data_from_samples(noisy_colour_images(tmp_path / "data"), read_manifest(directory), QuantizeConfig())
+    monkeypatch.setattr(quantize, "int8_gate", lambda variant: (False, "int8 test accuracy drop 3.00 points over the gate"))
+    with pytest.raises(Int8Skipped, match="validation accuracy drop 3.00 points"):
+        quantize.quantize_version(directory, data, QuantizeConfig(methods=("minmax", "percentile")))
+    assert not (directory / INT8_FILE).exists() and read_manifest(directory).variants == {}
+    entry = read_eval(directory)["variants"]["int8"]
+    assert entry["skipped"].startswith(("minmax calibration", "percentile calibration"))
+    assert set(entry["validation"]) == {"minmax", "percentile"}  # neither was good enough, both tried
+    assert read_eval(directory)["accuracy"] == 1.0
 
 
 # ---- choosing the variant -------------------------------------------------------------------------

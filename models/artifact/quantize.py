@@ -2,32 +2,39 @@
 
 Torch-free (onnxruntime.quantization + numpy), so training, the CLI and the service can use it.
 
-What is quantized: the backbone after its first Conv/MatMul. The graph takes uint8 pixels and
-casts and normalises them itself; those nodes stay float, and so does the first conv (the stem):
-quantizing the normalised 3-channel input and the stem's 27-weight kernels doubled the mean
-probability difference on digits (0.0022 → 0.0047; top-1 agreement 99.3 % → 98.9 %), for ~3 %
-of EfficientNet-Lite0's multiply-adds. Everything from the global pooling and the head's
-Gemm/MatMul to the outputs stays float too: `logits`, `probabilities` (with any temperature baked
-in) and `embedding` keep their float precision, and the head is a negligible share of the compute.
+What is quantized: the backbone, and nothing else. The graph takes uint8 pixels and casts and
+normalises them itself; those nodes stay float, and so does the first conv (the stem): quantizing
+the normalised 3-channel input and the stem's 27-weight kernels doubled the mean probability
+difference on digits (0.0022 → 0.0047), for ~3 % of EfficientNet-Lite0's multiply-adds. Every node
+from which no conv can be reached stays float too: global pooling, a multi-depth head's grid
+pooling, concatenation and feature standardisation (one uint8 scale over ten thousand standardised
+features is what made that head's int8 variant disagree with fp32), the head's Gemm, temperature
+and softmax. `logits`, `probabilities` and `embedding` keep float precision; the head is a
+negligible share of the compute.
 
 Activations are uint8 (asymmetric), weights int8 per output channel: ONNX Runtime's x86 kernels
 run U8S8 on VNNI/AVX2; S8S8 activations ran slower than fp32 on this machine (docs/benchmarks.md, precision variants).
 
-Calibration runs a few hundred training images through `models.serving.preprocess` (the serving path);
-MinMax, Entropy and Percentile are each tried and the one closest to fp32 on the validation split
-is kept (top-1 agreement, then mean |Δp|, then accuracy: on a hundred validation images one image
-of accuracy is noise, while the probability difference is measured on every image). The
-kept graph is then compared with fp32 on the test split (`eval.json` → `variants.int8`) and
-listed in the manifest (`variants.int8`), which is what serving's precision choice reads.
+Calibration runs a few hundred training images through `models.serving.preprocess` (the serving
+path). The methods are tried in order, cheapest first (MinMax needs no histograms), and the first
+whose variant already passes the serving gate with top-1 agreement >= 99.5 % on the validation
+images ends the search; otherwise the one closest to fp32 is kept (top-1 agreement, then mean |Δp|,
+then accuracy: on a hundred validation images one image of accuracy is noise). When even that one
+fails the serving gate (`models.artifact.variants.int8_gate`) on validation, no variant is written
+(`Int8Skipped`, with the reason in `eval.json`). Otherwise the kept graph is compared with fp32 on the
+test split (`eval.json` → `variants.int8`) and listed in the manifest (`variants.int8`), which is
+what serving's precision choice reads. ONNX Runtime's own progress prints and per-tensor log lines go
+to the debug logger `tuneserve.quantize.onnxruntime`; this module logs one line per method.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
-import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -45,27 +52,26 @@ from models.artifact.manifest import (
     read_manifest,
 )
 from models.data.metrics import evaluation_report
-from models.artifact.quantize_inputs import Images, QuantizeConfig, QuantizeData, QuantizeError
+from models.artifact.quantize_inputs import Images, Int8Skipped, QuantizeConfig, QuantizeData, QuantizeError
+from models.artifact.variants import int8_gate
 
 log = logging.getLogger("tuneserve.quantize")
+chatter = logging.getLogger("tuneserve.quantize.onnxruntime")
 
 COMPUTE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
-# Walking back from the outputs, a pooling node is where the backbone's feature map ends: it
-# stays float, and so does what follows it, but the activation before it is still quantized
-# (otherwise the last conv, whose output it reads, would run in float).
-POOLING_OPS = frozenset({"ReduceMean", "GlobalAveragePool", "AveragePool", "GlobalMaxPool", "ReduceMax"})
+# An elementwise activation right after a backbone conv is quantized with it (ONNX Runtime folds a
+# Clip/Relu into the conv's output range), even when only pooling reads it (the last conv).
+ACTIVATION_OPS = frozenset({"Clip", "Relu"})
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Clip", "Relu", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "Concat"]
-
+# The first method whose variant passes the gate with this agreement on validation ends the search.
+GOOD_ENOUGH_AGREEMENT = 0.995
 
 
 # --------------------------------------------------------------------------- graph
 
 
-def float_nodes(graph) -> list[str]:
-    """Nodes that stay float: input → the first compute op, inclusive (cast, normalise, shape
-    arithmetic, the stem conv), and outputs ← the head's Gemm/MatMul or the global pooling
-    (softmax, temperature, the embedding)."""
+def _edges(graph) -> tuple[dict[str, list], dict[str, Any]]:
     consumers: dict[str, list] = defaultdict(list)
     producer = {}
     for node in graph.node:
@@ -73,6 +79,11 @@ def float_nodes(graph) -> list[str]:
             consumers[name].append(node)
         for name in node.output:
             producer[name] = node
+    return consumers, producer
+
+
+def _stem(graph, consumers) -> set[str]:
+    """Input → the first compute op, inclusive: cast, normalise, shape arithmetic on the input, the stem conv."""
     keep: set[str] = set()
     frontier = [i.name for i in graph.input]
     while frontier:
@@ -81,15 +92,29 @@ def float_nodes(graph) -> list[str]:
                 keep.add(node.name)
                 if node.op_type not in COMPUTE_OPS:  # the stem stays float; what follows it is quantized
                     frontier.extend(node.output)
-    frontier = [o.name for o in graph.output]
-    while frontier:
-        node = producer.get(frontier.pop())
-        if node is None or node.name in keep or node.op_type == "Conv":
-            continue
-        keep.add(node.name)
-        if node.op_type not in COMPUTE_OPS | POOLING_OPS:  # the head and the pooling stay float; stop there
-            frontier.extend(node.input)
-    return sorted(keep)
+    return keep
+
+
+def _backbone(graph, consumers, producer) -> set[str]:
+    """Convs, every node from which a conv can be reached, and the activation right after a conv
+    (ONNX node lists are topologically sorted, so one reverse pass sees every consumer first)."""
+    reaches: set[str] = set()
+    for node in reversed(graph.node):
+        if node.op_type == "Conv" or any(c.name in reaches for out in node.output for c in consumers.get(out, [])):
+            reaches.add(node.name)
+    for node in graph.node:
+        source = producer.get(node.input[0]) if node.input else None
+        if node.op_type in ACTIVATION_OPS and source is not None and source.op_type == "Conv":
+            reaches.add(node.name)
+    return reaches
+
+
+def float_nodes(graph) -> list[str]:
+    """Nodes that stay float: the stem (input → the first compute op, inclusive) and everything that
+    is not backbone (no conv reachable from it: pooling, standardisation, the head, softmax)."""
+    consumers, producer = _edges(graph)
+    backbone = _backbone(graph, consumers, producer)
+    return sorted(_stem(graph, consumers) | {n.name for n in graph.node if n.name not in backbone})
 
 
 def _named(model) -> None:
@@ -122,43 +147,83 @@ def _batch_reader(input_name: str, images: np.ndarray, batch_size: int):
     return BatchReader()
 
 
-def _prepared_graph(source: Path, workdir: Path):
-    """ONNX Runtime's recommended pre-processing (shape inference, basic fusions), named nodes."""
+class _ToChatter(logging.Filter):
+    """ONNX Runtime's quantizer logs per-tensor notes on the root logger (`logging.info/warning`) and
+    on its module loggers (`onnxruntime.quantization.*`): both become debug lines of `chatter`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" not in record.pathname:
+            return True
+        chatter.debug("%s", record.getMessage())
+        return False
+
+
+class _ChatterHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        chatter.debug("%s", record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime():
+    """Route ONNX Runtime's quantization chatter (stdout prints, log lines, session warnings) to the
+    debug logger `chatter`: a run logs one line per method, and stdout stays the CLI's JSON."""
+    import onnxruntime as ort
+
+    printed, route, handler = io.StringIO(), _ToChatter(), _ChatterHandler()
+    module_loggers = logging.getLogger("onnxruntime")
+    propagate = module_loggers.propagate
+    logging.getLogger().addFilter(route)
+    module_loggers.addHandler(handler)
+    module_loggers.propagate = False
+    ort.set_default_logger_severity(3)
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        ort.set_default_logger_severity(2)
+        module_loggers.propagate = propagate
+        module_loggers.removeHandler(handler)
+        logging.getLogger().removeFilter(route)
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                chatter.debug("%s", line)
+
+
+def prepare_graph(source: Path, workdir: Path) -> tuple[Path, list[str]]:
+    """ONNX Runtime's recommended pre-processing (shape inference, basic fusions) with named nodes,
+    once per version, and the nodes that stay float."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = workdir / "prepared.onnx"
     try:
-        quant_pre_process(str(source), str(prepared))
+        with quiet_onnxruntime():
+            quant_pre_process(str(source), str(prepared))
         model = onnx.load(str(prepared))
     except Exception as error:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
         log.warning("quantization pre-processing failed (%s); quantizing the graph as exported", error)
         model = onnx.load(str(source))
     _named(model)
     onnx.save(model, str(prepared))
-    return prepared, model
+    return prepared, float_nodes(model.graph)
 
 
-def quantize_graph(source: Path, target: Path, calibration: np.ndarray, method: str, config: QuantizeConfig,
-                   input_name: str = "image") -> Path:
-    """Write the static QDQ int8 version of `source` to `target`, calibrated with `method`."""
+def quantize_graph(prepared: Path, target: Path, calibration: np.ndarray, method: str, config: QuantizeConfig,
+                   excluded: list[str], input_name: str = "image") -> Path:
+    """Write the static QDQ int8 version of the prepared graph to `target`, calibrated with `method`."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                  "percentile": CalibrationMethod.Percentile}[method]
-    with tempfile.TemporaryDirectory(prefix="tuneserve-quantize-") as scratch:
-        prepared, model = _prepared_graph(Path(source), Path(scratch))
-        # ONNX Runtime's histogram calibrators print progress to stdout, which carries the CLI's
-        # JSON result (`tuneserve train ... | jq`): send their chatter to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
-            quantize_static(
-                str(prepared), str(target), _batch_reader(input_name, calibration, config.batch_size),
-                quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=float_nodes(model.graph),
-                calibrate_method=calibrate,
-                extra_options={"CalibStridedMinMax": 1, "CalibPercentile": config.percentile},
-            )
+    with quiet_onnxruntime():
+        quantize_static(
+            str(prepared), str(target), _batch_reader(input_name, calibration, config.batch_size),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
+            calibrate_method=calibrate,
+            extra_options={"CalibStridedMinMax": 1, "CalibPercentile": config.percentile},
+        )
     return Path(target)
 
 
@@ -195,31 +260,58 @@ def _rank(scores: dict[str, float]) -> tuple[float, float, float]:
     return scores["agreement"], -scores["mean_probability_diff"], scores.get("accuracy", 0.0)
 
 
+def validation_gate(scores: dict[str, Any]) -> tuple[bool, str]:
+    """The serving gate (`int8_gate`) applied to a method's validation scores: the accuracy drop on
+    the labelled validation split, else the share of validation images whose top-1 changed."""
+    delta = scores["accuracy"] - scores["fp32_accuracy"] if "accuracy" in scores else None
+    passed, why = int8_gate(Variant(file=INT8_FILE, accuracy_delta=delta, agreement=scores["agreement"],
+                                    max_probability_diff=scores["max_probability_diff"]))
+    return passed, why.replace("test", "validation")
+
+
+def _good_enough(scores: dict[str, Any]) -> bool:
+    return scores["agreement"] >= GOOD_ENOUGH_AGREEMENT and validation_gate(scores)[0]
+
+
+def _score_method(prepared: Path, target: Path, method: str, data: QuantizeData, manifest: Manifest,
+                  config: QuantizeConfig, excluded: list[str], reference: np.ndarray) -> dict[str, Any]:
+    """Quantize with `method` and score the variant against fp32 on the fidelity images; one log line."""
+    started = time.monotonic()
+    try:
+        quantize_graph(prepared, target, data.calibration, method, config, excluded, manifest.input_name)
+        probabilities = run_graph(target, data.fidelity_images(), manifest)
+    except Exception as error:  # noqa: BLE001 - one calibrator failing leaves the others
+        log.warning("int8 %s calibration failed: %s", method, error)
+        return {"error": str(error)}
+    scores: dict[str, Any] = {**agreement(reference, probabilities), "images": len(probabilities)}
+    labels = data.validation.labels
+    if labels is not None:
+        scores["accuracy"] = float((probabilities[: len(labels)].argmax(1) == labels).mean())
+        scores["fp32_accuracy"] = float((reference[: len(labels)].argmax(1) == labels).mean())
+    scores["seconds"] = round(time.monotonic() - started, 1)
+    log.info("int8 %s: top-1 agreement %.4f, mean |dp| %.5f on %d validation images%s, %.1f s", method,
+             scores["agreement"], scores["mean_probability_diff"], len(probabilities),
+             f", accuracy {scores['accuracy']:.4f} (fp32 {scores['fp32_accuracy']:.4f})" if labels is not None else "",
+             scores["seconds"])
+    return scores
+
+
 def choose_calibration(source: Path, data: QuantizeData, manifest: Manifest, config: QuantizeConfig,
-                       workdir: Path) -> tuple[str, Path, dict[str, dict[str, float]]]:
-    """Quantize with each method; keep the one closest to fp32 on validation (+ spare train images).
+                       workdir: Path) -> tuple[str, Path, dict[str, dict[str, Any]]]:
+    """Quantize with each method in order until one is good enough; keep the one closest to fp32.
 
     Accuracy is measured on the validation split; agreement and |Δp| on it and on the training
     images calibration did not use, which needs no labels and makes the ranking less noisy.
     """
-    images = data.fidelity_images()
-    reference = run_graph(source, images, manifest)
-    tried: dict[str, dict[str, float]] = {}
+    prepared, excluded = prepare_graph(Path(source), workdir)
+    reference = run_graph(source, data.fidelity_images(), manifest)
+    tried: dict[str, dict[str, Any]] = {}
     for method in config.methods:
-        target = workdir / f"{method}.onnx"
-        try:
-            quantize_graph(source, target, data.calibration, method, config, manifest.input_name)
-            probabilities = run_graph(target, images, manifest)
-        except Exception as error:  # noqa: BLE001 - one calibrator failing leaves the others
-            log.warning("int8 %s calibration failed: %s", method, error)
-            tried[method] = {"error": str(error)}
-            continue
-        tried[method] = {**agreement(reference, probabilities), "images": len(images)}
-        if data.validation.labels is not None:
-            validation = probabilities[: len(data.validation)]
-            tried[method]["accuracy"] = float((validation.argmax(1) == data.validation.labels).mean())
-        log.info("int8 %s on validation: %s", method, tried[method])
-    ranked = [m for m in config.methods if "error" not in tried[m]]
+        tried[method] = _score_method(prepared, workdir / f"{method}.onnx", method, data, manifest, config,
+                                      excluded, reference)
+        if "error" not in tried[method] and _good_enough(tried[method]):
+            break
+    ranked = [m for m in tried if "error" not in tried[m]]
     if not ranked:
         raise QuantizeError(f"every calibration method failed: {tried}")
     best = max(ranked, key=lambda m: _rank(tried[m]))
@@ -261,6 +353,16 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _record_skip(directory: Path, reason: str, tried: dict[str, dict[str, Any]]) -> None:
+    """No variant: the best calibration already fails the serving gate on validation, so `auto` would
+    never serve it. eval.json says why; the manifest is left as it was."""
+    report = read_eval(directory) or {}
+    report.setdefault("variants", {})["int8"] = {"skipped": reason, "validation": tried}
+    _write_atomically(directory / EVAL_FILE, json.dumps(report, indent=2).encode())
+    log.info("int8 variant of %s skipped: %s", directory, reason)
+    raise Int8Skipped(f"int8 variant skipped: {reason}")
+
+
 def quantize_version(directory: str | Path, data: QuantizeData, config: QuantizeConfig = QuantizeConfig()) -> Variant:
     """Write `model.int8.onnx` into a version's folder, its test comparison into `eval.json`
     (`variants.int8`) and the variant into `manifest.json`, in that order (the manifest last, so
@@ -271,6 +373,9 @@ def quantize_version(directory: str | Path, data: QuantizeData, config: Quantize
     source = directory / ONNX_FILE
     with tempfile.TemporaryDirectory(prefix="tuneserve-int8-") as scratch:
         method, chosen, tried = choose_calibration(source, data, manifest, config, Path(scratch))
+        passed, why = validation_gate(tried[method])
+        if not passed:
+            _record_skip(directory, f"{method} calibration: {why}", tried)
         entry = compare_on_test(manifest, run_graph(source, data.test.arrays, manifest),
                                 run_graph(chosen, data.test.arrays, manifest), data.test)
         _write_atomically(directory / INT8_FILE, chosen.read_bytes())
