@@ -159,7 +159,7 @@ def drift_day(args) -> dict:
             return windows, old
 
         started = time.perf_counter()
-        windows, old = run(passes, 0.0, overlapping=True)
+        windows, old = run(passes, 0.0, overlapping=not args.skip_overlapping)
         shifted, _ = run(int(args.shift_minutes * 60 / s.drift_interval_s), args.shift, overlapping=False)
     episodes = sum(1 for i, x in enumerate(old) if x and (i == 0 or not old[i - 1]))
     result = {"hours": args.hours, "rate_per_s": args.rate, "window": s.drift_window, "alpha": s.drift_alpha,
@@ -185,7 +185,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="--drift-day: answers per second")
     parser.add_argument("--shift", type=float, default=1.0, help="--drift-day: the drift after the day")
     parser.add_argument("--shift-minutes", type=float, default=60.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="--drift-day: another seed draws another reference")
+    parser.add_argument("--skip-overlapping", action="store_true", help="--drift-day: the loop's rule only")
     args = parser.parse_args()
     if args.drift_day:
         result = drift_day(args)

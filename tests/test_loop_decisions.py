@@ -57,6 +57,13 @@ def test_rollback_after_a_plain_publish_returns_to_the_version_before(db):
     assert rollout.rollback(db, "pets", by="alice", versions=versions)[0].stable == "v1"
 
 
+def test_rollback_never_returns_to_a_version_deleted_since(db):
+    rollout.start(db, "pets", "v2", "canary", 10, serving="v1", by="alice")
+    rollout.promote(db, "pets", by="alice")
+    back, rolled = rollout.rollback(db, "pets", by="alice", versions=["v2", "v0"])  # v1 was deleted
+    assert (back.stable, rolled) == ("v0", "v2")
+
+
 def _live(n_stable, right_stable, n_candidate, right_candidate):
     return {"v1": {"count": n_stable, "correct": right_stable}, "v2": {"count": n_candidate, "correct": right_candidate}}
 

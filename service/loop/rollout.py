@@ -125,7 +125,10 @@ def rollback(db: LoopDb, model: str, by: str | None, versions: list[str] | None 
             return _save(conn, back, "rollback", rollout.candidate, detail), rollout.candidate
         if serving is None:
             raise RolloutError(f"{model} has no version to roll back")
-        earlier = _promoted_from(conn, model, serving) or _published_before(versions, serving)
+        promoted_from = _promoted_from(conn, model, serving)
+        if versions and promoted_from not in versions:
+            promoted_from = None  # deleted since: never route traffic to a version that is gone
+        earlier = promoted_from or _published_before(versions, serving)
         if earlier is None:
             raise RolloutError(f"{model}: nothing to roll back to ({serving} has no earlier promotion or version)")
         back = Rollout(model, earlier, None, None, 0.0, time.time(), by)
