@@ -1,7 +1,8 @@
 """The models one serving worker holds (a registry: no inference, no HTTP here):
 
-- registry.py: `ModelPool`: lookup, lazy loading, the pinned-version LRU (unload), hot reload;
-- metrics.py: Prometheus metrics, one per stage (decode, queue wait, inference);
+- registry.py: `ModelPool`: lookup, lazy loading, one LRU of every loaded version bounded by
+  `max_loaded_models` (unload), hot reload, what GET /readyz/models shows;
+- metrics.py: Prometheus metrics, one per stage (decode, queue wait, inference), and model loads;
 - devices.py: this worker's device (GPU by worker index, or CPU threads).
 """
 from service.pool.devices import runtime_options, worker_index
