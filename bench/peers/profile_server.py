@@ -227,9 +227,6 @@ async def profile(peer, process, jpegs: list[bytes], args, out: Path) -> tuple[s
     workers = worker_pids(process.pid)
     used: list[float] = []
 
-    def busy() -> bool:
-        return not spies or any(spy.poll() is None for spy in spies)
-
     async def record_after_warm_up() -> None:
         await asyncio.sleep(args.warm_up)
         window.append(time.monotonic())
