@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
+import os
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -130,9 +131,8 @@ def test_table_reports_failed_and_measured_servers():
     assert "| ray-serve 2.60.0 | failed: not ready |" in text
 
 
-def test_server_pids_finds_this_process_tree():
-    assert sys.modules[__name__] and peers.server_pids(999_999_999) == []
-    import os
+def test_server_pids_finds_a_process_tree_and_its_cpu():
+    assert peers.server_pids(999_999_999) == []
     assert os.getpid() in peers.server_pids(os.getpid()) and peers.server_cpu_s(os.getpid()) > 0
 
 

@@ -248,6 +248,8 @@ async def profile(peer, process, jpegs: list[bytes], args, out: Path) -> tuple[s
     answered = sum(window[0] <= t <= window[1] for t in done)
     merged = "".join(f"worker-{n};{line}\n" for n, path in enumerate(sorted(out.glob("worker-*.txt")), 1)
                      for line in path.read_text().splitlines() if line.strip())
+    for path in out.glob("worker-*.txt"):  # merged into profile.collapsed.txt
+        path.unlink()
     return merged, answered, used[1] - used[0]
 
 
@@ -273,7 +275,8 @@ def main() -> int:
         old.unlink()
     version = ensure_model(args.model)
     (peer,) = make_peers(["tuneserve"], home, Path(version.path), home, args)
-    process = start(peer, out / "server.log", None)
+    (home / "peer-logs").mkdir(parents=True, exist_ok=True)
+    process = start(peer, home / "peer-logs" / "profile-tuneserve.log", None)
     try:
         collapsed, answered, used = asyncio.run(profile(peer, process, make_jpegs(), args, out))
     finally:
