@@ -216,14 +216,13 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
 
 
 def add_spent(spent: Spent, results: dict[str, TrainResult], labels: list[str]) -> list[Candidate]:
-    """The second stage's candidates (training/spend.py) as results and candidates; its plan in their details."""
+    """The second stage's candidates (training/spend.py) as results and candidates; its plan in their details
+    (a plan that did not fit is logged)."""
     added = []
     for name, scores, details in spent.candidates:
         served, tuned, tail, seconds = spent.results[name]
         results[name] = TrainResult(served, labels, tail.history, tail.best_epoch, "cpu", seconds, checkpoint=tuned)
         added.append(Candidate(name, scores, seconds, {**details, **spent.notes}))
-    if not spent.candidates:  # what was planned and why it did not run, recorded beside the candidates
-        added.append(Candidate("partial (not run)", {"macro_f1": -1.0}, 0.0, spent.notes))
     return added
 
 

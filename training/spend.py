@@ -149,6 +149,7 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
     head, every_column, warm = heads
     per_image_s = features.per_image_s
     n_train, n_val = len(splits["train"]), len(splits["val"])
+    trunk = trunk[len(trunk) - n_train - n_val:]  # the pass's rows are the last ones (a check may run the tap first)
     cached = Cached(trunk[:n_train], torch.tensor([labels.index(s.label) for s in splits["train"]]),
                     trunk[n_train:], torch.tensor([labels.index(s.label) for s in splits["val"]]))
     step_s = time_tail_step(built.model, split, cached.train_x, config.batch_size)

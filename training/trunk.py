@@ -193,7 +193,7 @@ def train_tail(model: ImageModel, split: Split, cached: Cached, config: TrainCon
     steps = math.ceil(len(cached.train_y) / config.batch_size)
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps * config.epochs, 1))
-    result, best_loss, best_state, bad, step_s = TailResult(), math.inf, None, 0, 0.0
+    result, best_loss, best_state, bad, step_s, done = TailResult(), math.inf, None, 0, 0.0, 0
     bar = tqdm(total=steps * config.epochs, desc="partial (cached trunk)", leave=False, disable=None)
     for epoch in range(config.epochs):
         set_train_mode(model)
@@ -208,9 +208,10 @@ def train_tail(model: ImageModel, split: Split, cached: Cached, config: TrainCon
             optimizer.step()
             scheduler.step()
             step_s = max(step_s * 0.9, time.monotonic() - tick)  # a cautious (slow-decaying) step time
-            bar.update(1)
+            bar.update(1)  # the bar shows the ETA on a terminal; on_step reports it to a job
+            done += 1
             if on_step is not None:
-                on_step(epoch + 1, bar.n, float(loss.detach()))
+                on_step(epoch + 1, done, float(loss.detach()))
         if result.stopped_by == "deadline":
             break
         val_loss, _ = _validate(model, split, cached, config.batch_size, device)

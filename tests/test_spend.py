@@ -1,0 +1,87 @@
+"""`auto`'s second stage (training/spend.py): a budget that follows the data and stays a hard cap when
+given, the cached partial fine-tune inside `run_auto`, and test-time averaging in the exported graph."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.data.datasets import Sample
+from training.spend import BUDGET_CAP_S, FIXED_SECONDS, GOOD_ENOUGH, plan
+from tests.test_invariance import blob_batch
+
+SLOW_TARGET = dict(n_train=2000, n_val=350, per_image_s=0.05, step_s=0.2, batch_size=32, elapsed=115.0)
+
+
+def test_a_given_budget_is_a_hard_cap_on_the_plan():
+    for budget in (150.0, 300.0, 900.0):
+        chosen = plan(**SLOW_TARGET, budget=budget, given=True, best_f1=0.6)
+        assert chosen.budget_s == budget
+        assert chosen.views == 0 or chosen.estimate_s <= budget - SLOW_TARGET["elapsed"] - FIXED_SECONDS
+    assert plan(**SLOW_TARGET, budget=150.0, given=True, best_f1=0.6).views == 0  # nothing fits: nothing runs
+    roomy = plan(**SLOW_TARGET, budget=3000.0, given=True, best_f1=0.6)
+    assert roomy.views == 4 and roomy.epochs >= 3  # more budget buys more views before anything else
+
+
+def test_the_default_budget_grows_only_when_the_cheap_heads_are_clearly_not_good_enough():
+    weak = plan(**SLOW_TARGET, budget=120.0, given=False, best_f1=0.85)
+    assert 120.0 < weak.budget_s <= BUDGET_CAP_S and weak.views >= 1 and "grows" in weak.why
+    assert weak.estimate_s <= weak.budget_s - SLOW_TARGET["elapsed"] - FIXED_SECONDS
+    good = plan(**SLOW_TARGET, budget=120.0, given=False, best_f1=GOOD_ENOUGH + 0.01)
+    assert good.budget_s == 120.0 and good.views == 0
+
+
+def write_counts(root, count: int, seed: int) -> list[Sample]:
+    """One blob or two, anywhere: every flip and quarter turn keeps the class."""
+    images, labels = blob_batch(count, np.random.default_rng(seed), "count")
+    samples = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / ("one", "two")[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+        samples.append(Sample(folder / f"{i}.png", ("one", "two")[label]))
+    return samples
+
+
+@pytest.mark.slow
+def test_auto_runs_the_cached_partial_fine_tune_with_measured_views(tmp_path, monkeypatch):
+    import training.auto as auto
+    from training.config import TrainConfig
+
+    monkeypatch.setattr(auto, "ROOM", 1.01)  # the second stage runs even if the cheap heads are perfect here
+    torch.manual_seed(0)
+    splits = {"train": write_counts(tmp_path / "train", 48, 0), "val": write_counts(tmp_path / "val", 40, 1),
+              "test": write_counts(tmp_path / "test", 20, 2)}
+    config = TrainConfig(name="counts", source="simple_cnn", weights="none", data=str(tmp_path), image_size=32,
+                         output_dir=str(tmp_path / "run"), budget_s=600.0, batch_size=16)
+    result = auto.run_auto(config, splits, ["one", "two"])
+    partial = next(c for c in result.candidates if c["strategy"] == "partial")
+    invariance = partial["details"]["invariance"]
+    assert invariance["kept"] == ["hflip", "vflip", "rot90"] and len(partial["details"]["views"]) == 4
+    assert partial["details"]["estimate_s"] > 0 and "view(s)" in partial["details"]["plan"]
+    assert partial["details"]["epochs_run"] >= 1 and result.budget_s == 600.0  # a given budget never grows
+    chosen = result.checkpoint if result.strategy == "partial" else None
+    assert chosen is None or not hasattr(chosen.model.classifier, "views")  # the checkpoint is never the TTA wrapper
+
+
+@pytest.mark.slow
+def test_a_view_averaged_model_exports_with_parity(tmp_path):
+    import onnxruntime as ort
+
+    from training.backbones import ImageModel, build_backbone
+    from training.export import export_onnx
+    from training.invariance import ELEMENTS, ViewAveraged
+
+    torch.manual_seed(0)
+    built = build_backbone("simple_cnn", 2, weights="none", image_size=32)
+    model = ImageModel(ViewAveraged(built.model.classifier, list(ELEMENTS)), built.preprocessing.mean,
+                       built.preprocessing.std).eval()
+    export_onnx(model, tmp_path / "model.onnx", 32)
+    images, _ = blob_batch(5, np.random.default_rng(0), "count")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    probabilities, embedding = session.run(["probabilities", "embedding"], {"image": images})
+    with torch.no_grad():
+        _, expected, expected_embedding = model(torch.from_numpy(images))
+    np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(embedding, expected_embedding.numpy(), atol=1e-4)
