@@ -188,18 +188,21 @@ def evaluate_export(staging: str | Path, name: str, test_samples: list[Sample], 
 def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progress: Progress | None = None) -> dict[str, Any]:
     """Add the static INT8 variant to the staged version; returns the updated eval.json.
 
-    An int8 variant is optional: when quantization fails the version is published fp32-only,
-    and eval.json says why (`variants.int8.error`).
+    An int8 variant is optional: when it cannot pass the serving gate on validation it is skipped
+    (`variants.int8.skipped`, written by the quantizer), and when quantization fails the version is
+    published fp32-only with the error (`variants.int8.error`).
     """
     from models.artifact.manifest import read_eval, read_manifest
     from models.artifact.quantize import quantize_version
-    from models.artifact.quantize_inputs import QuantizeConfig, data_from_splits
+    from models.artifact.quantize_inputs import Int8Skipped, QuantizeConfig, data_from_splits
 
     progress = progress or Progress()
     progress.phase("quantizing")
     config = QuantizeConfig()
     try:
         quantize_version(staging, data_from_splits(splits, read_manifest(staging), config), config)
+    except Int8Skipped:
+        pass  # the quantizer logged the one line and recorded the reason
     except Exception as error:  # noqa: BLE001 - fp32 is still a complete, checked version
         log.warning("int8 variant not written: %s", error)
         report = read_eval(staging) or {}
