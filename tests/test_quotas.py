@@ -199,5 +199,5 @@ def test_finetune_from_feedback_is_charged_to_the_disk_budget(tmp_path, bento_ho
     manager = SimpleNamespace(settings=settings)
     body = loop_retrain.RetrainIn(with_training_data=False)
     with pytest.raises(InsufficientStorage, match="budget"):
-        loop_retrain._submit(manager, SimpleNamespace(db=None), "pets", "v1", body, "alice")
+        loop_retrain.submit_retrain(manager, SimpleNamespace(db=None), "pets", "v1", body, "alice")
     assert not settings.jobs_dir.exists() or not any(settings.jobs_dir.iterdir())

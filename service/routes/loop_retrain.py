@@ -41,14 +41,14 @@ def add_retrain_route(router: APIRouter, loop_of, key) -> None:
             raise HTTPException(501, "fine-tune jobs are not available on this server")
         model, _ = store.split_ref(name)
         version = body.version or await asyncio.to_thread(_serving, loop, model)
-        job, kind, config, info, summary = await asyncio.to_thread(_submit, manager, loop, model, version, body, by)
+        job, kind, config, info, summary = await asyncio.to_thread(submit_retrain, manager, loop, model, version, body, by)
         manager.wake()
         await asyncio.to_thread(_record, loop, model, info, job.id, by)
         body_out = {"job_id": job.id, "kind": kind.name, "state": job.state, "dataset": summary, "config": config, **info}
         return JSONResponse(body_out, status_code=202, headers={"Location": f"/{kind.name}/{job.id}"})
 
 
-def _submit(manager: Any, loop: LoopPlane, model: str, version: str, body: RetrainIn, by: str) -> tuple:
+def submit_retrain(manager: Any, loop: LoopPlane, model: str, version: str, body: RetrainIn, by: str) -> tuple:
     """Validate, build the dataset, check it and store the job, in one worker thread (store reads,
     file links, SQLite writes: none of it on the event loop); a failure removes the job folder.
     → (job, kind, config, what the dataset holds, the dataset summary)."""
