@@ -7,12 +7,12 @@ import base64
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Form
+from fastapi import Depends, Form
 
 from models.errors import TuneserveError
 from models.serving.evidence import GRID_SIDE, overlay_png, summarise
 from models.serving.runtime import OnnxClassifier
-from service.schemas import Evidence
+from service.schemas import Evidence, Prediction
 
 OVERLAY_SIDE = 224  # overlays of smaller crops are enlarged to this (nearest neighbour)
 OUTPUTS = frozenset({"evidence", "logits"})  # logits: the answer gives the class's logit and bias
@@ -23,6 +23,15 @@ Explain = Annotated[bool, Form(description="Also answer where in the image the e
 ExplainLabel = Annotated[str | None, Form(max_length=256, description="The class to explain (implies `explain`); "
                                           "default: the most probable label")]
 ExplainOverlay = Annotated[bool, Form(description="Also draw the grid on the image: `evidence.overlay_png` (implies `explain`)")]
+
+
+def explain_form(explain: Explain = False, explain_label: ExplainLabel = None,
+                 explain_overlay: ExplainOverlay = False) -> tuple[bool, str | None, bool]:
+    """The three explain form fields, as one dependency a route declares once."""
+    return explain, explain_label, explain_overlay
+
+
+ExplainForm = Annotated[tuple[bool, str | None, bool], Depends(explain_form)]
 
 
 class UnknownLabel(TuneserveError):
@@ -41,9 +50,10 @@ class ExplainAsk:
         return OUTPUTS if self.asked else frozenset()
 
 
-def explain_ask(classifier: OnnxClassifier, explain: bool, label: str | None, overlay: bool) -> ExplainAsk:
+def explain_ask(classifier: OnnxClassifier, form: tuple[bool, str | None, bool]) -> ExplainAsk:
     """The checked ask: a label or an overlay implies explain; refused before any inference when the
     version has no evidence maps (409) or the label is not one of its labels (422)."""
+    explain, label, overlay = form
     ask = ExplainAsk(bool(explain or label or overlay), label or None, bool(overlay))
     if ask.asked:
         classifier.require_evidence()
@@ -61,3 +71,10 @@ def evidence_answer(classifier: OnnxClassifier, image, ask: ExplainAsk) -> Evide
     png = overlay_png(image.pixels, summary.grid, OVERLAY_SIDE) if ask.overlay else None
     return Evidence(label=labels[index], logit=logit, bias=logit - summary.total, scale=summary.scale,
                     grid=summary.grid.round(4).tolist(), overlay_png=base64.b64encode(png).decode() if png else None)
+
+
+def with_evidence(classifier: OnnxClassifier, image, ask: ExplainAsk) -> Prediction:
+    """The image's prediction, with its `evidence` when asked."""
+    if not ask.asked:
+        return image.prediction
+    return image.prediction.model_copy(update={"evidence": evidence_answer(classifier, image, ask)})

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, File, Request, UploadFile
 from service.auth import require_read_access
 from service.config import Settings
 from service.dataplane import DataPlane, InferenceRequest
-from service.explain import Explain, ExplainLabel, ExplainOverlay, evidence_answer, explain_ask
+from service.explain import ExplainForm, explain_ask, with_evidence
 from service.pool import count_request
 from service.routes.forms import (
     MIN_CONFIDENCE_SCHEMA, UPLOAD_ERRORS, before_body, form_part, form_route, min_confidence_field, model_field, plane_of, top_k_field,
@@ -33,27 +33,23 @@ def build_router(settings: Settings) -> APIRouter:
     async def classify(
         request: Request,
         plane: Plane,
+        explain: ExplainForm,
         image: Annotated[UploadFile, File(description="The image (JPEG, PNG, WebP, …), as a multipart file")],
         top_k: TopK = settings.default_top_k,
         model: Model = None,
         min_confidence: MinConfidence = None,
-        explain: Explain = False,
-        explain_label: ExplainLabel = None,
-        explain_overlay: ExplainOverlay = False,
     ) -> Classification:
         """Classify one image with `model` (the default model when absent)."""
         classifier = await plane.resolve(model)
         request.state.model = classifier.name
-        ask = explain_ask(classifier, explain, explain_label, explain_overlay)
+        ask = explain_ask(classifier, explain)
         asked = InferenceRequest(model=classifier, images=[await image.read()], outputs=ask.outputs(),
                                  top_k=top_k, min_confidence=min_confidence)
         answer = (await plane.infer(asked)).images[0]
         if answer.error is not None:
             raise answer.error
         count_request("classify", classifier.name, "ok")
-        if ask.asked:
-            return answer.prediction.model_copy(update={"evidence": evidence_answer(classifier, answer, ask)})
-        return answer.prediction
+        return with_evidence(classifier, answer, ask)
 
     @router.post(
         "/classify_batch",
@@ -65,6 +61,7 @@ def build_router(settings: Settings) -> APIRouter:
     async def classify_batch(
         request: Request,
         plane: Plane,
+        explain: ExplainForm,
         images: Annotated[
             list[UploadFile],
             File(min_length=1, max_length=settings.max_batch, description=f"1..{settings.max_batch} images, each a multipart file named `images`"),
@@ -72,20 +69,16 @@ def build_router(settings: Settings) -> APIRouter:
         top_k: TopK = settings.default_top_k,
         model: Model = None,
         min_confidence: MinConfidence = None,
-        explain: Explain = False,
-        explain_label: ExplainLabel = None,
-        explain_overlay: ExplainOverlay = False,
     ) -> BatchResult:
         """One result per image, in order; an image that cannot be classified gets its own error."""
         classifier = await plane.resolve(model)
         request.state.model = classifier.name
-        ask = explain_ask(classifier, explain, explain_label, explain_overlay)
+        ask = explain_ask(classifier, explain)
         asked = InferenceRequest(model=classifier, images=[await upload.read() for upload in images], outputs=ask.outputs(),
                                  top_k=top_k, min_confidence=min_confidence, partial=True)
         answers = (await plane.infer(asked)).images
         results = [
-            BatchItem(filename=upload.filename, **answer.prediction.model_dump(exclude={"evidence"}),
-                      evidence=evidence_answer(classifier, answer, ask) if ask.asked else None) if answer.error is None
+            BatchItem(filename=upload.filename, **with_evidence(classifier, answer, ask).model_dump()) if answer.error is None
             else BatchItemError(filename=upload.filename, error=str(answer.error), status=answer.error.status)
             for upload, answer in zip(images, answers)
         ]
