@@ -50,12 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo-data",
         help="write an offline demo dataset (folder per class)",
         description="digits: scikit-learn's load_digits (1797 8x8 images, 10 classes) upscaled to PNGs. "
-                    f"textures: random crops of scikit-image's bundled {', '.join(TEXTURES)} images.",
+                    f"textures: random crops of scikit-image's bundled {', '.join(TEXTURES)} images. "
+                    "inspection: thin scratches, cracks and spots on 256-320 px crops of scikit-image's photos "
+                    "(defective a third; masks under DIR/masks; --per-class: defective images).",
     )
     demo.add_argument("dataset", choices=DEMO_SETS)
     demo.add_argument("directory", type=Path)
     demo.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    demo.add_argument("--per-class", type=int, default=60, help="textures: images per class (default 60)")
+    demo.add_argument("--per-class", type=int, default=60, help="textures: images per class; inspection: defective images (default 60)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo_data)
 
