@@ -94,3 +94,20 @@ def test_calibrate_version_fits_on_the_given_val_logits(tmp_path):
     manifest = read_manifest(tmp_path / "model")
     assert manifest.calibration.fitted_on == "val, cross-fitted" and manifest.calibration.samples == len(val)
     assert manifest.temperature == pytest.approx(cal.fit_temperature(given, y), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_an_auto_run_publishes_calibration_fitted_on_crossfitted_val(tmp_path, bento_home):
+    """End to end: auto's cheap head → export → calibrate_version with the cross-fitted val logits."""
+    from models.artifact import store
+    from tests.test_training import make_dataset
+    from training.config import TrainConfig
+    from training.pipeline import run
+
+    config = TrainConfig(name="tiny", source="simple_cnn", data=str(make_dataset(tmp_path / "data")), image_size=32,
+                         budget_s=5.0, output_dir=str(tmp_path / "run"), int8=False)
+    result = run(config)
+    manifest = store.resolve("tiny").manifest()
+    assert manifest.training["strategy"] in {"prototype", "logistic", "multidepth"}
+    assert manifest.calibration.fitted_on == "val, cross-fitted"
+    assert manifest.calibration.samples == manifest.dataset.num_val and result.report["calibration"]["after"]
