@@ -62,6 +62,20 @@ def multidepth_graph() -> onnx.ModelProto:
     return model
 
 
+def test_the_first_stage_stays_float_up_to_the_first_downsampling_conv():
+    from onnx import helper
+
+    from models.artifact.quantize import float_nodes
+
+    model = tiny_conv_graph()
+    second = next(n for n in model.graph.node if n.name == "conv_6")
+    second.attribute.append(helper.make_attribute("strides", [2, 2]))
+    kept = set(float_nodes(model.graph))
+    # the stem and its activation (the first stage) stay float; the strided conv starts the quantized part
+    assert kept == {"transpose_0", "cast_1", "sub_2", "div_3", "conv_4", "relu_5", "reducemean_8", "gemm_9",
+                    "softmax_10"}
+
+
 def test_multidepth_pooling_standardisation_and_head_stay_float():
     from models.artifact.quantize import float_nodes
 

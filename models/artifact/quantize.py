@@ -2,15 +2,11 @@
 
 Torch-free (onnxruntime.quantization + numpy), so training, the CLI and the service can use it.
 
-What is quantized: the backbone, and nothing else. The graph takes uint8 pixels and casts and
-normalises them itself; those nodes stay float, and so does the first conv (the stem): quantizing
-the normalised 3-channel input and the stem's 27-weight kernels doubled the mean probability
-difference on digits (0.0022 → 0.0047), for ~3 % of EfficientNet-Lite0's multiply-adds. Every node
-from which no conv can be reached stays float too: global pooling, a multi-depth head's grid
-pooling, concatenation and feature standardisation (one uint8 scale over ten thousand standardised
-features is what made that head's int8 variant disagree with fp32), the head's Gemm, temperature
-and softmax. `logits`, `probabilities` and `embedding` keep float precision; the head is a
-negligible share of the compute.
+What is quantized: the backbone after its first stage, and nothing else
+(`models/artifact/quantize_graph.py` says which nodes and why): the uint8 pixels' cast and
+normalisation, the stem and the blocks at its resolution stay float, and so does everything from
+which no conv can be reached (pooling, a multi-depth head's standardisation, the head, softmax), so
+`logits`, `probabilities` and `embedding` keep float precision.
 
 Activations are uint8 (asymmetric), weights int8 per output channel: ONNX Runtime's x86 kernels
 run U8S8 on VNNI/AVX2; S8S8 activations ran slower than fp32 on this machine (docs/benchmarks.md, precision variants).
@@ -35,7 +31,6 @@ import logging
 import os
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +48,12 @@ from models.artifact.manifest import (
 )
 from models.data.metrics import evaluation_report
 from models.artifact.quantize_inputs import Images, Int8Skipped, QuantizeConfig, QuantizeData, QuantizeError
+from models.artifact.quantize_graph import float_nodes
 from models.artifact.variants import int8_gate
 
 log = logging.getLogger("tuneserve.quantize")
 chatter = logging.getLogger("tuneserve.quantize.onnxruntime")
 
-COMPUTE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
-# An elementwise activation right after a backbone conv is quantized with it (ONNX Runtime folds a
-# Clip/Relu into the conv's output range), even when only pooling reads it (the last conv).
-ACTIVATION_OPS = frozenset({"Clip", "Relu"})
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Clip", "Relu", "MaxPool", "AveragePool",
                  "GlobalAveragePool", "Concat"]
 # The first method whose variant passes the gate with this agreement on validation ends the search.
@@ -69,52 +61,6 @@ GOOD_ENOUGH_AGREEMENT = 0.995
 
 
 # --------------------------------------------------------------------------- graph
-
-
-def _edges(graph) -> tuple[dict[str, list], dict[str, Any]]:
-    consumers: dict[str, list] = defaultdict(list)
-    producer = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-        for name in node.output:
-            producer[name] = node
-    return consumers, producer
-
-
-def _stem(graph, consumers) -> set[str]:
-    """Input → the first compute op, inclusive: cast, normalise, shape arithmetic on the input, the stem conv."""
-    keep: set[str] = set()
-    frontier = [i.name for i in graph.input]
-    while frontier:
-        for node in consumers.get(frontier.pop(), []):
-            if node.name not in keep:
-                keep.add(node.name)
-                if node.op_type not in COMPUTE_OPS:  # the stem stays float; what follows it is quantized
-                    frontier.extend(node.output)
-    return keep
-
-
-def _backbone(graph, consumers, producer) -> set[str]:
-    """Convs, every node from which a conv can be reached, and the activation right after a conv
-    (ONNX node lists are topologically sorted, so one reverse pass sees every consumer first)."""
-    reaches: set[str] = set()
-    for node in reversed(graph.node):
-        if node.op_type == "Conv" or any(c.name in reaches for out in node.output for c in consumers.get(out, [])):
-            reaches.add(node.name)
-    for node in graph.node:
-        source = producer.get(node.input[0]) if node.input else None
-        if node.op_type in ACTIVATION_OPS and source is not None and source.op_type == "Conv":
-            reaches.add(node.name)
-    return reaches
-
-
-def float_nodes(graph) -> list[str]:
-    """Nodes that stay float: the stem (input → the first compute op, inclusive) and everything that
-    is not backbone (no conv reachable from it: pooling, standardisation, the head, softmax)."""
-    consumers, producer = _edges(graph)
-    backbone = _backbone(graph, consumers, producer)
-    return sorted(_stem(graph, consumers) | {n.name for n in graph.node if n.name not in backbone})
 
 
 def _named(model) -> None:
