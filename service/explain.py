@@ -12,7 +12,7 @@ from fastapi import Depends, Form
 from models.errors import TuneserveError
 from models.serving.evidence import GRID_SIDE, overlay_png, summarise
 from models.serving.runtime import OnnxClassifier
-from service.schemas import Evidence, Prediction
+from service.schemas import Error, Evidence, Prediction
 
 OVERLAY_SIDE = 224  # overlays of smaller crops are enlarged to this (nearest neighbour)
 OUTPUTS = frozenset({"evidence", "logits"})  # logits: the answer gives the class's logit and bias
@@ -32,6 +32,9 @@ def explain_form(explain: Explain = False, explain_label: ExplainLabel = None,
 
 
 ExplainForm = Annotated[tuple[bool, str | None, bool], Depends(explain_form)]
+
+
+EXPLAIN_ERRORS = {409: {"model": Error, "description": "`explain` asked of a version without evidence maps (the error says why)"}}
 
 
 class UnknownLabel(TuneserveError):

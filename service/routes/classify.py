@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, File, Request, UploadFile
 from service.auth import require_read_access
 from service.config import Settings
 from service.dataplane import DataPlane, InferenceRequest
-from service.explain import ExplainForm, explain_ask, with_evidence
+from service.explain import EXPLAIN_ERRORS, ExplainForm, explain_ask, with_evidence
 from service.pool import count_request
 from service.routes.forms import (
     MIN_CONFIDENCE_SCHEMA, UPLOAD_ERRORS, before_body, form_part, form_route, min_confidence_field, model_field, plane_of, top_k_field,
@@ -26,7 +26,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.post(
         "/classify",
         response_model=Classification,
-        responses=UPLOAD_ERRORS,
+        responses={**UPLOAD_ERRORS, **EXPLAIN_ERRORS},
         form_limits={"max_files": 1, "max_fields": 10},
         openapi_extra=form_part("min_confidence", MIN_CONFIDENCE_SCHEMA),
     )
@@ -54,7 +54,7 @@ def build_router(settings: Settings) -> APIRouter:
     @router.post(
         "/classify_batch",
         response_model=BatchResult,
-        responses=UPLOAD_ERRORS,
+        responses={**UPLOAD_ERRORS, **EXPLAIN_ERRORS},
         form_limits={"max_files": settings.max_batch + 1, "max_fields": 10},
         openapi_extra=form_part("min_confidence", MIN_CONFIDENCE_SCHEMA),
     )
