@@ -48,7 +48,7 @@ def _first_stage(graph, consumers) -> set[str]:
             if stem is not None and _strided(node):
                 downsamples = True  # the first stage ends here; this conv and what follows are quantized
                 continue
-            stem = stem or (node.name if node.op_type in COMPUTE_OPS else None)
+            stem = stem or (node.name if node.op_type == "Conv" else None)  # not a head Gemm met via shape ops
             keep.add(node.name)
             frontier.extend(node.output)
     return keep if downsamples else _stem(graph, consumers)
