@@ -164,8 +164,8 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
                                  num_workers=config.num_workers, seed=config.seed) for name in ("train", "val")}
     columns = slice(None) if every_column else slice(-features.embedding_dim, None)
     invariance, val_trunks = measure_invariance(built, stages, split, loaders["val"],
-                                                lambda x: head.logits(x[:, columns]).argmax(1), features.val_x,
-                                                cached.val_y.numpy(), stop)
+                                                judge(features, columns, head.c, config.class_balance != "none"),
+                                                features.val_x, cached.val_y.numpy(), stop)
     spent.notes["invariance"] = invariance.to_dict()
     views = invariance.views[:the_plan.views]
     started_tail = time.monotonic()
@@ -189,6 +189,23 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
     spent.results["partial"] = (served, tuned, result, time.monotonic() - started_tail)
     spent.candidates.append(("partial", scores if not tta["served"] else tta["scores"], details))
     return spent
+
+
+def judge(features, columns: slice, c: float, balanced: bool):
+    """The cheap head refitted on the train rows alone: the published one has seen val, so it would score
+    untransformed val images perfectly and every transform would look like it changes the label."""
+    from training.multidepth import fit_logistic, row_space, standardiser
+
+    mean, scale = standardiser(features.train_x[:, columns])
+    z = (features.train_x[:, columns] - mean) / scale
+    model, coef, intercept = fit_logistic(z, features.train_y, c, balanced, row_space(z))
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        scores = ((x[:, columns] - mean) / scale) @ coef.T + intercept
+        index = (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
+        return model.classes_[index]
+
+    return predict
 
 
 def tuned_copy(built: Built, head: FittedHead) -> tuple[Built, Split]:
