@@ -126,7 +126,7 @@ def _rollout_routes(router: APIRouter, read: list, key) -> None:
         await asyncio.to_thread(loop.refresh)
         return state.public()
 
-    @router.post("/models/{name}/promote", response_model=RolloutOut, responses=errors(401, 404, 409, 422))
+    @router.post("/models/{name}/promote", response_model=RolloutOut, responses=errors(400, 401, 404, 409, 422))
     async def promote(name: ModelPath, loop: Loop, body: ExpectIn | None = None, by: str = Depends(key)) -> dict:
         """The candidate becomes stable: all un-pinned traffic, on every worker within a second. With
         `expected`, only if that is still the candidate (else 409 naming the actual one)."""
@@ -136,7 +136,7 @@ def _rollout_routes(router: APIRouter, read: list, key) -> None:
         await asyncio.to_thread(loop.refresh)
         return state.public()
 
-    @router.post("/models/{name}/rollback", response_model=RolloutOut, responses=errors(401, 404, 409, 422))
+    @router.post("/models/{name}/rollback", response_model=RolloutOut, responses=errors(400, 401, 404, 409, 422))
     async def rollback(name: ModelPath, loop: Loop, body: ExpectIn | None = None, by: str = Depends(key)) -> dict:
         """Drop the candidate; without one, return to the version before the serving one (the stable
         one before its promotion, else the one published before it; every version stays stored).
