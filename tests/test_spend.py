@@ -85,3 +85,16 @@ def test_a_view_averaged_model_exports_with_parity(tmp_path):
         _, expected, expected_embedding = model(torch.from_numpy(images))
     np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(embedding, expected_embedding.numpy(), atol=1e-4)
+
+
+def test_a_costlier_candidate_must_lead_by_more_than_val_noise():
+    from training.auto import Candidate, choose
+
+    def c(name, f1):
+        return Candidate(name, {"macro_f1": f1}, 1.0)
+
+    cheap = [c("prototype", 0.60), c("logistic", 0.68), c("multidepth", 0.70)]
+    assert choose(cheap + [c("partial", 0.72)], 67).strategy == "multidepth"  # 0.02 < 0.5/sqrt(67) ≈ 0.061
+    assert choose(cheap + [c("partial", 0.78), c("full", 0.80)], 67).strategy == "full"
+    assert choose(cheap + [c("full", 0.715)], 10_000).strategy == "full"  # large val: a 0.015 lead is real
+    assert choose([c("multidepth", 0.9)], 5).strategy == "multidepth"
