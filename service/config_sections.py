@@ -102,6 +102,15 @@ def names_or_all(name: str, raw: str) -> tuple[str, ...]:
     return ("*",) if raw.strip() == "*" else model_names(name, raw)
 
 
+def variable_names(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated environment variable names, each optionally ending in `*` (a prefix)."""
+    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for part in names:
+        if not part.rstrip("*").replace("_", "a").isalnum() or "*" in part[:-1]:
+            raise SettingsError(f"{name}={raw!r}: {part!r} is not a variable name (letters, digits, '_', a final '*')")
+    return names
+
+
 def model_ref(name: str, raw: str) -> str:
     refs = model_names(name, raw)
     if len(refs) != 1:
@@ -275,6 +284,10 @@ class JobSettings(Section):
     finetune_max_upload_mb: Float(positive=True) = Field(
         ZIP_LIMITS.max_archive_bytes / MIB, description="Body limit for job uploads, MiB (instead of max_body_mb)")
     finetune_min_per_class: Int(1) = Field(5, description="Fewest images per class a fine-tune dataset may have")
+    job_environment: Annotated[tuple[str, ...], parsed(variable_names)] = Field(
+        (), json_schema_extra={"shown_default": "(none)"},
+        description="More of the server's environment variables a job child inherits (names, or prefixes ending in `*`), "
+                    "beside the allow-list in service/finetune/backends.py; API keys are never passed")
     job_backend: Annotated[str, parsed(choice("local", "ray", "none"))] = Field(
         "local", description="Where jobs run: local child processes, a Ray cluster, or none (job routes answer 501)")
     ray_address: OptionalText = Field(None, description="Ray dashboard URL (http://head:8265); unset: Ray looks up RAY_ADDRESS, then a local cluster")

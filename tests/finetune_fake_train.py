@@ -1,11 +1,11 @@
 """A stand-in for `python -m training.run` with the same command line and progress contract.
 
 Used by tests/test_finetune*.py through TUNESERVE_TRAINING_COMMAND. Steps sleep
-FAKE_TRAIN_STEP_S seconds (default 0.1); 4 steps per epoch; a checkpoint file per epoch in
+TUNESERVE_FAKE_TRAIN_STEP_S seconds (default 0.1); 4 steps per epoch; a checkpoint file per epoch in
 output_dir; `--resume` continues after the last one; publishes a tests/tiny.py model named
 `config.name` whose labels are the dataset's class folders. A name starting with `fail` fails
-with exit code 2; SIGTERM exits 143 without publishing. FAKE_TRAIN_PAD_KB adds a file of that size to
-the version; FAKE_TRAIN_PUBLISH_GATE=PATH waits for PATH to exist before publishing. Events go
+with exit code 2; SIGTERM exits 143 without publishing. TUNESERVE_FAKE_TRAIN_PAD_KB adds a file of that size to
+the version; TUNESERVE_FAKE_TRAIN_PUBLISH_GATE=PATH waits for PATH to exist before publishing. Events go
 through training/progress.py, as the real trainer's do, so the job tests break when the event
 format changes.
 """
@@ -45,7 +45,7 @@ def main() -> int:
     if config["name"].startswith("fail"):
         progress.failed("bad data: every image is unreadable (fake)")
         return ExitCode.BAD_INPUT
-    step_s = float(os.environ.get("FAKE_TRAIN_STEP_S", "0.1"))
+    step_s = float(os.environ.get("TUNESERVE_FAKE_TRAIN_STEP_S", "0.1"))
     epochs, steps = int(config.get("epochs") or 2), 4
     start = 1
     if args.resume:
@@ -76,11 +76,11 @@ def main() -> int:
     manifest["lineage"] = [config["source"]]
     manifest["training"] = {k: config.get(k) for k in ("strategy", "epochs")}
     manifest_path.write_text(json.dumps(manifest))
-    if os.environ.get("FAKE_TRAIN_PAD_KB"):  # a bigger version, for the full-disk test
-        (staging / "padding.bin").write_bytes(os.urandom(int(os.environ["FAKE_TRAIN_PAD_KB"]) * 1024))
+    if os.environ.get("TUNESERVE_FAKE_TRAIN_PAD_KB"):  # a bigger version, for the full-disk test
+        (staging / "padding.bin").write_bytes(os.urandom(int(os.environ["TUNESERVE_FAKE_TRAIN_PAD_KB"]) * 1024))
     progress.phase("publishing")
-    time.sleep(float(os.environ.get("FAKE_TRAIN_PUBLISH_S", "0")))
-    gate = os.environ.get("FAKE_TRAIN_PUBLISH_GATE")
+    time.sleep(float(os.environ.get("TUNESERVE_FAKE_TRAIN_PUBLISH_S", "0")))
+    gate = os.environ.get("TUNESERVE_FAKE_TRAIN_PUBLISH_GATE")
     while gate and not os.path.exists(gate):  # the test opens the gate once the disk is full
         time.sleep(0.05)
     from models.artifact import store

@@ -12,7 +12,7 @@ import pytest
 
 from service.admission import Admission, AdmissionMiddleware, Overloaded
 from service.batching import Batchers, QueueLimits
-from service.finetune.backends import child_environment
+from service.finetune.backends import asked_for, child_environment
 from service.names import InvalidName, OutsideRoot, caller_id, path_under
 
 
@@ -155,3 +155,9 @@ def test_job_children_get_no_keys_or_unrelated_secrets():
     assert not any(value.startswith("secret") or "secret-2" in value for value in env.values())
     assert {"PATH", "HOME", "TUNESERVE_HOME", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "LC_ALL", "TUNESERVE_JOB_ID"} <= set(env)
     assert env["PYTHONPATH"].split(":")[0] == str(Path(__file__).resolve().parents[1])
+
+
+def test_variables_a_deployment_asks_for_reach_job_children_but_keys_never_do():
+    environ = {"HF_HOME": "/cache", "MY_A": "1", "MY_B": "2", "OTHER": "x", "TUNESERVE_API_KEY": "secret"}
+    assert asked_for(environ, ("HF_HOME", "MY_*", "TUNESERVE_API_KEY")) == {"HF_HOME": "/cache", "MY_A": "1", "MY_B": "2"}
+    assert asked_for(environ, ()) == {}

@@ -21,7 +21,7 @@ def served(tmp_path_factory):
         version = store.publish("imagenet", write_tiny_model(base / "v1"))
         env = {"TUNESERVE_API_KEY": KEY, "TUNESERVE_HOME": str(base / "home"), "TUNESERVE_WORKERS": "1",
                "TUNESERVE_DATA_ROOT": str(base / "data"), "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND,
-               "TUNESERVE_FINETUNE_MIN_PER_CLASS": "3", "FAKE_TRAIN_STEP_S": "0.02"}
+               "TUNESERVE_FINETUNE_MIN_PER_CLASS": "3", "TUNESERVE_FAKE_TRAIN_STEP_S": "0.02"}
         make_dataset(base / "data" / "colours", classes=("red", "green", "blue"))
         with running_server(env, base / "server.log") as url:
             yield url, version, base

@@ -80,7 +80,7 @@ def wait_state(client, job_id, states, timeout=30):
 def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_settings):
     from models.artifact import store
 
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.15")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.15")
     client, _ = make_client()
     response = submit(client, dataset_zip, {"name": "colours", "source": "simple_cnn:none", "epochs": 2})
     assert response.status_code == 202, response.text
@@ -117,7 +117,7 @@ def test_submit_progress_success(make_client, dataset_zip, monkeypatch, ft_setti
 def test_cancel_running_and_queued(make_client, dataset_zip, monkeypatch, ft_settings):
     from models.artifact import store
 
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.3")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.3")
     client, _ = make_client()
     first = submit(client, dataset_zip, {"name": "slow", "source": "simple_cnn:none", "epochs": 20}).json()["job_id"]
     second = submit(client, dataset_zip, {"name": "later", "source": "simple_cnn:none", "epochs": 1}).json()["job_id"]
@@ -141,7 +141,7 @@ def test_cancel_running_and_queued(make_client, dataset_zip, monkeypatch, ft_set
 
 
 def test_kill_9_of_child_fails_with_reason(make_client, dataset_zip, monkeypatch):
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.3")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.3")
     client, manager = make_client()
     job_id = submit(client, dataset_zip, {"name": "victim", "source": "simple_cnn:none", "epochs": 20}).json()["job_id"]
     wait_for(lambda: job(client, job_id)["progress"].get("step"), 20, what="training")
@@ -150,7 +150,7 @@ def test_kill_9_of_child_fails_with_reason(make_client, dataset_zip, monkeypatch
     final = wait_state(client, job_id, {"failed", "cancelled", "succeeded"}, 15)
     assert final["state"] == "failed" and "signal 9" in final["error"] and "SIGKILL" in final["error"]
     # the manager keeps working: the next job runs
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.01")
     nxt = submit(client, dataset_zip, {"name": "after", "source": "simple_cnn:none", "epochs": 1}).json()["job_id"]
     assert wait_state(client, nxt, {"succeeded", "failed"})["state"] == "succeeded"
 
@@ -163,7 +163,7 @@ def test_training_failure_reason(make_client, dataset_zip):
 
 
 def test_stop_interrupts_and_resume_continues(make_client, dataset_zip, ft_settings, monkeypatch):
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.1")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.1")
     client, manager = make_client()
     job_id = submit(client, dataset_zip, {"name": "resumable", "source": "simple_cnn:none", "epochs": 4}).json()["job_id"]
     wait_for(lambda: (job(client, job_id)["progress"].get("epochs_done") or 0) >= 2, 20, what="two epochs")
@@ -224,7 +224,7 @@ def test_dead_worker_job_that_published_is_succeeded(make_client, dataset_zip, f
 
 
 def test_two_workers_each_job_once(make_client, dataset_zip, ft_settings, monkeypatch):
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.05")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.05")
     settings = ft_settings.replace(max_concurrent_jobs=2)
     client_a, a = make_client(settings, start=False)
     client_b, b = make_client(settings, start=False)
@@ -334,7 +334,7 @@ def test_upload_size_and_request_shape(make_client, ft_settings, tmp_path):
 
 
 def test_data_path_inside_root_only(make_client, ft_settings, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.01")
     client, _ = make_client()
     make_dataset(ft_settings.data_root / "colours")
     make_dataset(tmp_path / "outside")
@@ -353,8 +353,8 @@ def test_cancel_during_publish_reports_what_happened(make_client, ft_settings, d
 
     from models.artifact import store
 
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
-    monkeypatch.setenv("FAKE_TRAIN_PUBLISH_S", "1.0")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.01")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_PUBLISH_S", "1.0")
     # a grace period far longer than the publish, however busy the machine (the first publish imports bentoml)
     client, _ = make_client(ft_settings.replace(job_grace_seconds=60.0))
     job_id = submit(client, dataset_zip, {"name": "racy", "source": "simple_cnn:none", "epochs": 1}).json()["job_id"]

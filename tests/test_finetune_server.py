@@ -99,7 +99,7 @@ def _wait_state(client, job_id, states, timeout=60):
 def test_jobs_on_real_server(home, tmp_path):
     data = zip_dir(make_dataset(tmp_path / "colours"))
     env = {**home, "TUNESERVE_WORKERS": "2", "TUNESERVE_MAX_CONCURRENT_JOBS": "2",
-           "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "FAKE_TRAIN_STEP_S": "0.15"}
+           "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "TUNESERVE_FAKE_TRAIN_STEP_S": "0.15"}
     with serve(env, tmp_path / "server.log") as (client, _):
         ids = [_submit(client, data, {"name": f"colours{i}", "source": "simple_cnn:none", "epochs": 3}) for i in range(2)]
         percents = set()
@@ -161,7 +161,7 @@ def test_jobs_on_real_server(home, tmp_path):
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_server_stopped_during_job_then_resumed(home, tmp_path, how):
     data = zip_dir(make_dataset(tmp_path / "colours"))
-    env = {**home, "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "FAKE_TRAIN_STEP_S": "0.25"}
+    env = {**home, "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "TUNESERVE_FAKE_TRAIN_STEP_S": "0.25"}
     with serve(env, tmp_path / "server1.log") as (client, process):
         job_id = _submit(client, data, {"name": "phoenix", "source": "simple_cnn:none", "epochs": 6})
         wait_for(lambda: (_job(client, job_id)["progress"].get("epochs_done") or 0) >= 2, 30, 0.1, "two epochs")

@@ -77,8 +77,8 @@ def test_full_disk_publish_fails_cleanly_and_resumes(disk, tmp_path, monkeypatch
         env = {
             "BENTOML_HOME": str(bento_home), "TUNESERVE_HOME": str(disk / "home"), "TUNESERVE_WORKERS": "1",
             "TUNESERVE_DEFAULT_MODEL": "colours", "TUNESERVE_FINETUNE_MIN_PER_CLASS": "3", "TUNESERVE_JOB_GRACE_SECONDS": "2",
-            "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "FAKE_TRAIN_STEP_S": "0.02", "FAKE_TRAIN_PAD_KB": str(PAD_KB),
-            "FAKE_TRAIN_PUBLISH_GATE": str(gate),
+            "TUNESERVE_TRAINING_COMMAND": FAKE_COMMAND, "TUNESERVE_FAKE_TRAIN_STEP_S": "0.02", "TUNESERVE_FAKE_TRAIN_PAD_KB": str(PAD_KB),
+            "TUNESERVE_FAKE_TRAIN_PUBLISH_GATE": str(gate),
             # no free-space floor: this test is about a publish that meets a full disk (the floor,
             # which would stop the job first, is tested in tests/test_quotas.py)
             "TUNESERVE_FINETUNE_MIN_FREE_MB": "0",

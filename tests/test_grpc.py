@@ -73,7 +73,11 @@ def _status(call) -> str:
 
 def test_health_and_metadata_on_every_worker(served):
     client, _, version, log = served
-    assert client.is_server_live(headers=KEY) and client.is_server_ready(headers=KEY)
+    assert client.is_server_live(headers=KEY)
+    deadline = time.monotonic() + 60  # a connection may reach the second worker while it still loads its models
+    while not client.is_server_ready(headers=KEY) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert client.is_server_ready(headers=KEY)
     assert client.is_model_ready("imagenet", headers=KEY) and client.is_model_ready("imagenet", version.version, headers=KEY)
     assert not client.is_model_ready("nope", headers=KEY)
     server = client.get_server_metadata(headers=KEY)

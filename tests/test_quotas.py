@@ -103,7 +103,7 @@ def test_disk_budget_refuses_before_storing(serve, settings, dataset, tmp_path):
 def test_retention_removes_scratch_of_ended_jobs_only(serve, settings, dataset, monkeypatch):
     from models.artifact import store as model_store
 
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.01")
     client, manager = serve(settings, start=True)
     failed = submit(client, dataset, {"name": "fail-me", "source": "simple_cnn:none", "epochs": 1}, headers=_as("alice")).json()["job_id"]
     done = submit(client, dataset, {"name": "kept", "source": "simple_cnn:none", "epochs": 1}, headers=_as("bob")).json()["job_id"]
@@ -139,7 +139,7 @@ def test_job_database_full_at_submit_is_507_and_leaves_nothing(serve, settings, 
 def test_failed_outcome_write_is_retried_not_lost(serve, settings, dataset, monkeypatch):
     """The job database refuses writes (a full disk) when the job ends: progress updates are
     skipped, the outcome is retried until the database takes it, and the job never sticks in `running`."""
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.01")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.01")
     client, manager = serve(settings)
     refusals = {"finish": 2, "update_progress": 1}
     for name in refusals:
@@ -163,7 +163,7 @@ def test_running_job_stops_below_the_free_space_floor(serve, settings, dataset, 
     stopped and failed (resumable), nothing published; with room again it resumes to success."""
     import shutil
 
-    monkeypatch.setenv("FAKE_TRAIN_STEP_S", "0.05")
+    monkeypatch.setenv("TUNESERVE_FAKE_TRAIN_STEP_S", "0.05")
     client, manager = serve(settings)
     job_id = submit(client, dataset, {"name": "roomy", "source": "simple_cnn:none", "epochs": 2}, headers=_as("alice")).json()["job_id"]
     floor = shutil.disk_usage(settings.jobs_root).free + 1024**3  # for this worker the disk is already too full

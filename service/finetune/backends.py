@@ -89,6 +89,15 @@ def inherited(environ: Mapping[str, str]) -> dict[str, str]:
             if (key in CHILD_VARIABLES or key.startswith(CHILD_PREFIXES)) and key not in NOT_FORWARDED}
 
 
+def asked_for(environ: Mapping[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    """The variables of `environ` named in TUNESERVE_JOB_ENVIRONMENT (names, or `PREFIX*`), for a
+    job's `Launch.env` (so a Ray job gets them too); never TUNESERVE_API_KEY(S)."""
+    exact = {n for n in names if not n.endswith("*")}
+    prefixes = tuple(n[:-1] for n in names if n.endswith("*"))
+    return {key: value for key, value in environ.items()
+            if (key in exact or (prefixes and key.startswith(prefixes))) and key not in NOT_FORWARDED}
+
+
 def child_environment(extra: Mapping[str, str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The allowed part of the serving process's environment plus `extra`, with the project root on
     PYTHONPATH (inside a bento the project is not pip-installed, so `-m training.run` needs it)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from models.jobs.events import published, result_of
-from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, killpg, make_backend
+from service.finetune.backends import BackendError, Launch, LocalProcess, RunningJob, asked_for, killpg, make_backend
 from service.finetune.quotas import disk_too_full, expire_scratch, remove_scratch
 from service.config import Settings
 from service.finetune.job_record import Job
@@ -178,7 +178,8 @@ class JobManager:
         gpus = {"cpu": 0.0, "cuda": max(1.0, self.settings.ray_num_gpus)}.get(device, self.settings.ray_num_gpus)
         return Launch(
             job_id=job.id, attempt=job.attempts, command=self.command(job, config_path, progress_path),
-            cwd=job_dir, log_path=job_dir / "train.log", env={"TUNESERVE_JOB_ID": job.id},
+            cwd=job_dir, log_path=job_dir / "train.log",
+            env={**asked_for(os.environ, self.settings.job_environment), "TUNESERVE_JOB_ID": job.id},
             num_cpus=self.settings.ray_num_cpus, num_gpus=gpus,
         )
 
