@@ -50,11 +50,15 @@ class Admission:
                           f"(TUNESERVE_MAX_INFLIGHT_REQUESTS={self.limit}); retry after {self.retry_after_s} s",
                           self.retry_after_s)
 
+    @property
+    def full(self) -> bool:
+        return self.inflight >= self.limit
+
     @contextmanager
     def admitted(self, surface: str) -> Iterator[None]:
         """Hold one place for the block, or raise Overloaded at once. The event loop is single-threaded,
         so the check and the count need no lock."""
-        if self.inflight >= self.limit:
+        if self.full:
             shed(surface, "inflight")
             raise self.refusal()
         self.inflight += 1
@@ -81,7 +85,7 @@ class AdmissionMiddleware:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or not INFERENCE_PATHS.match(scope.get("path", "")):
             return await self.app(scope, receive, send)
-        if self.admission.inflight >= self.admission.limit:  # refused before the body is read
+        if self.admission.full:  # refused before the body is read (the app's own 503s are its own answers)
             shed("http", "inflight")
             refused = self.admission.refusal()
             return await json_error(send, 503, str(refused), ((b"retry-after", str(refused.retry_after_s).encode()),))
