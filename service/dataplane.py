@@ -162,7 +162,7 @@ class DataPlane:
                 image.pixels = None if image.error is not None else array
         result = InferenceResult(classifier, images, request.id, min_confidence, time.perf_counter() - started)
         self.loop.ensure_worker(self.pool, self.batchers)
-        self.loop.after(asked.id, asked.outputs, asked.top_k, asked.images or asked.pixels, result)
+        self.loop.after(asked.outputs, asked.top_k, asked.images or asked.pixels, result)
         return result
 
     async def resolve(self, model: str | OnnxClassifier | None) -> OnnxClassifier:

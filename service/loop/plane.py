@@ -143,18 +143,18 @@ class LoopPlane:
             return outputs
         return outputs | {"probabilities"} | ({"embedding"} if self.wants_embedding(classifier) else set())
 
-    def after(self, given_id: str | None, asked: frozenset[str], top_k: int, inputs: Any, result: Any) -> None:
+    def after(self, asked: frozenset[str], top_k: int, inputs: Any, result: Any) -> None:
         """Give each classified image its `request_id`, queue it for the loop, and drop the outputs
         the caller did not ask for. Classifications only (`top_k` > 0): evaluation and raw tensor
         calls are not served answers."""
         if top_k <= 0:
             return
         try:
-            self._after(given_id, asked, inputs, result)
+            self._after(asked, inputs, result)
         except Exception:  # the loop must never fail an answer
             log.exception("production loop: could not queue an answer of %s", result.classifier.tag)
 
-    def _after(self, given_id: str | None, asked: frozenset[str], inputs: Any, result: Any) -> None:
+    def _after(self, asked: frozenset[str], inputs: Any, result: Any) -> None:
         # Records, captures and feedback are keyed by ids the server makes, never by the caller's own
         # id (which is only echoed): no caller can name a file or replace another caller's record.
         base = new_request_id()

@@ -122,8 +122,3 @@ def labelled(db: LoopDb, model: str) -> list[dict]:
                    "WHERE f.model = ?", (model,))
     return [dict(r) for r in rows]
 
-
-def new_id() -> str:
-    import uuid
-
-    return uuid.uuid4().hex

@@ -25,7 +25,7 @@ from service.loop.plane import LoopPlane, loop_for
 from service.loop.schemas import (
     CaptureSwitch, ExpectIn, FeedbackIn, FeedbackOut, Monitor, ReviewQueue, RolloutIn, RolloutOut,
 )
-from service.names import CALLER_ID
+from service.names import CALLER_ID, new_request_id
 from service.routes.forms import ModelPath, errors
 from service.routes.loop_retrain import add_retrain_route
 
@@ -251,7 +251,7 @@ async def _image_feedback(request: Request, loop: LoopPlane, fields: dict, image
     if answer.error is not None:
         raise answer.error
     prediction = answer.prediction
-    request_id = prediction.request_id or records.new_id()
+    request_id = prediction.request_id or new_request_id()
     item = Captured(request_id, classifier.name, classifier.version, image, prediction.label, prediction.probability,
                     None, None, prediction.in_domain, prediction.abstained, "feedback")
     stored = await asyncio.to_thread(loop.captures.write, [item])
