@@ -121,4 +121,3 @@ def labelled(db: LoopDb, model: str) -> list[dict]:
     rows = db.read("SELECT f.label, c.path, f.version FROM feedback f JOIN captures c ON c.capture_id = f.capture_id "
                    "WHERE f.model = ?", (model,))
     return [dict(r) for r in rows]
-
