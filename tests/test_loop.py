@@ -120,6 +120,31 @@ def test_capture_keeps_within_size_count_and_age_oldest_out_first(db, tmp_path):
     assert capture.CaptureStore(db, tmp_path, huge).write([_captured(99)]) == 0
 
 
+def test_capture_limit_holds_when_two_workers_write_at_once(tmp_path):
+    """Each worker has its own connection. Worker A is slowed between making room and inserting; worker B
+    writes meanwhile. Pruning and inserting in one transaction keeps the shared limit (it was 43 > 40)."""
+    import threading
+    limits = capture.CaptureLimits(max_bytes=10**9, max_items=40, max_age_seconds=3600, min_free_bytes=0)
+    a, b = (capture.CaptureStore(LoopDb(tmp_path), tmp_path, limits) for _ in range(2))
+    assert a.write([_captured(i, size=10) for i in range(40)]) == 40
+    slowed = threading.Event()
+
+    def slow_path(model, capture_id, plain=a._path):
+        if not slowed.is_set():
+            slowed.set()
+            time.sleep(0.5)
+        return plain(model, capture_id)
+
+    a._path = slow_path
+    worker_a = threading.Thread(target=a.write, args=([_captured(100 + j, size=10) for j in range(3)],))
+    worker_a.start()
+    slowed.wait(5)
+    b.write([_captured(200 + j, size=10) for j in range(3)])
+    worker_a.join()
+    assert a.counts()["images"] == 40
+    assert len(list((tmp_path / "capture" / "pets").iterdir())) == 40
+
+
 def test_capture_rule_keeps_every_abstention_and_out_of_domain_plus_a_fraction():
     rng = random.Random(0)
     assert capture.capture_reason(True, 0.9, 0.0, rng) == "abstained"

@@ -75,24 +75,35 @@ class CaptureStore:
         return path_under(self.root, model, capture_id)
 
     def write(self, items: list[Captured]) -> int:
-        """Store what fits within the limits (one prune and one transaction per batch); → how many."""
+        """Store what fits within the limits; → how many. Pruning and inserting are one IMMEDIATE
+        transaction, so two workers writing at once cannot both make room for themselves and overshoot."""
         items = self._newest_that_fit(items)
         size = sum(len(item.data) for item in items)
         if not items or not self._room_on_disk(size):
             return 0
-        self.prune(extra_bytes=size, extra_items=len(items))
-        rows = []
-        for item in items:
-            path = self._path(item.model, item.capture_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(item.data)
-            embedding = None if item.embedding is None else np.asarray(item.embedding, np.float16).tobytes()
-            rows.append((item.capture_id, item.model, item.version, str(path), len(item.data), time.time(), item.label,
-                         item.confidence, item.margin, item.entropy, item.in_domain, int(item.abstained), item.reason,
-                         embedding))
-        with self.db.write() as conn:
-            conn.executemany("INSERT OR REPLACE INTO captures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)", rows)
+        rows, written = [], []
+        try:
+            removed = self._write_rows(items, size, rows, written)
+        except BaseException:
+            self._unlink([{"path": path} for path in written])   # rolled back: no file without its row
+            raise
+        self._unlink(removed)
         return len(rows)
+
+    def _write_rows(self, items: list[Captured], size: int, rows: list, written: list) -> list:
+        with self.db.write() as conn:
+            removed = self._prune_in(conn, extra_bytes=size, extra_items=len(items))
+            for item in items:
+                path = self._path(item.model, item.capture_id)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(item.data)
+                written.append(path)
+                embedding = None if item.embedding is None else np.asarray(item.embedding, np.float16).tobytes()
+                rows.append((item.capture_id, item.model, item.version, str(path), len(item.data), time.time(),
+                             item.label, item.confidence, item.margin, item.entropy, item.in_domain,
+                             int(item.abstained), item.reason, embedding))
+            conn.executemany("INSERT OR REPLACE INTO captures VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)", rows)
+        return removed
 
     def _newest_that_fit(self, items: list[Captured]) -> list[Captured]:
         """The newest items of a batch that fit the limits on their own (older ones would be pruned at once)."""
@@ -109,25 +120,33 @@ class CaptureStore:
 
     def prune(self, extra_bytes: int = 0, extra_items: int = 0) -> int:
         """Remove the oldest captures until age, count and size (with room for `extra_*`) fit."""
-        removed = []
         with self.db.write() as conn:
-            too_old = time.time() - self.limits.max_age_seconds
-            removed += conn.execute("SELECT capture_id, model, path FROM captures WHERE created < ?", (too_old,)).fetchall()
-            count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM captures WHERE created >= ?",
-                                       (too_old,)).fetchone()
-            count += extra_items
-            size += extra_bytes
-            if count > self.limits.max_items or size > self.limits.max_bytes:
-                for row in conn.execute("SELECT capture_id, model, path, bytes FROM captures WHERE created >= ? "
-                                        "ORDER BY created", (too_old,)):
-                    if count <= self.limits.max_items and size <= self.limits.max_bytes:
-                        break
-                    removed.append(row)
-                    count, size = count - 1, size - row["bytes"]
-            conn.executemany("DELETE FROM captures WHERE capture_id = ?", [(r["capture_id"],) for r in removed])
-        for row in removed:
-            Path(row["path"]).unlink(missing_ok=True)
+            removed = self._prune_in(conn, extra_bytes, extra_items)
+        self._unlink(removed)
         return len(removed)
+
+    def _prune_in(self, conn, extra_bytes: int, extra_items: int) -> list:
+        """Delete the rows to prune inside the caller's transaction; → those rows (files still to unlink)."""
+        too_old = time.time() - self.limits.max_age_seconds
+        removed = conn.execute("SELECT capture_id, model, path FROM captures WHERE created < ?", (too_old,)).fetchall()
+        count, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM captures WHERE created >= ?",
+                                   (too_old,)).fetchone()
+        count += extra_items
+        size += extra_bytes
+        if count > self.limits.max_items or size > self.limits.max_bytes:
+            for row in conn.execute("SELECT capture_id, model, path, bytes FROM captures WHERE created >= ? "
+                                    "ORDER BY created", (too_old,)):
+                if count <= self.limits.max_items and size <= self.limits.max_bytes:
+                    break
+                removed.append(row)
+                count, size = count - 1, size - row["bytes"]
+        conn.executemany("DELETE FROM captures WHERE capture_id = ?", [(r["capture_id"],) for r in removed])
+        return removed
+
+    @staticmethod
+    def _unlink(rows: list) -> None:
+        for row in rows:
+            Path(row["path"]).unlink(missing_ok=True)
 
     def counts(self, model: str | None = None) -> dict:
         """Captured images and bytes (all models, or one), by reason, and the limits."""
