@@ -8,6 +8,8 @@ Events (one JSON object per line, flushed per line; `time` is added to each):
   {"event":"recipe","recipe":{…}}                                 chosen before training starts
   {"event":"progress","epoch":1,"epochs":3,"step":10,"steps":40,"train_loss":…,"val_accuracy":…,"val_loss":…,"eta_s":…}
   {"event":"epoch","epoch":1,"epochs":3,"train_loss":…,"val_accuracy":…,"val_loss":…}
+  {"event":"stage","stage":"features","done":640,"total":60000,"eta_s":…}   work inside a phase
+  {"event":"budget","budget_s":900}                                the job's whole wall-clock plan
   {"event":"succeeded","model":"name:version","eval":{…}}        or "advice":{…} (an advise job)
   {"event":"failed","reason":"…","cancelled":true?}
 """
@@ -28,6 +30,8 @@ class Event(str, Enum):
     RECIPE = "recipe"
     PROGRESS = "progress"
     EPOCH = "epoch"
+    STAGE = "stage"
+    BUDGET = "budget"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
 
@@ -45,6 +49,8 @@ class ExitCode(IntEnum):
 # Exit statuses that mean "stopped from outside" (a shell's 128+N, or Popen's -N): resumable.
 STOPPED_BY_SIGNAL = frozenset({ExitCode.TERMINATED, -signal.SIGTERM, ExitCode.INTERRUPTED, -signal.SIGINT})
 
+# Stages inside the phases, as `stage` events name them (bench/scale.py times each).
+STAGES = ("features", "heads", "partial", "finetune", "export", "calibration", "evaluation", "int8")
 PHASES = ("loading", "training", "exporting", "parity", "calibrating", "evaluating", "quantizing", "publishing")
 # What a `progress`/`epoch` event carries into the job's status, and what an `epoch` adds to its history.
 PROGRESS_KEYS = ("epoch", "epochs", "step", "steps", "train_loss", "val_accuracy", "val_loss", "eta_s")
@@ -105,6 +111,15 @@ class Progress:
         """Progress through a one-pass job (the advisor's candidates): epoch 1 of 1, so the runner's
         percentage works unchanged."""
         return self.emit(Event.PROGRESS, epoch=1, epochs=1, step=step, steps=steps, **detail)
+
+    def stage(self, stage: str, done: int, total: int, eta_s: float | None = None, **detail: Any) -> dict[str, Any]:
+        """Work done inside a phase (images through the feature pass, head fits, evaluation batches):
+        `stage` names it (STAGES), `eta_s` is that stage's own estimate."""
+        return self.emit(Event.STAGE, stage=stage, done=done, total=total, eta_s=eta_s, **detail)
+
+    def budget(self, budget_s: float) -> dict[str, Any]:
+        """The job's wall-clock budget from start to publish (sent again when the plan changes it)."""
+        return self.emit(Event.BUDGET, budget_s=round(float(budget_s), 1))
 
     def epoch_end(self, epoch: int, epochs: int, train_loss: float, val_accuracy: float, val_loss: float) -> dict[str, Any]:
         return self.emit(Event.EPOCH, epoch=epoch, epochs=epochs, train_loss=train_loss, val_accuracy=val_accuracy,
