@@ -22,7 +22,7 @@ from models.artifact.manifest import (CHECKPOINT_FILE, EMBEDDING_OUTPUT, EVIDENC
 from models.serving.preprocess import prepare, stack
 from models.serving.runtime import OnnxClassifier, RuntimeOptions
 from training.backbones import Built, ImageModel, checkpoint_payload
-from training.progress import Progress
+from training.progress import Progress, StageMeter
 
 log = logging.getLogger("tuneserve.export")
 for _noisy in ("onnx_ir", "onnxscript"):
@@ -161,24 +161,34 @@ def export_model(built: Built, labels: list[str], staging: str | Path, parity_im
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     progress.phase("exporting")
+    # stage "export": 0/3 → the ONNX graph written and checked → parity passed → manifest and checkpoint saved
+    step = StageMeter(progress, "export", 3, every_s=0.0, unit="steps")
+    step(0, part="onnx")
     onnx_path = staging / ONNX_FILE
     opset, evidence = export_explained(built, onnx_path, parity_images)
     progress.phase("parity")
+    step(1, part="parity")
     diff = parity_check(built.model, onnx_path, parity_images)
     log.info("parity: max abs difference of probabilities %.2e", diff)
+    step(2, part="checkpoint")
     manifest = build_manifest(built, labels, training, dataset, opset, diff).model_copy(update={"evidence": evidence})
     write_manifest(manifest, staging)
     torch.save(checkpoint_payload(checkpoint or built, labels), staging / CHECKPOINT_FILE)
+    step(3)
     return manifest
 
 
 def evaluate_export(staging: str | Path, name: str, test_samples: list[Sample], top_k: int, device: str = "auto",
                     progress: Progress | None = None) -> dict[str, Any]:
-    """Evaluate the exported graph (through `models/` preprocessing and runtime) → eval.json."""
+    """Evaluate the exported graph (through `models/` preprocessing and runtime) → eval.json; stage
+    "evaluation" counts the test images through it, batch by batch."""
     progress = progress or Progress()
     progress.phase("evaluating")
     classifier = OnnxClassifier(staging, name, "staging", RuntimeOptions(device=device)).load()
-    report = evaluate(classifier, test_samples, top_k=top_k)  # k is capped at the number of classes there
+    images = StageMeter(progress, "evaluation", len(test_samples), unit="images")
+    images(0)
+    report = evaluate(classifier, test_samples, top_k=top_k,  # k is capped at the number of classes there
+                      on_batch=lambda done, _total: images(done))
     if report.get("unreadable"):
         raise ExportError(f"unreadable test images: {report['unreadable']}")
     write_eval(report, staging)
@@ -190,7 +200,8 @@ def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progre
 
     An int8 variant is optional: when it cannot pass the serving gate on validation it is skipped
     (`variants.int8.skipped`, written by the quantizer), and when quantization fails the version is
-    published fp32-only with the error (`variants.int8.error`).
+    published fp32-only with the error (`variants.int8.error`). Stage "int8" counts the calibration
+    methods tried (`method`: the one running); it ends at total/total when the search stops early.
     """
     from models.artifact.manifest import read_eval, read_manifest
     from models.artifact.quantize import quantize_version
@@ -199,8 +210,10 @@ def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progre
     progress = progress or Progress()
     progress.phase("quantizing")
     config = QuantizeConfig()
+    methods = StageMeter(progress, "int8", len(config.methods), every_s=0.0, unit="methods")
     try:
-        quantize_version(staging, data_from_splits(splits, read_manifest(staging), config), config)
+        quantize_version(staging, data_from_splits(splits, read_manifest(staging), config), config,
+                         on_method=lambda done, _total, method: methods(done, method=method))
     except Int8Skipped:
         pass  # the quantizer logged the one line and recorded the reason
     except Exception as error:  # noqa: BLE001 - fp32 is still a complete, checked version
@@ -208,6 +221,7 @@ def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progre
         report = read_eval(staging) or {}
         report.setdefault("variants", {})["int8"] = {"error": f"{type(error).__name__}: {error}"}
         write_eval(report, staging)
+    methods(methods.total)
     return read_eval(staging) or {}
 
 

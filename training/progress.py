@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from models.jobs.events import PHASES, Callback, Event, Progress
 
-__all__ = ["PHASES", "Callback", "Event", "JsonlWriter", "Progress", "read_events"]
+__all__ = ["PHASES", "Callback", "Event", "JsonlWriter", "Progress", "StageMeter", "read_events"]
 
 
 class JsonlWriter:
@@ -33,6 +34,31 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._handle.close()
+
+
+class StageMeter:
+    """Reports one stage (`Progress.stage`) as its work gets done, with the stage's own ETA: seconds
+    so far / done × what is left. Call it with the count done so far; it emits the first call, the
+    last (`done >= total`), and otherwise at most every `every_s` seconds, so a per-batch loop does
+    not flood the progress file. Extra keyword arguments (`unit="images"`, `method=…`) ride along.
+    """
+
+    def __init__(self, progress: Progress, stage: str, total: int, every_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic, **detail: Any):
+        self.progress, self.stage, self.total, self.every_s = progress, stage, int(total), every_s
+        self.clock, self.detail = clock, detail
+        self.started = clock()
+        self._last: float | None = None
+
+    def __call__(self, done: int, **detail: Any) -> None:
+        now = self.clock()
+        final = done >= self.total
+        if not final and self._last is not None and now - self._last < self.every_s:
+            return
+        self._last = now
+        elapsed = now - self.started
+        eta = 0.0 if final else (round(elapsed / done * (self.total - done), 1) if done > 0 else None)
+        self.progress.stage(self.stage, int(done), self.total, eta, **{**self.detail, **detail})
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

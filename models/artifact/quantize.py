@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,6 +58,7 @@ QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Add", "Mul", "Clip", "Relu", "MaxPoo
                  "GlobalAveragePool", "Concat"]
 # The first method whose variant passes the gate with this agreement on validation ends the search.
 GOOD_ENOUGH_AGREEMENT = 0.995
+OnMethod = Callable[[int, int, str], None]  # (methods done, methods in all, the one about to run)
 
 
 # --------------------------------------------------------------------------- graph
@@ -243,16 +244,19 @@ def _score_method(prepared: Path, target: Path, method: str, data: QuantizeData,
 
 
 def choose_calibration(source: Path, data: QuantizeData, manifest: Manifest, config: QuantizeConfig,
-                       workdir: Path) -> tuple[str, Path, dict[str, dict[str, Any]]]:
+                       workdir: Path, on_method: OnMethod | None = None) -> tuple[str, Path, dict[str, dict[str, Any]]]:
     """Quantize with each method in order until one is good enough; keep the one closest to fp32.
 
     Accuracy is measured on the validation split; agreement and |Δp| on it and on the training
     images calibration did not use, which needs no labels and makes the ranking less noisy.
+    `on_method(done, total, method)`: called before each method is tried (`done` methods so far).
     """
     prepared, excluded = prepare_graph(Path(source), workdir)
     reference = run_graph(source, data.fidelity_images(), manifest)
     tried: dict[str, dict[str, Any]] = {}
-    for method in config.methods:
+    for done, method in enumerate(config.methods):
+        if on_method is not None:
+            on_method(done, len(config.methods), method)
         tried[method] = _score_method(prepared, workdir / f"{method}.onnx", method, data, manifest, config,
                                       excluded, reference)
         if "error" not in tried[method] and _good_enough(tried[method]):
@@ -309,16 +313,17 @@ def _record_skip(directory: Path, reason: str, tried: dict[str, dict[str, Any]])
     raise Int8Skipped(f"int8 variant skipped: {reason}")
 
 
-def quantize_version(directory: str | Path, data: QuantizeData, config: QuantizeConfig = QuantizeConfig()) -> Variant:
+def quantize_version(directory: str | Path, data: QuantizeData, config: QuantizeConfig = QuantizeConfig(),
+                     on_method: OnMethod | None = None) -> Variant:
     """Write `model.int8.onnx` into a version's folder, its test comparison into `eval.json`
     (`variants.int8`) and the variant into `manifest.json`, in that order (the manifest last, so
-    a reader that sees the variant finds its file)."""
+    a reader that sees the variant finds its file). `on_method`: see `choose_calibration`."""
     config.validate()
     directory = Path(directory)
     manifest = read_manifest(directory)
     source = directory / ONNX_FILE
     with tempfile.TemporaryDirectory(prefix="tuneserve-int8-") as scratch:
-        method, chosen, tried = choose_calibration(source, data, manifest, config, Path(scratch))
+        method, chosen, tried = choose_calibration(source, data, manifest, config, Path(scratch), on_method)
         passed, why = validation_gate(tried[method])
         if not passed:
             _record_skip(directory, f"{method} calibration: {why}", tried)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -32,8 +32,11 @@ def run_samples(
     workers: int = 2,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[int], dict[str, str]]:
-    """The named graph outputs for the readable samples, their indices, and an error per unreadable path."""
+    """The named graph outputs for the readable samples, their indices, and an error per unreadable path.
+
+    `on_batch(done, total)`: called after each batch with the samples done so far (readable or not)."""
     spec = model.manifest.preprocessing
     errors: dict[str, str] = {}
     rows: list[list[np.ndarray]] = []
@@ -57,6 +60,8 @@ def run_samples(
             if arrays:
                 rows.append(model.run(stack(arrays), outputs))
                 kept.extend(indices)
+            if on_batch is not None:
+                on_batch(chunk[-1] + 1, len(samples))
     if not rows:
         return {name: np.zeros((0, model.manifest.num_classes), np.float32) for name in outputs}, kept, errors
     return {name: np.concatenate([row[i] for row in rows]) for i, name in enumerate(outputs)}, kept, errors
@@ -78,14 +83,16 @@ def evaluate(
     batch_size: int = 64,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allowed_formats: frozenset[str] = ALLOWED_FORMATS,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """The `eval.json` report for `model` on labelled `samples`; unreadable images are listed."""
+    """The `eval.json` report for `model` on labelled `samples`; unreadable images are listed.
+    `on_batch(done, total)` follows the pass over the images (run_samples)."""
     labels = model.manifest.labels
     check_labels_known(samples, labels, model.tag)
     logits_name, probabilities_name = model.manifest.output_names
     names = [logits_name, probabilities_name] + ([model.manifest.embedding_output] if model.ood is not None else [])
     outputs, kept, errors = run_samples(
-        model, samples, names, batch_size, max_pixels=max_pixels, allowed_formats=allowed_formats
+        model, samples, names, batch_size, max_pixels=max_pixels, allowed_formats=allowed_formats, on_batch=on_batch
     )
     probabilities = outputs[probabilities_name]
     if not kept:
