@@ -198,7 +198,10 @@ class Job(_Open):
     source: str | None = None
     config: dict[str, Any]
     phase: str | None = None
-    progress: dict[str, Any] = {}
+    progress: dict[str, Any] = Field(
+        {}, description="What the job child reported (docs/jobs.md): epoch, epochs, step, steps, percent, train_loss, "
+                        "val_accuracy, val_loss, eta_s, history, recipe; stage, stage_done, stage_total, stage_eta_s "
+                        "(the work inside the current phase); budget_s (the job's whole wall-clock plan)")
     created: float
     started: float | None = None
     finished: float | None = None

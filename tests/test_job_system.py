@@ -50,6 +50,20 @@ def test_events_written_by_the_child_are_what_the_runner_folds():
     assert outcome == ("succeeded", "colours:v1", {"accuracy": 0.9}, None)
 
 
+def test_stage_and_budget_events_reach_the_job_status():
+    events = []
+    progress = Progress(events.append)
+    progress.phase("training")
+    progress.budget(899.96)
+    progress.stage("features", 21440, 60000, eta_s=240.0)
+    trace = JobTrace(progress={})
+    assert trace.apply([parse_line(json.dumps(e)) for e in events])
+    assert trace.progress == {"budget_s": 900.0, "stage": "features", "stage_done": 21440, "stage_total": 60000,
+                              "stage_eta_s": 240.0}
+    assert trace.apply([parse_line(json.dumps(progress.phase("exporting") or events[-1]))])
+    assert trace.phase == "exporting" and trace.progress == {"budget_s": 900.0}  # a stage belongs to its phase
+
+
 @pytest.mark.parametrize("code, state", [(ExitCode.TERMINATED, "interrupted"), (-15, "interrupted"),
                                           (ExitCode.INTERRUPTED, "interrupted"), (-9, "failed"), (ExitCode.BAD_INPUT, "failed")])
 def test_exit_codes_are_judged_from_the_one_definition(code, state, tmp_path):

@@ -1,10 +1,16 @@
-"""What a job child has reported so far: its progress events folded into the job's status."""
+"""What a job child has reported so far: its progress events folded into the job's status.
+
+A `stage` event sets `stage`, `stage_done`, `stage_total`, `stage_eta_s` (the work inside the current
+phase; a new phase drops them), a `budget` event sets `budget_s` (the job's whole wall-clock plan)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
 from models.jobs.events import HISTORY_KEYS, PROGRESS_KEYS, Event
+
+# A `stage` event's fields → the job's progress keys (dropped when the phase changes).
+STAGE_KEYS = {"stage": "stage", "done": "stage_done", "total": "stage_total", "eta_s": "stage_eta_s"}
 
 
 def percent_done(progress: dict[str, Any], epoch_ended: bool) -> float | None:
@@ -31,7 +37,16 @@ class JobTrace:
         for event in events:
             kind = event.get("event")
             if kind == Event.PHASE and event.get("phase"):
+                if str(event["phase"]) != self.phase:  # a stage belongs to the phase it ran in
+                    for key in STAGE_KEYS.values():
+                        self.progress.pop(key, None)
                 self.phase = str(event["phase"])
+                changed = True
+            elif kind == Event.STAGE and event.get("stage"):
+                self.progress.update({ours: event.get(theirs) for theirs, ours in STAGE_KEYS.items()})
+                changed = True
+            elif kind == Event.BUDGET and event.get("budget_s") is not None:
+                self.progress["budget_s"] = event["budget_s"]
                 changed = True
             elif kind == Event.RECIPE:  # chosen before training starts: shown in the job status at once
                 self.progress["recipe"] = event.get("recipe")
