@@ -71,14 +71,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    """Progress goes to stderr (a whole-job bar on a terminal, a line at least every 20 s in a log:
+    tuneserve/progress_display.py); stdout gets only the summary JSON."""
     from training.progress import JsonlWriter, Progress
 
     from training.pipeline import run
+    from tuneserve.progress_display import ProgressDisplay
 
     config = config_from_args(args)
     writer = JsonlWriter(args.progress) if args.progress else None
     try:
-        result = run(config, Progress(writer), resume=args.resume)
+        with ProgressDisplay() as display:
+            result = run(config, Progress(writer, display), resume=args.resume)
     finally:
         if writer:
             writer.close()
