@@ -30,10 +30,11 @@ from training.backbones import Built, Classifier, ImageModel, build_source
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, make_loader
 from training.crossfit import crossfit_logits, with_calibration
-from training.multidepth import FittedHead, classifier_for, embedding_gap, extract, fit_head, stages_for, val_scores
+from training.multidepth import FittedHead, classifier_for, embedding_gap, fit_head, stages_for, val_scores
 from training.progress import Progress
-from training.spend import Spent, capture_trunk, spend
-from training.train import TrainResult, train
+from training.spend import PARTIAL_BLOCKS, Spent, spend
+from training.train import TrainResult, pick_device, train
+from training.trunk import split_for
 
 log = logging.getLogger("tuneserve.training")
 
@@ -57,16 +58,22 @@ class Candidate:
 
 @dataclass
 class Features:
-    train_x: np.ndarray
+    train_x: np.ndarray  # float16 rows of one array (training/feature_pass.py)
     train_y: np.ndarray
     val_x: np.ndarray
     val_y: np.ndarray
-    per_image_s: float  # forward pass per image, measured
+    per_image_s: float  # torch's forward per image, measured: what fine-tunes are planned from
     embedding_dim: int  # the last columns are the usual embedding: the model's own features(), what its head reads
+    pass_s: float = 0.0  # the feature pass per image (ONNX Runtime on a CPU): what more passes are planned from
+    runner: Any = None  # the tap ready to run more views (training/spend.py)
 
 
 def compute_features(built: Built, splits: dict[str, list[Sample]], labels: list[str], config: TrainConfig,
-                     stop: threading.Event | None) -> tuple[torch.nn.Module, Features]:
+                     stop: threading.Event | None, split=None,
+                     progress: Progress | None = None) -> tuple[torch.nn.Module, Features, torch.Tensor | None]:
+    """Multi-depth features of train and val (and the trunk's output when `split` is given) in one pass."""
+    from training.feature_pass import Tap, feature_pass, make_runner, torch_cost, trunk_index
+
     body = built.model.classifier.body
     stages = stages_for(body)
     if stages is None:
@@ -75,15 +82,20 @@ def compute_features(built: Built, splits: dict[str, list[Sample]], labels: list
     gap = embedding_gap(stages, body, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
     if not gap <= EMBEDDING_GAP:  # heads fitted on other columns than the exported head reads would be published
         raise ValueError(f"{built.backbone}: the stage tap's embedding differs from the model's features() ({gap:.3g})")
-    started = time.monotonic()
-    batches = {}
-    for split in ("train", "val"):
-        dataset = ImageDataset(splits[split], labels, built.preprocessing, train=False)
-        loader = make_loader(dataset, 64, False, num_workers=config.num_workers, seed=config.seed)
-        batches[split] = extract(stages, built.model.normalise, loader, stop)
-    images = len(splits["train"]) + len(splits["val"])
-    return stages, Features(*batches["train"], *batches["val"], (time.monotonic() - started) / max(images, 1),
-                            built.model.classifier.head.in_features)
+    loaders = [make_loader(ImageDataset(splits[name], labels, built.preprocessing, train=False), 64, False,
+                           num_workers=config.num_workers, seed=config.seed) for name in ("train", "val")]
+    tap = Tap(built.model.normalise, stages, trunk_index(stages, split.last_frozen if split is not None else None))
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    runner = make_runner(tap, example, pick_device(config.device))
+    n_train, n_val = len(splits["train"]), len(splits["val"])
+    done = feature_pass(runner, (batch for loader in loaders for batch in loader), n_train + n_val, progress, stop)
+    per_image = torch_cost(runner, done, loaders[0])
+    log.info("auto: feature pass %.2f ms per image on %s; a torch forward %.2f ms per image", 1000 * done.seconds /
+             max(n_train + n_val, 1), done.engine, 1000 * per_image)
+    x, y = done.features, done.targets
+    return stages, Features(x[:n_train], y[:n_train], x[n_train:], y[n_train:], per_image,
+                            built.model.classifier.head.in_features, done.seconds / max(n_train + n_val, 1),
+                            runner), done.trunk
 
 
 def folded(head: FittedHead) -> torch.nn.Linear:
@@ -170,33 +182,38 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
                               f"{built.backbone} has none")
         log.info("auto: no multi-depth features for %s; a full fine-tune", built.backbone)
         return replace(train(config.replace(strategy="full"), splits, labels, progress, stop, resume), strategy="full")
-    split, capture = capture_trunk(built) if config.strategy == "auto" else (None, None)
-    try:  # the first forward pass also caches the frozen trunk's output for a partial fine-tune
-        stages, features = compute_features(built, splits, labels, config, stop)
-    finally:
-        trunk = capture.close() if capture is not None else None
+    split = split_for(built.model, PARTIAL_BLOCKS) if config.strategy == "auto" else None
+    # the first forward pass also caches the frozen trunk's output for a partial fine-tune
+    progress.budget(budget)
+    stages, features, trunk = compute_features(built, splits, labels, config, stop, split, progress)
     balanced = config.class_balance != "none"
     dim = features.embedding_dim
+    progress.stage("heads", 0, 3)
     logistic = fit_head(features.train_x[:, -dim:], features.train_y, features.val_x[:, -dim:], features.val_y,
                         len(labels), balanced)
+    progress.stage("heads", 1, 3)
     multi = fit_head(features.train_x, features.train_y, features.val_x, features.val_y, len(labels), balanced)
+    progress.stage("heads", 2, 3)
     blocks = built.model.classifier.blocks
     standard = with_classifier(built, Classifier(built.model.classifier.body, folded(logistic), blocks))
     multidepth = with_classifier(built, classifier_for(stages, multi, blocks))
     proto_head, proto = prototype_candidate(features, len(labels))
     models = {"prototype": with_classifier(built, Classifier(built.model.classifier.body, proto_head, blocks)),
               "logistic": standard, "multidepth": multidepth}
-    candidates = [proto] + [Candidate(name, head.val, head.seconds, {"c": head.c, "features": int(head.weight.shape[1])})
+    progress.stage("heads", 3, 3)
+    candidates = [proto] + [Candidate(name, head.val, head.seconds, {"c": head.c, "features": int(head.weight.shape[1]),
+                                                                     "refitted_on_val": head.refitted})
                             for name, head in (("logistic", logistic), ("multidepth", multi))]
     if config.strategy == "multidepth":
         candidates = candidates[-1:]
     results = {name: TrainResult(model_built, labels, [], 0, "cpu", 0.0) for name, model_built in models.items()}
     best = max(candidates, key=lambda c: c.val["macro_f1"])
-    if config.strategy == "auto" and best.val["macro_f1"] < ROOM and split is not None:
+    if config.strategy == "auto" and best.val["macro_f1"] < ROOM and trunk is not None:
         heads = (multi, True, logistic) if multi.val["macro_f1"] > logistic.val["macro_f1"] else (logistic, False, logistic)
         spent = spend(config, built, stages, split, trunk, heads, features, splits, labels, started, budget,
                       best.val["macro_f1"], progress, stop)
         budget, trunk = spent.budget_s, None
+        progress.budget(budget)
         candidates += add_spent(spent, results, labels)
     remaining = budget - (time.monotonic() - started) - FIXED_SECONDS
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:

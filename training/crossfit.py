@@ -64,8 +64,8 @@ def crossfit_logits(strategy: str, details: dict[str, Any], features, num_classe
     """[n_val, C] val logits, each from the chosen head refitted without that row's fold; None where the
     chosen candidate did not train on val or there are too few val rows to fold."""
     n_val = len(features.val_y)
-    if strategy not in CROSS_FITTED or n_val < 2:
-        return None
+    if strategy not in CROSS_FITTED or n_val < 2 or not details.get("refitted_on_val", True):
+        return None  # a head that never saw val (a streamed one) is calibrated on its own val logits
     logits = np.zeros((n_val, num_classes), dtype=np.float32)
     for fold in folds_of(features.val_y):
         rest = np.setdiff1d(np.arange(n_val), fold)

@@ -15,6 +15,7 @@ an RBF SVC on the raw pixels 0.96 in the same run.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from training.backbones import Classifier
+
+log = logging.getLogger("tuneserve.training")
 
 GRID = 2  # each stage is also pooled over a GRID×GRID grid of cells
 C_VALUES = (0.03, 0.1, 0.3)  # inverse L2 strength, chosen on val; wide features want strong regularisation
@@ -179,9 +182,13 @@ class FittedHead:
     c: float
     val: dict[str, float]
     seconds: float
+    refitted: bool = True  # refitted on train + val (small data); a streamed head keeps val unseen
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        return ((features - self.mean) / self.scale) @ self.weight.T + self.bias
+        """In chunks of rows: float16 features are converted a chunk at a time, never all at once."""
+        weight, shift = self.weight / self.scale, self.bias - (self.weight / self.scale) @ self.mean
+        out = [np.asarray(features[i:i + 4096], np.float32) @ weight.T + shift for i in range(0, len(features), 4096)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.bias)), np.float32)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         from models.serving.calibration import softmax
@@ -232,26 +239,36 @@ def logistic(c: float, balanced: bool):
 
 
 def fit_logistic(z: np.ndarray, y: np.ndarray, c: float, balanced: bool, basis: np.ndarray | None):
-    """A logistic model on `z` (in `basis` coordinates when given) → (model, [C', D] coef, intercept)."""
+    """A logistic model on `z` (in `basis` coordinates when given) → (classes, [C', D] coef, intercept);
+    scikit-learn's binary form (one row: the logit of the second class) where two classes are present."""
     model = logistic(c, balanced).fit(z @ basis if basis is not None else z, y)
     coef = model.coef_ @ basis.T if basis is not None else model.coef_
-    return model, coef, model.intercept_
+    return model.classes_, coef, model.intercept_
+
+
+def predicted(classes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Class labels from `fit_logistic` scores (one column: the binary form)."""
+    return classes[(scores[:, 0] > 0).astype(int)] if scores.shape[1] == 1 else classes[scores.argmax(1)]
 
 
 def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, num_classes: int,
              balanced: bool = True, c_values: tuple[float, ...] = C_VALUES) -> FittedHead:
     """Fit a logistic head per C on train, keep the best on val (macro F1; ties: stronger L2), then refit
-    it on train + val: with ten images per class, the val images are too many to leave out."""
+    it on train + val: with ten images per class, the val images are too many to leave out. Large
+    problems stream instead (`fit_head_streaming`)."""
+    from training.streaming import streams
+
+    if streams(*train_x.shape):
+        return fit_head_streaming(train_x, train_y, val_x, val_y, num_classes, balanced, c_values)
     started = time.monotonic()
+    train_x, val_x = np.asarray(train_x, np.float32), np.asarray(val_x, np.float32)
     mean, scale = standardiser(train_x)
     train_z, val_z = (train_x - mean) / scale, (val_x - mean) / scale
     basis = row_space(train_z)
     best = None
     for c in c_values:
-        model, coef, intercept = fit_logistic(train_z, train_y, c, balanced, basis)
-        predicted = model.classes_[np.argmax(val_z @ coef.T + intercept, 1)] if coef.shape[0] > 1 else \
-            model.classes_[((val_z @ coef.T + intercept)[:, 0] > 0).astype(int)]
-        scores = val_scores(val_y, predicted) if len(val_y) else {"macro_f1": 0.0}
+        classes, coef, intercept = fit_logistic(train_z, train_y, c, balanced, basis)
+        scores = val_scores(val_y, predicted(classes, val_z @ coef.T + intercept)) if len(val_y) else {"macro_f1": 0.0}
         if best is None or scores["macro_f1"] > best[1]["macro_f1"] + 1e-9:
             best = (c, scores)
     c, scores = best
@@ -259,14 +276,44 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     return replace(head, val=scores, seconds=time.monotonic() - started)
 
 
+def fit_head_streaming(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                       num_classes: int, balanced: bool, c_values: tuple[float, ...]) -> FittedHead:
+    """The same choice of C, fitted a chunk at a time (training/streaming.py), each C warm-started from the
+    last; no refit on train + val: with thousands of val rows the head loses little by not seeing them,
+    and calibration then has honest val logits without cross-fitting (training/crossfit.py)."""
+    from training.streaming import fit_streaming, moments
+
+    started = time.monotonic()
+    mean, scale = moments(train_x)
+    best, warm = None, None
+    for c in sorted(c_values):
+        weight, bias, info = fit_streaming(train_x, train_y, c, num_classes, balanced, mean, scale, warm)
+        warm = (weight, bias)
+        head = FittedHead(weight.astype(np.float32), bias.astype(np.float32), mean.astype(np.float32),
+                          scale.astype(np.float32), c, {}, 0.0, refitted=False)
+        scores = val_scores(val_y, head.logits(val_x).argmax(1)) if len(val_y) else {"macro_f1": 0.0}
+        log.info("streamed head: C=%g on %d x %d: val macro F1 %.4f (%d evaluations, %.0fs)", c, *train_x.shape,
+                 scores["macro_f1"], info["evaluations"], info["seconds"])
+        if best is None or scores["macro_f1"] > best.val["macro_f1"] + 1e-9:
+            best = replace(head, val=scores)
+    return replace(best, seconds=time.monotonic() - started)
+
+
 def fit_fixed(x: np.ndarray, y: np.ndarray, c: float, num_classes: int, balanced: bool = True) -> FittedHead:
     """One logistic head at a chosen C on all of `x` (standardised on `x`): the refit, and each
-    cross-fitted fold that calibration is fitted on (training/auto.py)."""
+    cross-fitted fold that calibration is fitted on (training/auto.py). Large problems stream."""
+    from training.streaming import fit_streaming, moments, streams
+
     started = time.monotonic()
-    mean, scale = standardiser(x)
-    z = (x - mean) / scale
-    model, coef, intercept = fit_logistic(z, y, c, balanced, row_space(z))
-    weight, bias = _full_rank(model.classes_, coef, intercept, num_classes, x.shape[1])
+    if streams(*x.shape):
+        mean, scale = moments(x)
+        weight, bias, _ = fit_streaming(x, y, c, num_classes, balanced, mean, scale)
+    else:
+        x = np.asarray(x, np.float32)
+        mean, scale = standardiser(x)
+        z = (x - mean) / scale
+        classes, coef, intercept = fit_logistic(z, y, c, balanced, row_space(z))
+        weight, bias = _full_rank(classes, coef, intercept, num_classes, x.shape[1])
     return FittedHead(weight.astype(np.float32), bias.astype(np.float32), mean.astype(np.float32),
                       scale.astype(np.float32), c, {}, time.monotonic() - started)
 
@@ -276,7 +323,7 @@ def _full_rank(classes: np.ndarray, coef: np.ndarray, intercept: np.ndarray, num
     """[C, D] weights and [C] biases for every class index, also when training saw only two classes."""
     weight = np.zeros((num_classes, dim))
     bias = np.full(num_classes, -1e4)  # a class never seen in training is never predicted
-    if len(classes) == 2:  # scikit-learn stores one row for binary problems: logit of class 1
+    if coef.shape[0] == 1:  # scikit-learn stores one row for binary problems: logit of class 1
         coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
     weight[classes] = coef
     bias[classes] = intercept

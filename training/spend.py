@@ -33,10 +33,10 @@ from training.backbones import Built, ImageModel
 from training.config import TrainConfig
 from training.data import ImageDataset, make_loader
 from training.invariance import GENERATORS, TTA_MIN_GAIN, Invariance, ViewAveraged, apply_view, averaged_gain, decide
-from training.multidepth import FittedHead, extract, val_scores
+from training.multidepth import FittedHead, val_scores
 from training.progress import Progress
 from training.train import pick_device
-from training.trunk import Cached, Capture, Deadline, Split, split_for, train_tail, trunk_outputs
+from training.trunk import Cached, Deadline, Split, split_for, train_tail, trunk_outputs
 
 log = logging.getLogger("tuneserve.training")
 
@@ -69,25 +69,21 @@ class Spent:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def capture_trunk(built: Built, blocks: int = PARTIAL_BLOCKS) -> tuple[Split | None, Capture | None]:
-    """Hook the trunk's last module before the first forward pass, so that pass fills the cache."""
-    split = split_for(built.model, blocks)
-    return split, (Capture(split.last_frozen) if split is not None else None)
-
-
 def tail_epochs(rows: int, batch_size: int) -> int:
     steps = max(1, math.ceil(rows / batch_size))
     return min(TAIL_EPOCHS[1], max(TAIL_EPOCHS[0], math.ceil(TAIL_STEPS / steps)))
 
 
 def plan(n_train: int, n_val: int, per_image_s: float, step_s: float, batch_size: int, elapsed: float,
-         budget: float, given: bool, best_f1: float) -> Plan:
-    """Views and epochs that fit; with no budget given and weak cheap heads, the budget that fits them."""
-    measure = len(GENERATORS) * n_val * per_image_s
+         budget: float, given: bool, best_f1: float, pass_s: float | None = None) -> Plan:
+    """Views and epochs that fit; with no budget given and weak cheap heads, the budget that fits them.
+    `pass_s`: a frozen pass per image (the feature pass's engine), where it differs from torch's forward."""
+    pass_s = per_image_s if pass_s is None else pass_s
+    measure = len(GENERATORS) * n_val * pass_s
 
     def cost(views: int, epochs: int) -> float:
         steps = math.ceil(n_train * views / batch_size)
-        return measure + (views - 1) * n_train * per_image_s + epochs * (steps + math.ceil(n_val / batch_size) / 3) * step_s
+        return measure + (views - 1) * n_train * pass_s + epochs * (steps + math.ceil(n_val / batch_size) / 3) * step_s
 
     wanted = Plan(MAX_VIEWS, tail_epochs(n_train * MAX_VIEWS, batch_size), 0.0, budget, "")
     wanted.estimate_s = cost(wanted.views, wanted.epochs)
@@ -126,17 +122,28 @@ def views_of(loader, view: str):
     return ((apply_view(x, view), y) for x, y in loader)
 
 
-def measure_invariance(built: Built, stages, split: Split, loader, predict, val_x: np.ndarray, val_y: np.ndarray,
+def measure_invariance(runner, loader, n_val: int, predict, val_x: np.ndarray, val_y: np.ndarray,
                        stop) -> tuple[Invariance, dict[str, torch.Tensor]]:
-    """Each generator's val features (for the decision) and trunk outputs (for test-time averaging)."""
+    """Each generator's val features (for the decision) and trunk outputs (for test-time averaging), from
+    the feature pass's own tap (training/feature_pass.py)."""
+    from training.feature_pass import feature_pass
+
     features, trunks = {"identity": val_x}, {}
     for view in GENERATORS:
-        capture = Capture(split.last_frozen)
-        try:
-            features[view], _ = extract(stages, built.model.normalise, views_of(loader, view), stop)
-        finally:
-            trunks[view] = capture.close()
+        done = feature_pass(runner, views_of(loader, view), n_val, stop=stop, stage=f"features ({view})")
+        features[view], trunks[view] = done.features, done.trunk
     return decide(predict, features, val_y), trunks
+
+
+def view_trunks(built: Built, split: Split, runner, loader, n_train: int, view: str, stop) -> torch.Tensor:
+    """The trunk's output for every train image under `view`: the tap on ONNX Runtime where it runs there
+    (its whole pass is faster than torch's trunk alone), else torch's trunk."""
+    if runner.engine == "onnxruntime":
+        from training.feature_pass import feature_pass
+
+        return feature_pass(runner, views_of(loader, view), n_train, stop=stop, stage=f"partial ({view})").trunk
+    return trunk_outputs(built.model, split, loader, lambda x: apply_view(x, view),
+                         next(built.model.parameters()).device, stop)
 
 
 def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.Tensor,
@@ -154,7 +161,7 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
                     trunk[n_train:], torch.tensor([labels.index(s.label) for s in splits["val"]]))
     step_s = time_tail_step(built.model, split, cached.train_x, config.batch_size)
     the_plan = plan(n_train, n_val, per_image_s, step_s, config.batch_size, time.monotonic() - started, budget,
-                    bool(config.budget_s), best_f1)
+                    bool(config.budget_s), best_f1, pass_s=features.pass_s or per_image_s)
     log.info("auto: cached partial fine-tune: %s", the_plan.why)
     spent = Spent(budget_s=the_plan.budget_s, notes={"plan": the_plan.why, "estimate_s": round(the_plan.estimate_s, 1)})
     if the_plan.views == 0:
@@ -163,14 +170,14 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
     loaders = {name: make_loader(ImageDataset(splits[name], labels, built.preprocessing, train=False), 64, False,
                                  num_workers=config.num_workers, seed=config.seed) for name in ("train", "val")}
     columns = slice(None) if every_column else slice(-features.embedding_dim, None)
-    invariance, val_trunks = measure_invariance(built, stages, split, loaders["val"],
-                                                judge(features, columns, head.c, config.class_balance != "none"),
+    invariance, val_trunks = measure_invariance(features.runner, loaders["val"], n_val,
+                                                judge(features, columns, head, config.class_balance != "none"),
                                                 features.val_x, cached.val_y.numpy(), stop)
     spent.notes["invariance"] = invariance.to_dict()
     views = invariance.views[:the_plan.views]
     started_tail = time.monotonic()
-    train_x = [cached.train_x] + [trunk_outputs(built.model, split, loaders["train"], lambda x, v=v: apply_view(x, v),
-                                                next(built.model.parameters()).device, stop) for v in views[1:]]
+    train_x = [cached.train_x] + [view_trunks(built, split, features.runner, loaders["train"], n_train, v, stop)
+                                  for v in views[1:]]
     cached = Cached(torch.cat(train_x), cached.train_y.repeat(len(views)), cached.val_x, cached.val_y)
     tuned, tail = tuned_copy(built, warm)
     epochs = the_plan.epochs
@@ -191,21 +198,19 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
     return spent
 
 
-def judge(features, columns: slice, c: float, balanced: bool):
-    """The cheap head refitted on the train rows alone: the published one has seen val, so it would score
-    untransformed val images perfectly and every transform would look like it changes the label."""
-    from training.multidepth import fit_logistic, row_space, standardiser
+def judge(features, columns: slice, head: FittedHead, balanced: bool):
+    """The cheap head fitted on the train rows alone: a refitted head has seen val, so it would score
+    untransformed val images perfectly and every transform would look like it changes the label. A
+    streamed head never saw val and is its own judge."""
+    if not head.refitted:
+        return lambda x: head.logits(x[:, columns]).argmax(1)
+    from training.multidepth import fit_logistic, predicted, row_space, standardiser
 
-    mean, scale = standardiser(features.train_x[:, columns])
-    z = (features.train_x[:, columns] - mean) / scale
-    model, coef, intercept = fit_logistic(z, features.train_y, c, balanced, row_space(z))
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        scores = ((x[:, columns] - mean) / scale) @ coef.T + intercept
-        index = (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
-        return model.classes_[index]
-
-    return predict
+    train_x = np.asarray(features.train_x[:, columns], np.float32)
+    mean, scale = standardiser(train_x)
+    z = (train_x - mean) / scale
+    classes, coef, intercept = fit_logistic(z, features.train_y, head.c, balanced, row_space(z))
+    return lambda x: predicted(classes, ((np.asarray(x[:, columns], np.float32) - mean) / scale) @ coef.T + intercept)
 
 
 def tuned_copy(built: Built, head: FittedHead) -> tuple[Built, Split]:

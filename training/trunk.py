@@ -37,7 +37,7 @@ CACHE_BYTES_FP32 = 2**30  # a larger cache is kept in float16 (half the memory; 
 class Split:
     """Where a body splits into a frozen trunk and a trained tail."""
 
-    last_frozen: nn.Module  # its output is the trunk's (hooked while features are computed)
+    last_frozen: nn.Module  # its output is the trunk's (an output of the feature pass, training/feature_pass.py)
     trunk: Callable[[torch.Tensor], torch.Tensor]  # normalised NCHW image → trunk output
     tail: Callable[[torch.Tensor], torch.Tensor]  # trunk output → what the head reads
 
@@ -87,19 +87,6 @@ def split_for(model: ImageModel, trained_blocks: int) -> Split | None:
     if isinstance(getattr(body, "features", None), nn.Sequential) and 1 <= first:
         return _sequential_split(body, first)
     return None
-
-
-class Capture:
-    """Collects a module's outputs while it runs (a forward hook), so the pass that computes the
-    multi-depth features also fills the trunk cache at no extra cost."""
-
-    def __init__(self, module: nn.Module):
-        self.outputs: list[torch.Tensor] = []
-        self.handle = module.register_forward_hook(lambda _m, _i, out: self.outputs.append(out.detach().cpu()))
-
-    def close(self) -> torch.Tensor:
-        self.handle.remove()
-        return compact(torch.cat(self.outputs)) if self.outputs else torch.empty(0)
 
 
 def compact(x: torch.Tensor) -> torch.Tensor:
