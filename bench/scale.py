@@ -13,13 +13,16 @@ to --source-dir/test) and ROOT/fashion-<n>/test links to it. Folders already the
 Run: `tuneserve train --name scale-<n> --data ROOT/fashion-<n> --output-dir ROOT/runs/scale-<n>
 --progress ROOT/runs/scale-<n>/progress.jsonl`, every other setting the default; TUNESERVE_HOME and
 BENTOML_HOME in ROOT/store; stdout and stderr to ROOT/runs/scale-<n>.log. The RSS of the job's whole
-process tree is sampled every 0.25 s; the load average is taken before and after each job.
+process tree is sampled every 0.25 s; the load average is taken before and after each job. The samples,
+times and exit code go to ROOT/runs/scale-<n>.job.json: `--reparse --sizes ...` recomputes the sizes'
+records from those files and the jobs' own, without running anything.
 
 Stages, from the job's progress events (models/jobs/events.py): each `phase` or `stage` event starts a
-span that runs until an event names something else. A stage's first event after a phase change takes
-over that phase's span (the phase's work is the stage's); a stage that reported done >= total ends
-there, so the next stage starts at that point. Phases without stage events keep their phase names;
-`startup` is the time before the first event. Each RSS sample counts to the span it falls in.
+span that runs until an event names something else. The first stage after a phase change takes over
+that phase's span (the work since the phase change is the stage's). A stage that reports done >= total
+ends there: the time until the next stage or phase event counts to the enclosing phase's name (work
+no stage event names, such as a fine-tune that only reports epochs), unless under 0.5 s. Phases without stage events keep
+their names; `startup` is the time before the first event. Each RSS sample counts to the span it falls in.
 
 Writes bench/results/scale.json (merged per size, so sizes can be run one at a time), prints a
 markdown table (per size: total seconds, the job's own budget, peak RSS, test accuracy, then seconds /
@@ -50,6 +53,7 @@ from models.jobs.events import PHASES, STAGES, parse_line  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 PLOT = ROOT / "docs" / "scale" / "scale.png"
 SAMPLE_S = 0.25
+TAIL_S = 0.5  # a finished stage keeps a gap this short before the next event (not worth a span of its own)
 GIB = 1024 ** 3
 STARTUP = "startup"
 ORDER = (STARTUP, *STAGES, *PHASES)
@@ -157,8 +161,8 @@ def run_job(root: Path, n: int, data: Path) -> dict:
         while process.poll() is None:
             samples.append((time.time(), tree_rss(process.pid)))
             time.sleep(SAMPLE_S)
-    return {"rc": process.returncode, "started": started, "ended": time.time(), "samples": samples, "log": log,
-            "progress": out / "progress.jsonl", "command": command}
+    return {"rc": process.returncode, "started": started, "ended": time.time(), "samples": samples, "log": str(log),
+            "progress": str(out / "progress.jsonl"), "command": command}
 
 
 # --- the pure parts: spans, per-stage table, summary, slopes --------------------------------------
@@ -171,25 +175,30 @@ def read_events(path: Path) -> list[dict]:
 
 def spans(events: list[dict], started: float, ended: float) -> list[tuple[str, float, float]]:
     """[(label, start, end)] from `started` to `ended`, from the phase and stage events (module docstring)."""
-    open_spans = [[STARTUP, started, False]]  # label, start, is a phase's span
-    finished_at = None  # when the current stage reported done >= total
+    phase, open_spans = STARTUP, [[STARTUP, started, "startup"]]  # label, start, what began it: phase | stage | done
     for event in events:
         kind, at = event.get("event"), event.get("time")
         if at is None or kind not in ("phase", "stage"):
             continue
         if kind == "phase":
-            open_spans.append([event.get("phase"), at, True])
-            finished_at = None
+            phase = event.get("phase")
+            open_spans.append([phase, at, "phase"])
             continue
         current, name = open_spans[-1], event.get("stage")
-        if current[2]:
-            current[0], current[2] = name, False
-        elif current[0] != name:
-            open_spans.append([name, finished_at if finished_at is not None else at, False])
-        done, total = event.get("done"), event.get("total")
-        finished_at = at if done is not None and total is not None and done >= total else None
+        if current[2] == "phase":  # the phase's first stage: the work since the phase change is the stage's
+            current[0], current[2] = name, "stage"
+        elif current[2] != "stage" or current[0] != name:
+            open_spans.append([name, at, "stage"])
+        if event.get("done") is not None and event.get("total") is not None and event["done"] >= event["total"]:
+            open_spans.append([phase, at, "done"])  # what follows a finished stage is its phase's, unnamed
     ends = [start for _, start, _ in open_spans[1:]] + [ended]
-    return [(label, start, max(start, end)) for (label, start, _), end in zip(open_spans, ends)]
+    found: list[tuple[str, float, float]] = []
+    for (label, start, began), end in zip(open_spans, ends):
+        if began == "done" and end - start < TAIL_S and found:  # bookkeeping before the next event: the stage's
+            found[-1] = (found[-1][0], found[-1][1], max(found[-1][2], end))
+        else:
+            found.append((label, start, max(start, end)))
+    return found
 
 
 def stage_table(job_spans: list[tuple[str, float, float]], samples: list[tuple[float, int]]) -> dict[str, dict]:
@@ -252,10 +261,11 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def record(n: int, job: dict, load_before: list[float], load_after: list[float]) -> dict:
-    events = read_events(job["progress"])
+def record(n: int, job: dict) -> dict:
+    """A size's result from its job file (run_job's answer and the load averages)."""
+    events = read_events(Path(job["progress"]))
     job_spans = spans(events, job["started"], job["ended"])
-    summary = final_summary(job["log"].read_text(errors="replace")) or {}
+    summary = final_summary(Path(job["log"]).read_text(errors="replace")) or {}
     budgets = [event["budget_s"] for event in events if event.get("event") == "budget"]
     peak = max((rss for _, rss in job["samples"]), default=0)
     return {
@@ -266,21 +276,27 @@ def record(n: int, job: dict, load_before: list[float], load_after: list[float])
         "timed_from": "stage events" if any(e.get("event") == "stage" for e in events) else "phase events only",
         "stages": stage_table(job_spans, job["samples"]),
         "spans": [[label, round(start - job["started"], 2), round(end - job["started"], 2)] for label, start, end in job_spans],
-        "load_before": load_before, "load_after": load_after, "rss_samples": len(job["samples"]),
-        "command": " ".join(job["command"][1:]), "log": str(job["log"]), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_before": job["load_before"], "load_after": job["load_after"], "rss_samples": len(job["samples"]),
+        "command": " ".join(job["command"][1:]), "log": job["log"], "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(job["started"])),
     }
+
+
+def job_file(root: Path, n: int) -> Path:
+    """Everything a size's record is computed from besides the job's own files (for --reparse)."""
+    return root / "runs" / f"scale-{n}.job.json"
 
 
 def measure(root: Path, n: int, data: Path) -> dict:
     load_before = load()
     print(f"scale-{n}: {data}; load average before {load_before}", flush=True)
     job = run_job(root, n, data)
-    load_after = load()
-    result = record(n, job, load_before, load_after)
+    job |= {"load_before": load_before, "load_after": load()}
+    job_file(root, n).write_text(json.dumps(job))
+    result = record(n, job)
     print(f"scale-{n}: exit {job['rc']} after {result['total_s']} s, peak {result['peak_rss_gib']} GiB, accuracy "
-          f"{result['accuracy']}; load average after {load_after}", flush=True)
+          f"{result['accuracy']}; load average after {job['load_after']}", flush=True)
     if job["rc"]:
-        print(job["log"].read_text(errors="replace")[-3000:], file=sys.stderr)
+        print(Path(job["log"]).read_text(errors="replace")[-3000:], file=sys.stderr)
     return result
 
 
@@ -319,16 +335,18 @@ def plot(sizes: dict, fitted: dict, path: Path) -> bool:
         return False
     ns = sorted(sizes, key=int)
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for label in ["total", *labels_of(sizes)]:
+    for i, label in enumerate(["total", *labels_of(sizes)]):
+        style = {"color": "black", "linewidth": 2.5} if label == "total" else \
+            {"color": plt.cm.tab20(i % 20), "linewidth": 1.2, "linestyle": "-" if label in STAGES else "--"}  # phases dashed
         for axis, key, fit in ((axes[0], "seconds", "seconds"), (axes[1], "peak_rss_gib", "peak_rss")):
             points = [(int(n), v) for n in ns if (v := value(sizes[n], label, key))]
             if points:
-                axis.loglog(*zip(*points), marker="o", linewidth=2.5 if label == "total" else 1.2,
-                            color="black" if label == "total" else None, label=f"{label} (slope {cell(fitted[label][fit], 2)})")
+                axis.loglog(*zip(*points), marker="o", label=f"{label} (slope {cell(fitted[label][fit], 2)})", **style)
     for axis, title in zip(axes, ("seconds per stage", "peak RSS per stage (GiB, whole process tree)")):
         axis.set(xlabel="train images", title=title)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -344,12 +362,15 @@ def main() -> int:
     parser.add_argument("--fashion-dir", type=Path, default=FASHION_DIR, help="the IDX files (without --source-dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--reparse", action="store_true", help="no runs: recompute the sizes' records from ROOT/runs")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sizes": {}}
     for n in args.sizes:
-        data = ensure_data(args.root, n, args.seed, args.source_dir, args.fashion_dir)
-        results["sizes"][str(n)] = measure(args.root, n, data)
+        if args.reparse:
+            results["sizes"][str(n)] = record(n, json.loads(job_file(args.root, n).read_text()))
+        else:
+            results["sizes"][str(n)] = measure(args.root, n, ensure_data(args.root, n, args.seed, args.source_dir, args.fashion_dir))
         results["slopes"] = slopes(results["sizes"])
         results["cores"] = len(os.sched_getaffinity(0))
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,10 @@ EVENTS = [
     {"event": "budget", "budget_s": 300.0, "time": 103.0},
     phase("training", 110.0),
     stage("features", 112.0, 100, 1000),  # takes over the training phase's span from 110
-    stage("features", 130.0, 1000, 1000),  # done: heads starts here, not at its own first event
+    stage("features", 130.0, 1000, 1000),  # done: 130..135 is the training phase's, unnamed
     stage("heads", 135.0, 1, 3),
     stage("heads", 150.0, 3, 3),
-    stage("finetune", 151.0, 1, 10),  # heads was done at 150
+    stage("finetune", 151.0, 1, 10),
     {"event": "progress", "epoch": 1, "epochs": 1, "step": 5, "steps": 10, "time": 160.0},  # not a span boundary
     stage("finetune", 170.0, 5, 10),
     phase("exporting", 200.0),  # finetune never reported done: it runs to the next phase
@@ -38,8 +38,9 @@ EVENTS = [
 
 def test_spans_follow_stages_and_phases():
     assert spans(EVENTS, 100.0, 240.0) == [
-        (STARTUP, 100.0, 102.0), ("loading", 102.0, 110.0), ("features", 110.0, 130.0), ("heads", 130.0, 150.0),
-        ("finetune", 150.0, 200.0), ("exporting", 200.0, 210.0), ("evaluation", 210.0, 230.0), ("publishing", 230.0, 240.0)]
+        (STARTUP, 100.0, 102.0), ("loading", 102.0, 110.0), ("features", 110.0, 130.0), ("training", 130.0, 135.0),
+        ("heads", 135.0, 150.0), ("training", 150.0, 151.0), ("finetune", 151.0, 200.0), ("exporting", 200.0, 210.0),
+        ("evaluation", 210.0, 230.0), ("publishing", 230.0, 240.0)]
 
 
 def test_without_stage_events_the_phases_are_the_spans():
@@ -50,17 +51,26 @@ def test_without_stage_events_the_phases_are_the_spans():
 
 
 def test_a_stage_seen_twice_sums_its_spans_and_rss_samples_count_where_they_fall():
-    events = [phase("training", 1.0), stage("heads", 2.0, 1, 2), stage("evaluation", 4.0, 1, 2),
-              stage("evaluation", 5.0, 2, 2),
-              stage("heads", 6.0, 2, 2), phase("publishing", 9.0)]
+    events = [phase("training", 1.0), stage("heads", 2.0, 1, 3), stage("evaluation", 4.0, 1, 2),
+              stage("evaluation", 5.0, 2, 2), stage("heads", 6.0, 2, 3), phase("publishing", 9.0)]
     job = spans(events, 0.0, 10.0)
+    assert job == [(STARTUP, 0.0, 1.0), ("heads", 1.0, 4.0), ("evaluation", 4.0, 5.0), ("training", 5.0, 6.0),
+                   ("heads", 6.0, 9.0), ("publishing", 9.0, 10.0)]
     samples = [(0.5, 1 * GIB), (1.5, 2 * GIB), (4.5, 5 * GIB), (5.0, 3 * GIB), (7.0, 4 * GIB), (9.5, GIB)]
     table = stage_table(job, samples)
-    assert list(table) == [STARTUP, "heads", "evaluation", "publishing"]  # the project's stage order
-    assert table["heads"] == {"seconds": 7.0, "peak_rss_gib": 4.0}  # 1..4 and 5..9 (evaluation was done at 5)
+    assert list(table) == [STARTUP, "heads", "evaluation", "training", "publishing"]  # stages, then phases
+    assert table["heads"] == {"seconds": 6.0, "peak_rss_gib": 4.0}
     assert table["evaluation"] == {"seconds": 1.0, "peak_rss_gib": 5.0}
+    assert table["training"] == {"seconds": 1.0, "peak_rss_gib": 3.0}  # after evaluation was done, before heads
     assert table[STARTUP] == {"seconds": 1.0, "peak_rss_gib": 1.0}
     assert stage_table([("parity", 0.0, 0.1)], samples)["parity"]["peak_rss_gib"] is None  # no sample in it
+
+
+def test_a_finished_stage_right_before_a_phase_change_leaves_no_short_span():
+    events = [phase("exporting", 1.0), stage("export", 1.0, 0, 3), stage("export", 3.0, 3, 3), phase("calibrating", 3.0),
+              stage("calibration", 3.5, 1, 1), phase("evaluating", 3.6)]  # 0.1 s of bookkeeping stays calibration's
+    assert spans(events, 0.0, 4.0) == [(STARTUP, 0.0, 1.0), ("export", 1.0, 3.0), ("calibration", 3.0, 3.6),
+                                       ("evaluating", 3.6, 4.0)]
 
 
 def test_the_final_summary_is_the_last_json_object_of_the_log():
