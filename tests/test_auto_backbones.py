@@ -73,7 +73,7 @@ def test_auto_exports_what_it_fitted(backbone, tmp_path):
     if result.strategy == "full":  # no cached features: the trained network is what is exported
         return
     # the checkpoint keeps the source's body: its features are the columns the cheap heads were fitted on
-    _, features = compute_features(result.checkpoint, splits, LABELS, config, None)
+    _, features, _ = compute_features(result.checkpoint, splits, LABELS, config, None)
     assert features.embedding_dim == embedding.shape[1]
     np.testing.assert_allclose(embedding, features.val_x[:, -features.embedding_dim:], rtol=1e-3, atol=1e-3)
     fitted = head_logits(result, features)

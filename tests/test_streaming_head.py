@@ -72,8 +72,21 @@ def test_feature_pass_writes_what_torch_computes(use_ort):
     assert runner.engine == ("onnxruntime" if use_ort else "torch")
     done = feature_pass(runner, batches, 10)
     expected, targets = extract(stages, built.model.normalise, batches)
-    assert done.features.dtype == np.float16 and done.targets.tolist() == targets.tolist()
+    assert done.features.dtype == np.float32  # small: float32 (large: float16)
+    assert done.targets.tolist() == targets.tolist()
     np.testing.assert_allclose(done.features.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
     with torch.no_grad():
         trunk = split.trunk(built.model.normalise(torch.from_numpy(images)))
     np.testing.assert_allclose(done.trunk.float().numpy(), trunk.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_features_are_float16_only_where_heads_stream_and_widen_before_overflow():
+    from training.feature_pass import _widened, feature_dtype
+    from training.streaming import STREAM_ABOVE
+
+    assert feature_dtype(60_000, 10_320) == np.float16 and feature_dtype(100, 10_320) == np.float32
+    assert STREAM_ABOVE < 60_000 * 10_320
+    buffer = np.zeros((4, 3), np.float16)
+    assert _widened(buffer, np.full((2, 3), 100.0)) is buffer  # in range: the same float16 array
+    wide = _widened(buffer, np.full((2, 3), 1e6))  # would be inf in float16
+    assert wide.dtype == np.float32 and wide.shape == (4, 3)

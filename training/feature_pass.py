@@ -5,9 +5,11 @@ of a partial fine-tune) for every train and val image, in one pass, in bounded m
   exported once and run by ORT: measured on EfficientNet-Lite0 at 96 px on these 2 cores, 2.1 ms per
   image against torch's 9.2 (depthwise convolutions are where torch's CPU kernels are slow). On a
   GPU, or where the export fails, torch runs it (the log says which).
-- **Into one preallocated float16 array.** 60,000 images × 10,320 features are 1.2 GB in float16
-  against 2.5 GB in float32 plus the copy a concatenation of batches makes; heads compute in float32
-  from it, a chunk at a time (training/streaming.py).
+- **Into one preallocated array, float16 when large.** 60,000 images × 10,320 features are 1.2 GB in
+  float16 against 2.5 GB in float32 plus the copy a concatenation of batches makes; heads compute in
+  float32 from it, a chunk at a time (training/streaming.py). Problems small enough to fit in memory
+  (`streams` false) stay float32: an untrained backbone's embedding can sit below float16's
+  smallest value (about 6e-8) and would become a constant column.
 - The pass reports `stage` events (images done, its own ETA), and the torch forward's cost per image
   is timed on two batches beside it: fine-tune budgets are planned from what training will run.
 """
@@ -30,7 +32,7 @@ from training.progress import Progress
 
 log = logging.getLogger("tuneserve.training")
 
-FEATURE_DTYPE = np.float16
+FLOAT16_LIMIT = 6.0e4  # float16's largest finite value is 65,504
 REPORT_EVERY_S = 5.0  # stage events at most this often (the job's status and the CLI's line read them)
 TIMED_BATCHES = 2  # torch batches timed beside an ORT pass, for the fine-tune estimates
 
@@ -142,10 +144,12 @@ def feature_pass(runner: Runner, batches, total: int, progress: Progress | None 
             raise Cancelled("cancelled while computing features")
         out = runner.run(np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x))
         if features is None:
-            features = np.empty((total, out[0].shape[1]), FEATURE_DTYPE)
+            features = np.empty((total, out[0].shape[1]), feature_dtype(total, out[0].shape[1]))
             trunk = np.empty((total, *out[1].shape[1:]), _trunk_dtype(total, out[1])) if len(out) > 1 else None
+        features = _widened(features, out[0])
         features[row:row + len(x)] = out[0]
         if trunk is not None:
+            trunk = _widened(trunk, out[1])
             trunk[row:row + len(x)] = out[1]
         targets[row:row + len(x)] = np.asarray(y)
         row += len(x)
@@ -157,6 +161,22 @@ def feature_pass(runner: Runner, batches, total: int, progress: Progress | None 
              1000 * seconds / max(row, 1))
     return Pass(features[:row], targets[:row], None if trunk is None else torch.from_numpy(trunk[:row]), seconds,
                 runner.engine)
+
+
+def feature_dtype(rows: int, cols: int):
+    """float16 only where the heads stream (training/streaming.py): there memory decides."""
+    from training.streaming import streams
+
+    return np.float16 if streams(rows, cols) else np.float32
+
+
+def _widened(buffer: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`buffer` as float32 once `values` would overflow float16 (65,504): an untrained or unusual backbone's
+    activations can, and an inf column makes every head NaN. Pretrained ones stay far below it."""
+    if buffer.dtype != np.float16 or not values.size or float(np.abs(values).max()) < FLOAT16_LIMIT:
+        return buffer
+    log.warning("features exceed float16's range (%.3g): kept in float32", float(np.abs(values).max()))
+    return buffer.astype(np.float32)
 
 
 def torch_cost(runner: Runner, pass_: Pass, batches) -> float:
