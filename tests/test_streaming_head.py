@@ -90,3 +90,13 @@ def test_features_are_float16_only_where_heads_stream_and_widen_before_overflow(
     assert _widened(buffer, np.full((2, 3), 100.0)) is buffer  # in range: the same float16 array
     wide = _widened(buffer, np.full((2, 3), 1e6))  # would be inf in float16
     assert wide.dtype == np.float32 and wide.shape == (4, 3)
+
+
+def test_stratified_rows_keep_each_class_share():
+    from training.multidepth import stratified_rows
+
+    y = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    rows = stratified_rows(y, 100)
+    assert len(set(rows.tolist())) == len(rows) and (np.diff(rows) > 0).all()
+    assert np.bincount(y[rows]).tolist() == [90, 9, 1]
+    assert stratified_rows(y, 5000).tolist() == list(range(1000))

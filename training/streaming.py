@@ -21,6 +21,8 @@ import torch
 
 CHUNK_ROWS = 4096
 MAX_ITER = 200
+SEARCH_ITER = 100  # per C on the sample: it only chooses C, the full fit (warm-started from it) refines
+FULL_ITER = 40  # L-BFGS steps of the one fit on all rows, warm-started from the sample's (see multidepth)
 TOLERANCE = 1e-6  # on the mean objective's gradient (max abs), L-BFGS's own stop
 STREAM_ABOVE = 40_000_000  # rows × columns above which heads stream (the in-memory fit copies in float64)
 
@@ -52,6 +54,27 @@ def sample_weights(y: np.ndarray, num_classes: int, balanced: bool) -> np.ndarra
     return per_class[y]
 
 
+def chunk_gradients(x: np.ndarray, chunks, target: torch.Tensor, weight_of: torch.Tensor, folded: torch.Tensor,
+                    shift: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Σᵢ sᵢ·CE(yᵢ, softmax(folded xᵢ + shift)) and its gradients in (folded, shift), summed a chunk at a time;
+    written out (softmax − one-hot), not through autograd: one product forward, one back, nothing kept."""
+    total = torch.zeros((), dtype=torch.float64)
+    grad_w, grad_b = torch.zeros(folded.shape, dtype=torch.float64), torch.zeros(shift.shape, dtype=torch.float64)
+    for start, end in chunks:
+        rows = torch.from_numpy(np.ascontiguousarray(x[start:end])).float()
+        logits = rows @ folded.T + shift
+        log_p = torch.log_softmax(logits, 1)
+        picked = torch.arange(end - start)
+        weights = weight_of[start:end]
+        total += -(log_p[picked, target[start:end]].double() * weights).sum()
+        residual = log_p.exp_()
+        residual[picked, target[start:end]] -= 1.0
+        residual *= weights.float()[:, None]
+        grad_w += (residual.T @ rows).double()
+        grad_b += residual.sum(0).double()
+    return total, [grad_w, grad_b]
+
+
 def fit_streaming(x: np.ndarray, y: np.ndarray, c: float, num_classes: int, balanced: bool,
                   mean: np.ndarray, scale: np.ndarray, warm: tuple[np.ndarray, np.ndarray] | None = None,
                   max_iter: int = MAX_ITER, chunk: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -81,18 +104,8 @@ def fit_streaming(x: np.ndarray, y: np.ndarray, c: float, num_classes: int, bala
         optimiser.zero_grad()
         folded = w / scale_t  # z @ W.T = x @ (W / scale).T − mean @ (W / scale).T
         shift = b - folded @ mean_t
-        folded32, shift32 = folded.float(), shift.float()
-        total = torch.zeros((), dtype=torch.float64)
-        grads = [torch.zeros_like(folded32), torch.zeros_like(shift32)]
-        for start, end in chunks:
-            rows = torch.from_numpy(np.ascontiguousarray(x[start:end])).float()
-            f, s = folded32.detach().requires_grad_(), shift32.detach().requires_grad_()
-            loss = torch.nn.functional.cross_entropy(rows @ f.T + s, target[start:end], reduction="none")
-            part = (loss.double() * weight_of[start:end]).sum()
-            part.backward()
-            grads[0] += f.grad
-            grads[1] += s.grad
-            total = total + part.detach()
+        total, grads = chunk_gradients(x, chunks, target, weight_of, folded.detach().float(),
+                                       shift.detach().float())
         objective = c * total + penalty * (w * w).sum()
         # ∂/∂(w, b) of c·Σ loss, by the chain rule through the fold, from the chunks' summed gradients
         surrogate = c * ((folded * grads[0].double()).sum() + (shift * grads[1].double()).sum())
