@@ -88,3 +88,27 @@ def test_versions_without_sections_still_evaluate(tmp_path):
     before, after = report["calibration"]["before"], report["calibration"]["after"]
     assert all(before[key] == pytest.approx(after[key], abs=1e-6) for key in ("ece", "nll", "brier"))
     assert "auto" not in report and "in_domain" not in report
+
+
+def test_ood_sample_keeps_each_class_share_and_small_sets_whole(tmp_path):
+    from models.data.datasets import Sample
+    from models.serving.trust import ood_sample
+
+    train = [Sample(tmp_path / f"{i}.png", "a" if i < 900 else "b") for i in range(1000)]
+    kept = ood_sample(train, limit=100)
+    assert len(kept) == 100 and sum(s.label == "b" for s in kept) == 10
+    assert len({s.path for s in kept}) == 100
+    assert ood_sample(train, limit=5000) is train
+
+
+def test_calibration_reports_val_then_sampled_train_images(tmp_path, monkeypatch):
+    from models.serving import trust
+
+    write_tiny_model(tmp_path / "model", labels=("red", "green", "blue"), embedding=True)
+    train = noisy_colour_samples(tmp_path / "train", 40, seed=1, labels=("red", "green", "blue"))
+    val = noisy_colour_samples(tmp_path / "val", 30, seed=2, labels=("red", "green", "blue"))
+    monkeypatch.setattr(trust.ood_sample, "__defaults__", (60,))
+    seen = []
+    manifest = trust.calibrate_version(tmp_path / "model", "tiny", train, val, on_images=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (len(val) + 60, len(val) + 60)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and manifest.ood.fitted_on["train"] == 60

@@ -15,7 +15,7 @@ from models.serving.runtime import RuntimeOptions
 from models.artifact.store import ModelVersion
 from models.serving.trust import calibrate_version
 from training.config import TrainConfig
-from training.progress import Progress
+from training.progress import Progress, StageMeter
 
 log = logging.getLogger("tuneserve.training")
 REPORT_FILE = "report.html"
@@ -39,6 +39,16 @@ class RunResult:
             "seconds": round(self.seconds, 1),
             "train_seconds": round(self.train_seconds, 1),
         }
+
+
+def image_meter(progress: Progress, stage: str):
+    """`on_images(done, total)` → `stage` events (the total is known once the pass starts)."""
+    meter = StageMeter(progress, stage, 1, unit="images")
+
+    def on_images(done: int, total: int) -> None:
+        meter.total = total
+        meter(done)
+    return on_images
 
 
 def run(config: TrainConfig, progress: Progress | None = None, stop: threading.Event | None = None,
@@ -93,7 +103,7 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     progress.phase("calibrating")
     # auto's cheap heads were refitted on val: calibrate on val logits from heads that never saw the row
     calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device),
-                      val_logits=getattr(result, "calibration_logits", None))
+                      val_logits=getattr(result, "calibration_logits", None), on_images=image_meter(progress, "calibration"))
     report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
     if config.int8:
         report = quantize_export(staging, splits, progress)
