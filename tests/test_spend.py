@@ -98,3 +98,17 @@ def test_a_costlier_candidate_must_lead_by_more_than_val_noise():
     assert choose(cheap + [c("partial", 0.78), c("full", 0.80)], 67).strategy == "full"
     assert choose(cheap + [c("full", 0.715)], 10_000).strategy == "full"  # large val: a 0.015 lead is real
     assert choose([c("multidepth", 0.9)], 5).strategy == "multidepth"
+
+
+def test_the_plan_leaves_what_the_job_spends_after_training():
+    from models.serving.trust import OOD_TRAIN_IMAGES
+    from training.recipe import FIXED_SECONDS as FIXED, after_training_s
+
+    splits = {"train": [None] * 51_000, "val": [None] * 9_000, "test": [None] * 10_000}
+    after = after_training_s(0.003, splits)
+    assert after == FIXED + 0.003 * (9_000 + 10_000 + OOD_TRAIN_IMAGES)
+    assert after_training_s(0.003, {"train": [None] * 100, "val": [None] * 20, "test": []}) == FIXED + 0.003 * 120
+    args = dict(n_train=51_000, n_val=9_000, per_image_s=0.011, step_s=0.058, batch_size=32, elapsed=400.0,
+                budget=900.0, given=True, best_f1=0.93, pass_s=0.0026)
+    fixed, honest = plan(**args), plan(**args, after_s=after)
+    assert honest.estimate_s <= 900.0 - 400.0 - after and honest.estimate_s <= fixed.estimate_s

@@ -81,14 +81,14 @@ def test_feature_pass_writes_what_torch_computes(use_ort):
 
 
 def test_features_are_float16_only_where_heads_stream_and_widen_before_overflow():
-    from training.feature_pass import _widened, feature_dtype
+    from training.feature_pass import widened, feature_dtype
     from training.streaming import STREAM_ABOVE
 
     assert feature_dtype(60_000, 10_320) == np.float16 and feature_dtype(100, 10_320) == np.float32
     assert STREAM_ABOVE < 60_000 * 10_320
     buffer = np.zeros((4, 3), np.float16)
-    assert _widened(buffer, np.full((2, 3), 100.0)) is buffer  # in range: the same float16 array
-    wide = _widened(buffer, np.full((2, 3), 1e6))  # would be inf in float16
+    assert widened(buffer, np.full((2, 3), 100.0)) is buffer  # in range: the same float16 array
+    wide = widened(buffer, np.full((2, 3), 1e6))  # would be inf in float16
     assert wide.dtype == np.float32 and wide.shape == (4, 3)
 
 

@@ -32,6 +32,7 @@ from training.data import ImageDataset, make_loader
 from training.crossfit import crossfit_logits, with_calibration
 from training.multidepth import FittedHead, classifier_for, embedding_gap, fit_head, stages_for, val_scores
 from training.progress import Progress
+from training.recipe import after_training_s
 from training.spend import PARTIAL_BLOCKS, Spent, spend
 from training.train import TrainResult, pick_device, train
 from training.trunk import split_for
@@ -41,7 +42,6 @@ log = logging.getLogger("tuneserve.training")
 ROOM = 0.99  # a val macro F1 at or above this leaves too little to win for a fine-tune's cost
 MIN_FINETUNE_EPOCHS = 3
 BACKWARD_FACTOR = 3.0  # a training step costs about 3 forward passes (forward, backward, update)
-FIXED_SECONDS = 20.0  # export, parity, calibration, evaluation and publishing of a small model on 2 cores
 EMBEDDING_GAP = 1e-4  # relative; the tap runs the body's own modules, so only float noise separates them
 
 
@@ -215,7 +215,7 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
         budget, trunk = spent.budget_s, None
         progress.budget(budget)
         candidates += add_spent(spent, results, labels)
-    remaining = budget - (time.monotonic() - started) - FIXED_SECONDS
+    remaining = budget - (time.monotonic() - started) - after_training_s(features.pass_s or features.per_image_s, splits)
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
         epochs, why = finetune_epochs(config, features, remaining)
         log.info("auto: best cheap candidate %s (val macro F1 %.4f); fine-tune: %s", best.strategy,

@@ -146,10 +146,10 @@ def feature_pass(runner: Runner, batches, total: int, progress: Progress | None 
         if features is None:
             features = np.empty((total, out[0].shape[1]), feature_dtype(total, out[0].shape[1]))
             trunk = np.empty((total, *out[1].shape[1:]), _trunk_dtype(total, out[1])) if len(out) > 1 else None
-        features = _widened(features, out[0])
+        features = widened(features, out[0])
         features[row:row + len(x)] = out[0]
         if trunk is not None:
-            trunk = _widened(trunk, out[1])
+            trunk = widened(trunk, out[1])
             trunk[row:row + len(x)] = out[1]
         targets[row:row + len(x)] = np.asarray(y)
         row += len(x)
@@ -170,7 +170,7 @@ def feature_dtype(rows: int, cols: int):
     return np.float16 if streams(rows, cols) else np.float32
 
 
-def _widened(buffer: np.ndarray, values: np.ndarray) -> np.ndarray:
+def widened(buffer: np.ndarray, values: np.ndarray) -> np.ndarray:
     """`buffer` as float32 once `values` would overflow float16 (65,504): an untrained or unusual backbone's
     activations can, and an inf column makes every head NaN. Pretrained ones stay far below it."""
     if buffer.dtype != np.float16 or not values.size or float(np.abs(values).max()) < FLOAT16_LIMIT:

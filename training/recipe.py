@@ -112,3 +112,14 @@ def apply_recipe(config: TrainConfig, splits: dict[str, list[Sample]], labels: l
     fitted = config.replace(image_size=recipe.image_size, hflip=recipe.hflip, crop_scale=recipe.crop_scale,
                      epochs=recipe.epochs, strategy=recipe.strategy)
     return fitted, recipe
+
+
+def after_training_s(per_image_s: float, splits: dict[str, list[Sample]]) -> float:
+    """What a job spends after training, for `auto`'s plan: `FIXED_SECONDS`, plus one pass per image
+    over val and the sampled train images (calibration) and over test (evaluation), at `per_image_s`
+    (the feature pass's cost: the same network, the same engine). The 60,000-image job: 29,000
+    images, about 80 s that a fixed 20 s left out (it ran 1,016 s on a 900 s budget)."""
+    from models.serving.trust import OOD_TRAIN_IMAGES
+
+    images = len(splits["val"]) + len(splits["test"]) + min(len(splits["train"]), OOD_TRAIN_IMAGES)
+    return FIXED_SECONDS + per_image_s * images

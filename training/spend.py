@@ -35,6 +35,7 @@ from training.data import ImageDataset, make_loader
 from training.invariance import GENERATORS, TTA_MIN_GAIN, Invariance, ViewAveraged, apply_view, averaged_gain, decide
 from training.multidepth import FittedHead, val_scores
 from training.progress import Progress
+from training.recipe import FIXED_SECONDS, after_training_s
 from training.train import pick_device
 from training.trunk import Cached, Deadline, Split, split_for, train_tail, trunk_outputs
 
@@ -47,7 +48,6 @@ MAX_VIEWS = 4  # train views cached (the untransformed one included)
 TAIL_STEPS = 600  # optimiser steps a cached partial fine-tune aims at, within TAIL_EPOCHS
 TAIL_EPOCHS = (3, 20)
 TAIL_PATIENCE = 3
-FIXED_SECONDS = 20.0  # export, parity, calibration and publishing (as training/auto.py)
 
 
 @dataclass
@@ -75,9 +75,11 @@ def tail_epochs(rows: int, batch_size: int) -> int:
 
 
 def plan(n_train: int, n_val: int, per_image_s: float, step_s: float, batch_size: int, elapsed: float,
-         budget: float, given: bool, best_f1: float, pass_s: float | None = None) -> Plan:
+         budget: float, given: bool, best_f1: float, pass_s: float | None = None,
+         after_s: float = FIXED_SECONDS) -> Plan:
     """Views and epochs that fit; with no budget given and weak cheap heads, the budget that fits them.
-    `pass_s`: a frozen pass per image (the feature pass's engine), where it differs from torch's forward."""
+    `pass_s`: a frozen pass per image (the feature pass's engine), where it differs from torch's forward;
+    `after_s`: what the job spends after training (training/recipe.after_training_s)."""
     pass_s = per_image_s if pass_s is None else pass_s
     measure = len(GENERATORS) * n_val * pass_s
 
@@ -87,11 +89,11 @@ def plan(n_train: int, n_val: int, per_image_s: float, step_s: float, batch_size
 
     wanted = Plan(MAX_VIEWS, tail_epochs(n_train * MAX_VIEWS, batch_size), 0.0, budget, "")
     wanted.estimate_s = cost(wanted.views, wanted.epochs)
-    room = budget - elapsed - FIXED_SECONDS
+    room = budget - elapsed - after_s
     grown = ""
     if not given and best_f1 < GOOD_ENOUGH and wanted.estimate_s > room:
-        budget = min(BUDGET_CAP_S, max(budget, elapsed + FIXED_SECONDS + wanted.estimate_s * 1.1))
-        room = budget - elapsed - FIXED_SECONDS
+        budget = min(BUDGET_CAP_S, max(budget, elapsed + after_s + wanted.estimate_s * 1.1))
+        room = budget - elapsed - after_s
         grown = (f"; no budget given and the best cheap head's val macro F1 {best_f1:.3f} < {GOOD_ENOUGH}: "
                  f"the default budget grows to {budget:.0f}s (at most {BUDGET_CAP_S:.0f}s)")
     for views in range(MAX_VIEWS, 0, -1):  # fewer views before fewer epochs: each view costs a forward pass
@@ -161,12 +163,13 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
                     trunk[n_train:], torch.tensor([labels.index(s.label) for s in splits["val"]]))
     step_s = time_tail_step(built.model, split, cached.train_x, config.batch_size)
     the_plan = plan(n_train, n_val, per_image_s, step_s, config.batch_size, time.monotonic() - started, budget,
-                    bool(config.budget_s), best_f1, pass_s=features.pass_s or per_image_s)
+                    bool(config.budget_s), best_f1, pass_s=features.pass_s or per_image_s,
+                    after_s=(after_s := after_training_s(features.pass_s or per_image_s, splits)))
     log.info("auto: cached partial fine-tune: %s", the_plan.why)
     spent = Spent(budget_s=the_plan.budget_s, notes={"plan": the_plan.why, "estimate_s": round(the_plan.estimate_s, 1)})
     if the_plan.views == 0:
         return spent
-    deadline = Deadline(started + the_plan.budget_s - FIXED_SECONDS - time.monotonic())
+    deadline = Deadline(started + the_plan.budget_s - after_s - time.monotonic())
     loaders = {name: make_loader(ImageDataset(splits[name], labels, built.preprocessing, train=False), 64, False,
                                  num_workers=config.num_workers, seed=config.seed) for name in ("train", "val")}
     columns = slice(None) if every_column else slice(-features.embedding_dim, None)
