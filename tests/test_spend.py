@@ -109,6 +109,8 @@ def test_the_plan_leaves_what_the_job_spends_after_training():
     assert after == FIXED + 0.003 * (9_000 + 10_000 + OOD_TRAIN_IMAGES)
     assert after_training_s(0.003, {"train": [None] * 100, "val": [None] * 20, "test": []}) == FIXED + 0.003 * 120
     args = dict(n_train=51_000, n_val=9_000, per_image_s=0.011, step_s=0.058, batch_size=32, elapsed=400.0,
-                budget=900.0, given=True, best_f1=0.93, pass_s=0.0026)
+                budget=800.0, given=True, best_f1=0.93, pass_s=0.0026)
     fixed, honest = plan(**args), plan(**args, after_s=after)
-    assert honest.estimate_s <= 900.0 - 400.0 - after and honest.estimate_s <= fixed.estimate_s
+    # a fixed 20 s leaves room for one view (364 s) that the time after training (107 s) does not
+    assert fixed.views == 1 and fixed.estimate_s > 800.0 - 400.0 - after
+    assert honest.views == 0
