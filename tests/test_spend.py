@@ -2,6 +2,8 @@
 given, the cached partial fine-tune inside `run_auto`, and test-time averaging in the exported graph."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,9 @@ def test_auto_runs_the_cached_partial_fine_tune_with_measured_views(tmp_path, mo
     assert partial["details"]["epochs_run"] >= 1 and result.budget_s == 600.0  # a given budget never grows
     chosen = result.checkpoint if result.strategy == "partial" else None
     assert chosen is None or not hasattr(chosen.model.classifier, "views")  # the checkpoint is never the TTA wrapper
+    # the budget counts from the job's start: a job whose loading took it all trains no second stage
+    late = auto.run_auto(config, splits, ["one", "two"], job_started=time.monotonic() - 600.0)
+    assert {c["strategy"] for c in late.candidates} == {"prototype", "logistic", "multidepth"}
 
 
 @pytest.mark.slow
@@ -106,11 +111,44 @@ def test_the_plan_leaves_what_the_job_spends_after_training():
 
     splits = {"train": [None] * 51_000, "val": [None] * 9_000, "test": [None] * 10_000}
     after = after_training_s(0.003, splits)
-    assert after == FIXED + 0.003 * (9_000 + 10_000 + OOD_TRAIN_IMAGES)
-    assert after_training_s(0.003, {"train": [None] * 100, "val": [None] * 20, "test": []}) == FIXED + 0.003 * 120
+    passes = FIXED + 0.003 * (9_000 + 10_000 + OOD_TRAIN_IMAGES)
+    assert after_training_s(0.003, splits, int8=False) == pytest.approx(passes)
+    # INT8 loads 300 calibration, 2,000 val, 500 spare train and 2,000 test images and runs them 7 times
+    assert after == pytest.approx(passes + 7 * 0.003 * 4_800)
+    small = {"train": [None] * 100, "val": [None] * 20, "test": []}
+    assert after_training_s(0.003, small, int8=False) == pytest.approx(FIXED + 0.003 * 120)
+    assert after_training_s(0.003, small) == pytest.approx(FIXED + 0.003 * 120 + 7 * 0.003 * (100 + 20 + 20))
     args = dict(n_train=51_000, n_val=9_000, per_image_s=0.011, step_s=0.058, batch_size=32, elapsed=400.0,
                 budget=800.0, given=True, best_f1=0.93, pass_s=0.0026)
     fixed, honest = plan(**args), plan(**args, after_s=after)
     # a fixed 20 s leaves room for one view (364 s) that the time after training (107 s) does not
     assert fixed.views == 1 and fixed.estimate_s > 800.0 - 400.0 - after
     assert honest.views == 0
+
+
+def test_int8_runs_only_in_the_time_the_budget_leaves(tmp_path, monkeypatch):
+    """The INT8 step is the job's last optional one: when the plan was wrong and too little is left,
+    it is skipped with the reason in eval.json, and the quantizer never starts."""
+    import json
+
+    import models.artifact.manifest as manifest
+    import models.artifact.quantize as quantize
+    import models.artifact.quantize_inputs as inputs
+    from models.artifact.quantize_inputs import QuantizeConfig
+    from training.export import quantize_export
+
+    ran = []
+    monkeypatch.setattr(manifest, "read_manifest", lambda _path: None)
+    monkeypatch.setattr(inputs, "data_from_splits", lambda *_args: None)
+    monkeypatch.setattr(quantize, "quantize_version", lambda *_args, **_kwargs: ran.append(1))
+    (tmp_path / "eval.json").write_text(json.dumps({"accuracy": 0.9}))
+    splits = {"train": [None] * 5_000, "val": [None] * 750, "test": [None] * 10_000}
+    needed = QuantizeConfig().estimate_s(0.003, 5_000, 750, 10_000)
+    report = quantize_export(tmp_path, splits, time_left_s=needed - 1.0, per_image_s=0.003)
+    skipped = json.loads((tmp_path / "eval.json").read_text())["variants"]["int8"]
+    assert report["variants"]["int8"] == skipped and report["accuracy"] == 0.9
+    assert skipped["estimate_s"] == pytest.approx(needed, abs=0.1) and "budget" in skipped["skipped"]
+    assert not ran
+    quantize_export(tmp_path, splits, time_left_s=needed + 1.0, per_image_s=0.003)  # with the time, it runs
+    quantize_export(tmp_path, splits, time_left_s=None, per_image_s=0.003)  # no budget: no cap
+    assert len(ran) == 2

@@ -169,10 +169,14 @@ def run_finetune(config: TrainConfig, splits: dict[str, list[Sample]], labels: l
 
 
 def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], progress: Progress | None = None,
-             stop: threading.Event | None = None, resume: bool = False) -> TrainResult:
-    """Fit the cheap candidates, maybe a fine-tune, and return the best on val as a TrainResult."""
+             stop: threading.Event | None = None, resume: bool = False, job_started: float | None = None) -> TrainResult:
+    """Fit the cheap candidates, maybe a fine-tune, and return the best on val as a TrainResult.
+
+    `job_started` (time.monotonic): when the job began, so the budget counts its loading too (45 s of
+    the 60,000-image job); by default, now."""
     progress = progress or Progress()
     started = time.monotonic()
+    job_started = started if job_started is None else job_started
     budget = config.budget_s or default_budget_s(len(splits["train"]))
     built = build_source(config, len(labels), labels)
     if stages_for(built.model.classifier.body) is None:
@@ -210,12 +214,13 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     best = max(candidates, key=lambda c: c.val["macro_f1"])
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM and trunk is not None:
         heads = (multi, True, logistic) if multi.val["macro_f1"] > logistic.val["macro_f1"] else (logistic, False, logistic)
-        spent = spend(config, built, stages, split, trunk, heads, features, splits, labels, started, budget,
+        spent = spend(config, built, stages, split, trunk, heads, features, splits, labels, job_started, budget,
                       best.val["macro_f1"], progress, stop)
         budget, trunk = spent.budget_s, None
         progress.budget(budget)
         candidates += add_spent(spent, results, labels)
-    remaining = budget - (time.monotonic() - started) - after_training_s(features.pass_s or features.per_image_s, splits)
+    remaining = budget - (time.monotonic() - job_started) - after_training_s(features.pass_s or features.per_image_s,
+                                                                          splits, config.int8)
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
         epochs, why = finetune_epochs(config, features, remaining)
         log.info("auto: best cheap candidate %s (val macro F1 %.4f); fine-tune: %s", best.strategy,
@@ -230,6 +235,7 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     calibration = crossfit_logits(chosen.strategy, chosen.details, features, len(labels), balanced)
     return with_calibration(replace(result, seconds=time.monotonic() - started, strategy=chosen.strategy,
                                     candidates=[c.to_dict() for c in candidates], budget_s=round(budget, 1),
+                                    pass_s=features.pass_s or features.per_image_s,
                                     checkpoint=result.checkpoint or (None if chosen.strategy == "full" else standard)),
                             calibration)
 

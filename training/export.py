@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -179,29 +180,35 @@ def export_model(built: Built, labels: list[str], staging: str | Path, parity_im
 
 
 def evaluate_export(staging: str | Path, name: str, test_samples: list[Sample], top_k: int, device: str = "auto",
-                    progress: Progress | None = None) -> dict[str, Any]:
-    """Evaluate the exported graph (through `models/` preprocessing and runtime) → eval.json; stage
-    "evaluation" counts the test images through it, batch by batch."""
+                    progress: Progress | None = None) -> tuple[dict[str, Any], float]:
+    """Evaluate the exported graph (through `models/` preprocessing and runtime) → eval.json, and the
+    seconds per image it took (decode and inference, not the session's load: what INT8 is planned from);
+    stage "evaluation" counts the test images through it, batch by batch."""
     progress = progress or Progress()
     progress.phase("evaluating")
     classifier = OnnxClassifier(staging, name, "staging", RuntimeOptions(device=device)).load()
     images = StageMeter(progress, "evaluation", len(test_samples), unit="images")
     images(0)
+    started = time.monotonic()
     report = evaluate(classifier, test_samples, top_k=top_k,  # k is capped at the number of classes there
                       on_batch=lambda done, _total: images(done))
+    per_image_s = (time.monotonic() - started) / max(len(test_samples), 1)
     if report.get("unreadable"):
         raise ExportError(f"unreadable test images: {report['unreadable']}")
     write_eval(report, staging)
-    return report
+    return report, per_image_s
 
 
-def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progress: Progress | None = None) -> dict[str, Any]:
+def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progress: Progress | None = None,
+                    time_left_s: float | None = None, per_image_s: float = 0.0) -> dict[str, Any]:
     """Add the static INT8 variant to the staged version; returns the updated eval.json.
 
     An int8 variant is optional: when it cannot pass the serving gate on validation it is skipped
-    (`variants.int8.skipped`, written by the quantizer), and when quantization fails the version is
-    published fp32-only with the error (`variants.int8.error`). Stage "int8" counts the calibration
-    methods tried (`method`: the one running); it ends at total/total when the search stops early.
+    (`variants.int8.skipped`, written by the quantizer); so it is when the job's budget leaves
+    `time_left_s` and the run would take longer (planned from `per_image_s`, an fp32 pass's cost per
+    image: the budget is a hard cap); and when quantization fails the version is published fp32-only
+    with the error (`variants.int8.error`). Stage "int8" counts the calibration methods tried
+    (`method`: the one running); it ends at total/total when the search stops early.
     """
     from models.artifact.manifest import read_eval, read_manifest
     from models.artifact.quantize import quantize_version
@@ -211,6 +218,12 @@ def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progre
     progress.phase("quantizing")
     config = QuantizeConfig()
     methods = StageMeter(progress, "int8", len(config.methods), every_s=0.0, unit="methods")
+    estimate = config.estimate_s(per_image_s, *(len(splits[name]) for name in ("train", "val", "test")))
+    if time_left_s is not None and estimate > time_left_s:
+        reason = (f"the budget leaves {max(time_left_s, 0.0):.0f}s and the int8 step needs about {estimate:.0f}s; "
+                  f"`tuneserve quantize NAME:VERSION` makes one later")
+        log.info("int8 variant skipped: %s", reason)
+        return _note_int8(staging, {"skipped": reason, "estimate_s": round(estimate, 1)}, methods)
     try:
         quantize_version(staging, data_from_splits(splits, read_manifest(staging), config), config,
                          on_method=lambda done, _total, method: methods(done, method=method))
@@ -218,11 +231,20 @@ def quantize_export(staging: str | Path, splits: dict[str, list[Sample]], progre
         pass  # the quantizer logged the one line and recorded the reason
     except Exception as error:  # noqa: BLE001 - fp32 is still a complete, checked version
         log.warning("int8 variant not written: %s", error)
-        report = read_eval(staging) or {}
-        report.setdefault("variants", {})["int8"] = {"error": f"{type(error).__name__}: {error}"}
-        write_eval(report, staging)
+        return _note_int8(staging, {"error": f"{type(error).__name__}: {error}"}, methods)
     methods(methods.total)
     return read_eval(staging) or {}
+
+
+def _note_int8(staging: str | Path, entry: dict[str, Any], methods: StageMeter) -> dict[str, Any]:
+    """eval.json's `variants.int8` says why there is no variant; the stage ends."""
+    from models.artifact.manifest import read_eval
+
+    report = read_eval(staging) or {}
+    report.setdefault("variants", {})["int8"] = entry
+    write_eval(report, staging)
+    methods(methods.total)
+    return report
 
 
 def publish(name: str, staging: str | Path, metadata: dict[str, Any] | None = None,

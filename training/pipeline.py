@@ -88,8 +88,10 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
 
     config, recipe = apply_recipe(config, splits, labels, out, progress, resume)  # before training: the job shows it
     progress.phase("training")
-    run_training = run_auto if should_run_auto(config) else train
-    result = run_training(config, splits, labels, progress, stop, resume)
+    if should_run_auto(config):
+        result = run_auto(config, splits, labels, progress, stop, resume, job_started=started)
+    else:
+        result = train(config, splits, labels, progress, stop, resume)
     test = splits["test"] or splits["val"]
     recipe_record = {**recipe.to_dict(), "candidates": result.candidates, "budget_s": result.budget_s,
                      "chosen": result.strategy, "chosen_by": "val macro F1" if result.candidates else None}
@@ -104,9 +106,11 @@ def run(config: TrainConfig, progress: Progress | None = None, stop: threading.E
     # auto's cheap heads were refitted on val: calibrate on val logits from heads that never saw the row
     calibrate_version(staging, config.name, splits["train"], splits["val"], RuntimeOptions(device=config.device),
                       val_logits=getattr(result, "calibration_logits", None), on_images=image_meter(progress, "calibration"))
-    report = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
-    if config.int8:
-        report = quantize_export(staging, splits, progress)
+    report, per_image_s = evaluate_export(staging, config.name, test, config.top_k, config.device, progress)
+    if config.int8:  # the budget is a hard cap: INT8 runs only in what it leaves, at the pace auto planned it
+        budget = result.budget_s or config.budget_s
+        report = quantize_export(staging, splits, progress, budget - (time.monotonic() - started) if budget else None,
+                                 result.pass_s or per_image_s)
     write_eval(report, out)
     version = publish(config.name, staging, {"fingerprint": dataset.fingerprint, "strategy": training["strategy"]},
                       progress, stop)

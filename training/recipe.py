@@ -114,12 +114,16 @@ def apply_recipe(config: TrainConfig, splits: dict[str, list[Sample]], labels: l
     return fitted, recipe
 
 
-def after_training_s(per_image_s: float, splits: dict[str, list[Sample]]) -> float:
+def after_training_s(per_image_s: float, splits: dict[str, list[Sample]], int8: bool = True) -> float:
     """What a job spends after training, for `auto`'s plan: `FIXED_SECONDS`, plus one pass per image
-    over val and the sampled train images (calibration) and over test (evaluation), at `per_image_s`
-    (the feature pass's cost: the same network, the same engine). The 60,000-image job: 29,000
-    images, about 80 s that a fixed 20 s left out (it ran 1,016 s on a 900 s budget)."""
+    over val and the sampled train images (calibration) and over test (evaluation), plus the INT8
+    step's passes when it runs (`QuantizeConfig.estimate_s`), at `per_image_s` (the feature pass's
+    cost: the same network, the same engine). The 60,000-image job: 29,000 images after training
+    (about 80 s that a fixed 20 s left out: 1,016 s on a 900 s budget), then 74 s of INT8 (912 s)."""
+    from models.artifact.quantize_inputs import QuantizeConfig
     from models.serving.trust import OOD_TRAIN_IMAGES
 
-    images = len(splits["val"]) + len(splits["test"]) + min(len(splits["train"]), OOD_TRAIN_IMAGES)
-    return FIXED_SECONDS + per_image_s * images
+    n_train, n_val, n_test = (len(splits[name]) for name in ("train", "val", "test"))
+    images = n_val + n_test + min(n_train, OOD_TRAIN_IMAGES)
+    quantize = QuantizeConfig().estimate_s(per_image_s, n_train, n_val, n_test) if int8 else 0.0
+    return FIXED_SECONDS + per_image_s * images + quantize

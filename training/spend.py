@@ -164,7 +164,7 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
     step_s = time_tail_step(built.model, split, cached.train_x, config.batch_size)
     the_plan = plan(n_train, n_val, per_image_s, step_s, config.batch_size, time.monotonic() - started, budget,
                     bool(config.budget_s), best_f1, pass_s=features.pass_s or per_image_s,
-                    after_s=(after_s := after_training_s(features.pass_s or per_image_s, splits)))
+                    after_s=(after_s := after_training_s(features.pass_s or per_image_s, splits, config.int8)))
     log.info("auto: cached partial fine-tune: %s", the_plan.why)
     spent = Spent(budget_s=the_plan.budget_s, notes={"plan": the_plan.why, "estimate_s": round(the_plan.estimate_s, 1)})
     if the_plan.views == 0:

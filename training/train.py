@@ -46,6 +46,7 @@ class TrainResult:
     candidates: list[dict[str, Any]] | None = None  # auto: every candidate's val scores and seconds
     budget_s: float | None = None
     checkpoint: Built | None = None  # what checkpoint.pt holds when it differs from the exported model
+    pass_s: float | None = None  # auto: the feature pass's seconds per image, what the time after training is planned from
 
 
 def seed_everything(seed: int) -> None:

@@ -17,6 +17,10 @@ from models.serving.preprocess import prepare, stack
 
 METHODS = ("minmax", "percentile", "entropy")  # cheapest first: MinMax builds no histograms
 UNLABELLED_SPLIT = (0.6, 0.2)  # calibration, validation; the rest is the test part
+# Passes over the images a quantization run loads, at an fp32 pass's cost per image: loading, the fp32
+# reference, and per method its calibration and scoring (MinMax about 1 pass, entropy about 2). The
+# Fashion-MNIST jobs of bench/scale.py measured 7.0, 7.2 and 5.6 with all three methods tried.
+PASSES = 7.0
 
 
 class QuantizeError(TuneserveError):
@@ -37,6 +41,16 @@ class QuantizeConfig:
     percentile: float = 99.999
     seed: int = 0
     workers: int = 2  # image decode threads
+
+    def images(self, train: int, val: int, test: int) -> int:
+        """How many images a run on splits of these sizes loads (`data_from_splits`; no test: val again)."""
+        calibration = min(train, self.calibration_images)
+        return (calibration + min(val, self.max_eval_images) + min(train - calibration, self.spare_images)
+                + min(test or val, self.max_eval_images))
+
+    def estimate_s(self, per_image_s: float, train: int, val: int, test: int) -> float:
+        """The run's seconds, planned from an fp32 pass's cost per image (`PASSES` over `images`)."""
+        return PASSES * per_image_s * self.images(train, val, test)
 
     def validate(self) -> "QuantizeConfig":
         unknown = sorted(set(self.methods) - set(METHODS))
