@@ -20,7 +20,9 @@ from training.config import TrainConfig
 RECIPE_FILE = "recipe.json"
 TIMED_STEPS = 3
 MAX_BUDGET_EPOCHS = 15
-FIXED_SECONDS = 20.0  # export, parity, calibration and publishing of a small model on 2 cores (measured ~15 s)
+# export and parity (24-34 s), the in-domain score's fit (1-4 s) and publishing (4 s): bench/scale.py's jobs
+# on 2 cores, 1k to 60k images. 20 s (a small model's ~15 s) left INT8 without its reserve at 1k and 60k.
+FIXED_SECONDS = 35.0
 
 
 def source_size(config: TrainConfig) -> int:
