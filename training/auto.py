@@ -232,19 +232,18 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     results = {name: TrainResult(model_built, labels, [], 0, "cpu", 0.0) for name, model_built in models.items()}
     best = max(candidates, key=lambda c: c.val["macro_f1"])
     tuning = config
+    after = after_training_s(features.pass_s or features.per_image_s, splits, config.int8)
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM and trunk is not None:
         heads = (multi, True, logistic) if multi.val["macro_f1"] > logistic.val["macro_f1"] else (logistic, False, logistic)
-        reserved = full_reserve(config, features, best.val["macro_f1"], time.monotonic() - job_started,
-                                after_training_s(features.pass_s or features.per_image_s, splits, config.int8))
+        reserved = full_reserve(config, features, best.val["macro_f1"], time.monotonic() - job_started, after)
         spent = spend(config, built, stages, split, trunk, heads, features, splits, labels, job_started, budget,
-                      best.val["macro_f1"], progress, stop, reserved)
+                      best.val["macro_f1"], progress, stop, after + reserved)
         if "hflip" in spent.notes.get("invariance", {}).get("kept", []):
             tuning = tuning.replace(hflip=True)  # measured to keep the label: the full fine-tune augments with it
         budget, trunk = spent.budget_s, None
         progress.budget(budget)
         candidates += add_spent(spent, results, labels)
-    remaining = budget - (time.monotonic() - job_started) - after_training_s(features.pass_s or features.per_image_s,
-                                                                          splits, config.int8)
+    remaining = budget - (time.monotonic() - job_started) - after
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
         epochs, why = finetune_epochs(config, features, remaining)
         log.info("auto: best cheap candidate %s (val macro F1 %.4f); fine-tune: %s", best.strategy,

@@ -35,7 +35,7 @@ from training.data import ImageDataset, make_loader
 from training.invariance import GENERATORS, TTA_MIN_GAIN, Invariance, ViewAveraged, apply_view, averaged_gain, decide
 from training.multidepth import FittedHead, val_scores
 from training.progress import Progress
-from training.recipe import FIXED_SECONDS, after_training_s
+from training.recipe import FIXED_SECONDS
 from training.train import pick_device
 from training.trunk import Cached, Deadline, Split, split_for, train_tail, trunk_outputs
 
@@ -150,9 +150,10 @@ def view_trunks(built: Built, split: Split, runner, loader, n_train: int, view: 
 
 def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.Tensor,
           heads: tuple[FittedHead, bool, FittedHead], features, splits: dict[str, list[Sample]], labels: list[str], started: float, budget: float, best_f1: float,
-          progress: Progress, stop: threading.Event | None, reserved_s: float = 0.0) -> Spent:
+          progress: Progress, stop: threading.Event | None, after_s: float) -> Spent:
     """Measure invariances, cache the trunk's views and train the tail; the `partial` candidate if it fits.
-    `reserved_s`: kept for a full fine-tune after it (`auto.full_reserve`): the plan fits in what is left.
+    `after_s`: what the budget keeps after the partial fine-tune (the time after training, and the full
+    fine-tune's epochs when `auto.full_reserve` kept them): the plan fits in what is left.
 
     `heads`: the best cheap linear head, whether it reads every column (multi-depth) or the embedding's, and
     the logistic head on the embedding (the tail's warm start)."""
@@ -165,7 +166,7 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
     step_s = time_tail_step(built.model, split, cached.train_x, config.batch_size)
     the_plan = plan(n_train, n_val, per_image_s, step_s, config.batch_size, time.monotonic() - started, budget,
                     bool(config.budget_s), best_f1, pass_s=features.pass_s or per_image_s,
-                    after_s=(after_s := after_training_s(features.pass_s or per_image_s, splits, config.int8) + reserved_s))
+                    after_s=after_s)
     log.info("auto: cached partial fine-tune: %s", the_plan.why)
     spent = Spent(budget_s=the_plan.budget_s, notes={"plan": the_plan.why, "estimate_s": round(the_plan.estimate_s, 1)})
     if the_plan.views == 0:
