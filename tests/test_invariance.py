@@ -64,6 +64,43 @@ def test_views_form_the_square_symmetry_group():
     assert group_of([]) == ["identity"] and group_of(["hflip", "vflip"]) == ["identity", "hflip", "vflip", "rot180"]
 
 
+def test_training_crops_turn_and_mirror_into_the_squares_eight_symmetries():
+    """`turns` with `hflip`: over many draws every one of the 8 views of a marked square appears, and
+    nothing else (no other angle, no resampling of the pixels); without `turns` only the two mirrors."""
+    import random
+
+    from models.artifact.manifest import Preprocessing
+    from training.data import random_resized_crop
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[0, 1], image[2, 0] = 255, 128  # an asymmetric mark: each of the 8 views is distinct
+    spec = Preprocessing(size=8, resize=8, interpolation="nearest", mean=(0, 0, 0), std=(1, 1, 1))
+    views = {name: apply_view(torch.from_numpy(image)[None], name)[0].numpy().tobytes() for name in ELEMENTS}
+    assert len(set(views.values())) == 8
+
+    def seen(turns: bool) -> set[str]:
+        rng, names = random.Random(0), {v: k for k, v in views.items()}
+        crops = [random_resized_crop(Image.fromarray(image), spec, rng, hflip=True, scale=(1, 1), ratio=(1, 1),
+                                     turns=turns).tobytes() for _ in range(200)]
+        assert all(crop in names for crop in crops)  # a symmetry of the square, pixel for pixel
+        return {names[crop] for crop in crops}
+
+    assert seen(True) == set(ELEMENTS)
+    assert seen(False) == {"identity", "hflip"}
+
+
+def test_the_full_fine_tune_augments_with_the_measured_invariances_only():
+    from training.auto import augmented
+    from training.config import TrainConfig
+
+    config = TrainConfig(name="t", data="/tmp", hflip=False)
+    every = augmented(config, ["hflip", "vflip", "rot90"])
+    assert every.hflip is True and every.turns is True
+    assert augmented(config, ["vflip"]).turns is False and augmented(config, ["vflip"]).hflip is False
+    assert augmented(config.replace(turns=False), ["hflip", "rot90"]).turns is False  # the user's word stands
+    assert augmented(config, []) == config.replace(turns=False)
+
+
 def test_averaging_over_the_whole_group_makes_the_classifier_invariant():
     from training.backbones import build_backbone
 

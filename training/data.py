@@ -21,9 +21,14 @@ from models.artifact.manifest import Preprocessing
 from models.serving.preprocess import RESAMPLING, decode_image, prepare
 
 
+QUARTER_TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+
 def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Random, hflip: bool,
-                        scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """Random crop of `scale` (default 50–100 %) of the area, resized to spec.size; uint8 HWC like `prepare`."""
+                        scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        turns: bool = False) -> np.ndarray:
+    """Random crop of `scale` (default 50–100 %) of the area, resized to spec.size; uint8 HWC like `prepare`.
+    `hflip` mirrors half the crops; `turns` turns each by 0–3 quarter turns (with both: the square's 8 symmetries)."""
     width, height = image.size
     area = width * height
     for _ in range(10):
@@ -43,6 +48,9 @@ def random_resized_crop(image: Image.Image, spec: Preprocessing, rng: random.Ran
     crop = image.resize((spec.size, spec.size), RESAMPLING[spec.interpolation], box=box, reducing_gap=None)
     if hflip and rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    turn = QUARTER_TURNS[rng.randrange(4)] if turns else None
+    if turn is not None:
+        crop = crop.transpose(turn)
     return np.asarray(crop, dtype=np.uint8)
 
 
@@ -50,13 +58,14 @@ class ImageDataset(Dataset):
     """(uint8 HWC tensor, class index). `train=True` augments; else the serving preprocessing."""
 
     def __init__(self, samples: list[Sample], labels: list[str], spec: Preprocessing, train: bool = False,
-                 hflip: bool = True, seed: int = 0, cache: bool = True, crop_scale: float = 0.5):
+                 hflip: bool = True, seed: int = 0, cache: bool = True, crop_scale: float = 0.5, turns: bool = False):
         self.samples = samples
         self.index = {label: i for i, label in enumerate(labels)}
         self.targets = [self.index[s.label] for s in samples]
         self.spec = spec
         self.train = train
         self.hflip = hflip
+        self.turns = turns
         self.crop_scale = crop_scale
         self.seed = seed
         self.epoch = 0
@@ -74,7 +83,8 @@ class ImageDataset(Dataset):
         if self.train:
             rng = random.Random(hash((self.seed, self.epoch, i)))
             image = decode_image(sample.path)
-            array = random_resized_crop(image, self.spec, rng, self.hflip, scale=(self.crop_scale, 1.0))
+            array = random_resized_crop(image, self.spec, rng, self.hflip, scale=(self.crop_scale, 1.0),
+                                        turns=self.turns)
         elif self._cache is not None and i in self._cache:
             array = self._cache[i]
         else:

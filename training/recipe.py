@@ -52,7 +52,7 @@ def time_steps(config: TrainConfig, train: list[Sample], labels: list[str], step
     model = built.model.to(device)
     optimiser = torch.optim.AdamW(configure_strategy(model, config), lr=config.learning_rate)
     dataset = ImageDataset(train, labels, built.preprocessing, train=True, hflip=bool(config.hflip),
-                           crop_scale=config.crop_scale or 0.5, seed=config.seed)
+                           crop_scale=config.crop_scale or 0.5, seed=config.seed, turns=bool(config.turns))
     loader = make_loader(dataset, config.batch_size, True, num_workers=config.num_workers, seed=config.seed)
     set_train_mode(model)
     times, last, x = [], time.perf_counter(), None

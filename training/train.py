@@ -243,7 +243,7 @@ def _assemble(config: TrainConfig, splits: dict[str, list[Sample]], labels: list
 
     spec = built.preprocessing
     train_ds = ImageDataset(splits["train"], labels, spec, train=config.use_augment(), hflip=bool(config.hflip),
-                            seed=config.seed, crop_scale=config.crop_scale or 0.5)
+                            seed=config.seed, crop_scale=config.crop_scale or 0.5, turns=bool(config.turns))
     val_ds = ImageDataset(splits["val"], labels, spec, train=False)
     num_classes = len(labels)
     weight = class_weights(train_ds.targets, num_classes).to(device) if config.class_balance == "loss" else None

@@ -92,6 +92,10 @@ class TrainConfig(BaseModel):
     patience: int = Field(0, ge=0, description="Early stopping after N epochs without val-loss improvement; 0: off")
     augment: Optional[bool] = Field(None, description="Random resized crops (+ flips); null: on for partial/full, off for linear (so features cache)")
     hflip: Optional[bool] = Field(None, description="Horizontal flips when augmenting; null: off for grey scans/text, on for photos")
+    turns: Optional[bool] = Field(
+        None, description="Random quarter turns when augmenting (with hflip: all 8 symmetries of the square), for top-down "
+                          "images such as inspection, microscopy or aerial; null: off, and auto turns them on for its full "
+                          "fine-tune when it measured that a quarter turn keeps the label")
     crop_scale: Optional[float] = Field(
         None, ge=0.05, le=1, description="Smallest area share of the random training crop; null: 0.85 for scans/text, 0.5 for photos")
     budget_s: Optional[float] = Field(
