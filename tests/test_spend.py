@@ -157,20 +157,19 @@ def test_int8_runs_only_in_the_time_the_budget_leaves(tmp_path, monkeypatch):
 def test_a_full_fine_tune_is_kept_its_epochs_when_the_cheap_heads_are_weak():
     """The partial fine-tune plans in what is left after the full one's epochs (when at least 3 fit the
     most the budget can be): on fine-detail targets only the full one adapts the early layers."""
-    from training.auto import BACKWARD_FACTOR, Features, full_reserve
+    from training.auto import Features, full_reserve
     from training.config import TrainConfig
 
-    def features(n_train: int, per_image_s: float) -> Features:
+    def features(n_train: int, epoch_s: float) -> Features:
         rows = np.zeros((n_train, 4), np.float32)
-        return Features(rows, np.zeros(n_train), rows[:67], np.zeros(67), per_image_s, 4)
+        return Features(rows, np.zeros(n_train), rows[:67], np.zeros(67), 0.05, 4, full_epoch_s=epoch_s)
 
     config = TrainConfig(name="t", data="d", batch_size=32)
-    inspection = features(383, 0.05)  # 383 × 2.5 + 67 forward passes at 50 ms: 51.2 s an epoch
-    epoch = 0.05 * (BACKWARD_FACTOR * 383 + 67)
+    inspection = features(383, 50.0)  # 383 train images at 256 px: epochs timed at 50 s
     kept = full_reserve(config, inspection, 0.70, elapsed_s=120.0, after_s=60.0)
-    assert kept == pytest.approx(int(720 // epoch) * epoch) and int(720 // epoch) == 14  # 14 of the 17 wanted fit
+    assert kept == pytest.approx(14 * 50.0)  # 14 of the 17 wanted fit 900 - 120 - 60 s
     assert full_reserve(config, inspection, GOOD_ENOUGH + 0.01, 120.0, 60.0) == 0.0  # good heads: no reserve
     assert full_reserve(config.replace(strategy="multidepth"), inspection, 0.70, 120.0, 60.0) == 0.0
-    assert full_reserve(config, features(51_000, 0.009), 0.90, 400.0, 200.0) == 0.0  # not 3 epochs in 900 s
+    assert full_reserve(config, features(51_000, 400.0), 0.90, 400.0, 200.0) == 0.0  # not 3 epochs in 900 s
     given = config.replace(budget_s=300.0)  # a given budget is the most: 120 s left fit 2 epochs, not 3
     assert full_reserve(given, inspection, 0.70, 120.0, 60.0) == 0.0
