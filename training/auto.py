@@ -259,7 +259,8 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
         heads = (multi, True, logistic) if multi.val["macro_f1"] > logistic.val["macro_f1"] else (logistic, False, logistic)
         reserved = full_reserve(config, features, best.val["macro_f1"], time.monotonic() - job_started, after)
         spent = spend(config, built, stages, split, trunk, heads, features, splits, labels, job_started, budget,
-                      best.val["macro_f1"], progress, stop, after + reserved)
+                      best.val["macro_f1"], progress, stop, after + reserved,
+                      for_full=reserved > 0)
         tuning = augmented(tuning, spent.notes.get("invariance", {}).get("kept", []))
         budget, trunk = spent.budget_s, None
         progress.budget(budget)

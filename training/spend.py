@@ -150,10 +150,12 @@ def view_trunks(built: Built, split: Split, runner, loader, n_train: int, view: 
 
 def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.Tensor,
           heads: tuple[FittedHead, bool, FittedHead], features, splits: dict[str, list[Sample]], labels: list[str], started: float, budget: float, best_f1: float,
-          progress: Progress, stop: threading.Event | None, after_s: float) -> Spent:
+          progress: Progress, stop: threading.Event | None, after_s: float, for_full: bool = False) -> Spent:
     """Measure invariances, cache the trunk's views and train the tail; the `partial` candidate if it fits.
     `after_s`: what the budget keeps after the partial fine-tune (the time after training, and the full
-    fine-tune's epochs when `auto.full_reserve` kept them): the plan fits in what is left.
+    fine-tune's epochs when `auto.full_reserve` kept them): the plan fits in what is left. `for_full`: a
+    full fine-tune will run, so the invariances are measured (three passes over val) even when no partial
+    fine-tune fits: they are its augmentation.
 
     `heads`: the best cheap linear head, whether it reads every column (multi-depth) or the embedding's, and
     the logistic head on the embedding (the tail's warm start)."""
@@ -169,9 +171,8 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
                     after_s=after_s)
     log.info("auto: cached partial fine-tune: %s", the_plan.why)
     spent = Spent(budget_s=the_plan.budget_s, notes={"plan": the_plan.why, "estimate_s": round(the_plan.estimate_s, 1)})
-    if the_plan.views == 0:
+    if the_plan.views == 0 and not for_full:
         return spent
-    deadline = Deadline(started + the_plan.budget_s - after_s - time.monotonic())
     loaders = {name: make_loader(ImageDataset(splits[name], labels, built.preprocessing, train=False), 64, False,
                                  num_workers=config.num_workers, seed=config.seed) for name in ("train", "val")}
     columns = slice(None) if every_column else slice(-features.embedding_dim, None)
@@ -179,6 +180,9 @@ def spend(config: TrainConfig, built: Built, stages, split: Split, trunk: torch.
                                                 judge(features, columns, head, config.class_balance != "none"),
                                                 features.val_x, cached.val_y.numpy(), stop)
     spent.notes["invariance"] = invariance.to_dict()
+    if the_plan.views == 0:
+        return spent
+    deadline = Deadline(started + the_plan.budget_s - after_s - time.monotonic())
     views = invariance.views[:the_plan.views]
     started_tail = time.monotonic()
     train_x = [cached.train_x] + [view_trunks(built, split, features.runner, loaders["train"], n_train, v, stop)
