@@ -71,6 +71,26 @@ def test_auto_runs_the_cached_partial_fine_tune_with_measured_views(tmp_path, mo
 
 
 @pytest.mark.slow
+def test_the_full_fine_tune_gets_the_measured_symmetries_even_when_no_partial_one_fits(tmp_path, monkeypatch):
+    """When the full fine-tune's reserve leaves the partial one no time, the invariances are still measured:
+    they are the full fine-tune's augmentation (without them the inspection job lost 0.044 test macro F1)."""
+    import training.auto as auto
+    from training.config import TrainConfig
+
+    monkeypatch.setattr(auto, "ROOM", 1.01)
+    monkeypatch.setattr(auto, "full_reserve", lambda config, features, best, elapsed, after: 600.0 - elapsed - after)
+    splits = {"train": write_counts(tmp_path / "train", 48, 0), "val": write_counts(tmp_path / "val", 40, 1),
+              "test": write_counts(tmp_path / "test", 20, 2)}
+    config = TrainConfig(name="counts", source="simple_cnn", weights="none", data=str(tmp_path), image_size=32,
+                         output_dir=str(tmp_path / "run"), budget_s=600.0, batch_size=16, hflip=False)
+    result = auto.run_auto(config, splits, ["one", "two"])
+    strategies = [c["strategy"] for c in result.candidates]
+    assert "partial" not in strategies and "full" in strategies
+    full = next(c for c in result.candidates if c["strategy"] == "full")
+    assert full["details"]["hflip"] is True and full["details"]["turns"] is True  # all 8 symmetries, as measured
+
+
+@pytest.mark.slow
 def test_a_view_averaged_model_exports_with_parity(tmp_path):
     import onnxruntime as ort
 
