@@ -2,7 +2,7 @@
 job (`run_auto` on `prepare_case`'s splits and recipe) against raw-pixel baselines and the frozen-feature
 logistic head at 224 px and at the recipe's size, on the same splits. One JSON row per method.
 
-    .venv/bin/python bench/auto_inspection.py DEFECTIVE_TRAIN_IMAGES TEST_IMAGES [SEED]   # e.g. 30 300 (seed 0)
+    .venv/bin/python bench/auto_inspection.py DEFECTIVE_TRAIN_IMAGES TEST_IMAGES [SEED [VARIANT]]   # e.g. 30 300 (seed 0, grey)
 """
 import json
 import os
@@ -24,7 +24,8 @@ from training.auto import predict, run_auto  # noqa: E402
 def main() -> None:
     per_class, test_images = int(sys.argv[1]), int(sys.argv[2])
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    target = load_inspection(per_class, seed, "grey", test_images=test_images)
+    variant = sys.argv[4] if len(sys.argv) > 4 else "grey"
+    target = load_inspection(per_class, seed, variant, test_images=test_images)
     root = Path(tempfile.mkdtemp())
     config, splits, labels = bt.prepare_case(target, seed, root, "efficientnet_lite0")
     test_y = np.array([labels.index(s.label) for s in splits["test"]])
@@ -34,7 +35,7 @@ def main() -> None:
                **extra}
         print(json.dumps(row, default=str), flush=True)
 
-    print("seed", seed, "load at start", os.getloadavg(), "train/val/test", len(splits["train"]), len(splits["val"]),
+    print("seed", seed, "variant", variant, "load at start", os.getloadavg(), "train/val/test", len(splits["train"]), len(splits["val"]),
           len(splits["test"]), "image_size", config.image_size, flush=True)
     started = time.monotonic()
     result = run_auto(config, splits, labels)
