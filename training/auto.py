@@ -6,7 +6,8 @@
    class mean on the usual embedding), `logistic` (a head on it) and `multidepth` (a head on every
    depth). Each is scored on val.
 3. A full fine-tune joins when the cheap candidates leave room on val and the budget left fits at
-   least `MIN_FINETUNE_EPOCHS` epochs (estimated from the timed forward pass); it early-stops on val.
+   least `MIN_FINETUNE_EPOCHS` epochs (timed on a few real training steps); it augments with the
+   symmetries measured to keep the label and keeps its best epoch on val.
 4. The candidate with the best val macro F1 (it does not ignore a minority class) is exported; a
    costlier one (a partial or full fine-tune) only when it leads the best cheap head by more than
    val's noise (`choose`);
@@ -175,7 +176,7 @@ def augmented(config: TrainConfig, kept: list[str]) -> TrainConfig:
 
 
 def finetune_epochs(config: TrainConfig, features: Features, remaining_s: float) -> tuple[int, str]:
-    """Epochs of a full fine-tune that fit `remaining_s`, estimated from the timed forward pass."""
+    """Epochs of a full fine-tune that fit `remaining_s`, at the epoch `timed_epoch_s` measured."""
     cost = features.full_epoch_s
     fitting = int(remaining_s // cost) if cost > 0 else 0
     wanted, _ = fit_epochs(len(features.train_y), config.batch_size)
