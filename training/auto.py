@@ -159,11 +159,8 @@ def full_reserve(config: TrainConfig, features: Features, best_f1: float, elapse
     frozen-feature heads 0.70, and the cached partial fine-tune, which had taken the budget, 0.72."""
     if config.strategy != "auto" or best_f1 >= GOOD_ENOUGH:
         return 0.0
-    cost = features.full_epoch_s
-    wanted, _ = fit_epochs(len(features.train_y), config.batch_size)
-    fitting = int(((config.budget_s or BUDGET_CAP_S) - elapsed_s - after_s) // cost) if cost > 0 else 0
-    epochs = min(wanted, fitting)
-    return epochs * cost if epochs >= MIN_FINETUNE_EPOCHS else 0.0
+    epochs, _ = finetune_epochs(config, features, (config.budget_s or BUDGET_CAP_S) - elapsed_s - after_s)
+    return epochs * features.full_epoch_s if epochs >= MIN_FINETUNE_EPOCHS else 0.0
 
 
 def augmented(config: TrainConfig, kept: list[str]) -> TrainConfig:
