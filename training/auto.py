@@ -152,8 +152,9 @@ def timed_epoch_s(config: TrainConfig, splits: dict[str, list[Sample]], labels: 
 
 
 def full_reserve(config: TrainConfig, features: Features, best_f1: float, elapsed_s: float, after_s: float) -> float:
-    """Seconds kept for a full fine-tune before the partial one plans, when the cheap heads are clearly not
-    good enough and at least MIN_FINETUNE_EPOCHS fit the most the budget can be (as given, else its cap).
+    """Seconds kept for a full fine-tune, when the cheap heads are clearly not good enough and at least
+    MIN_FINETUNE_EPOCHS fit the most the budget can be (as given, else its cap). A reserve replaces the
+    partial fine-tune (training/spend.py `for_full`); the invariances are still measured for it.
     Only a full fine-tune adapts the early layers, where a thin defect is still resolved: on a 300 px
     inspection target (383 train images at 256 px) it reached val accuracy 0.91 in 6 epochs, the
     frozen-feature heads 0.70, and the cached partial fine-tune, which had taken the budget, 0.72."""
@@ -249,7 +250,7 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
         candidates = candidates[-1:]
     results = {name: TrainResult(model_built, labels, [], 0, "cpu", 0.0) for name, model_built in models.items()}
     best = max(candidates, key=lambda c: c.val["macro_f1"])
-    tuning = config
+    tuning, measured = config, {}
     after = after_training_s(features.pass_s or features.per_image_s, splits, config.int8)
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
         features = replace(features, full_epoch_s=timed_epoch_s(config, splits, labels))
@@ -259,7 +260,8 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
         spent = spend(config, built, stages, split, trunk, heads, features, splits, labels, job_started, budget,
                       best.val["macro_f1"], progress, stop, after + reserved,
                       for_full=reserved > 0)
-        tuning = augmented(tuning, spent.notes.get("invariance", {}).get("kept", []))
+        measured = {k: spent.notes[k] for k in ("invariance", "partial") if k in spent.notes}
+        tuning = augmented(tuning, measured.get("invariance", {}).get("kept", []))
         budget, trunk = spent.budget_s, None
         progress.budget(budget)
         candidates += add_spent(spent, results, labels)
@@ -270,7 +272,7 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
                  best.val["macro_f1"], why)
         if epochs >= MIN_FINETUNE_EPOCHS:
             results["full"], tuned = run_finetune(tuning, splits, labels, epochs, progress, stop, resume)
-            candidates.append(tuned)
+            candidates.append(replace(tuned, details={**tuned.details, **measured}))
     chosen = choose(candidates, len(features.val_y))
     log.info("auto: chose %s; candidates %s", chosen.strategy,
              {c.strategy: round(c.val["macro_f1"], 4) for c in candidates})
