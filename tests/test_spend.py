@@ -196,3 +196,50 @@ def test_a_full_fine_tune_is_kept_its_epochs_when_the_cheap_heads_are_weak():
     assert full_reserve(config, features(51_000, 400.0), 0.90, 400.0, 200.0) == 0.0  # not 3 epochs in 900 s
     given = config.replace(budget_s=300.0)  # a given budget is the most: 120 s left fit 2 epochs, not 3
     assert full_reserve(given, inspection, 0.70, 120.0, 60.0) == 0.0
+
+
+def test_a_large_dataset_gets_a_full_fine_tune_of_drawn_epochs_when_whole_ones_do_not_fit():
+    """1,657 train images at 288 px: an epoch timed at 408 s, so 3 whole ones never fit 900 s. The plan is
+    then 3 epochs that each draw part of the train set, sized to the time left, and never fewer than
+    MIN_EPOCH_STEPS batches; with the step not timed, only whole epochs are planned (as before)."""
+    from training.auto import MIN_EPOCH_STEPS, MIN_FINETUNE_EPOCHS, Features, finetune_plan, full_reserve
+    from training.config import TrainConfig
+
+    rows = np.zeros((1_657, 4), np.float32)
+    step_s = 7.4  # 52 steps of 32 at 7.4 s, plus 23 s of val: 408 s
+    large = Features(rows, np.zeros(1_657), rows[:293], np.zeros(293), 0.08, 4, full_epoch_s=408.0, full_step_s=step_s)
+    config = TrainConfig(name="t", data="d", batch_size=32)
+    planned = finetune_plan(config, large, 600.0)
+    val_s = 408.0 - 52 * step_s
+    steps = int((600.0 / MIN_FINETUNE_EPOCHS - val_s) // step_s)
+    assert (planned.epochs, planned.epoch_images) == (MIN_FINETUNE_EPOCHS, steps * 32)
+    assert 0 < planned.epoch_images < 1_657 and planned.seconds <= 600.0
+    assert "fresh random draw" in planned.why
+    assert full_reserve(config, large, 0.70, elapsed_s=150.0, after_s=150.0) == pytest.approx(
+        finetune_plan(config, large, 600.0).seconds)
+    too_short = 3 * (val_s + (MIN_EPOCH_STEPS - 1) * step_s)  # 11 steps an epoch: no fine-tune at all
+    assert finetune_plan(config, large, too_short).epochs == 0
+    untimed = Features(rows, np.zeros(1_657), rows[:293], np.zeros(293), 0.08, 4, full_epoch_s=408.0)
+    assert finetune_plan(config, untimed, 600.0).epochs == 1 and finetune_plan(config, untimed, 600.0).epoch_images is None
+    small = Features(rows[:383], np.zeros(383), rows[:67], np.zeros(67), 0.08, 4, full_epoch_s=50.0, full_step_s=3.9)
+    assert finetune_plan(config, small, 600.0).epoch_images is None  # whole epochs fit: all images each epoch
+
+
+def test_a_drawn_epoch_is_a_fresh_subset_without_repeats(tmp_path):
+    """`epoch_images`: each epoch of the training loader draws that many distinct images, a different set each
+    time, and the training loop counts its steps from it."""
+    from models.artifact.manifest import Preprocessing
+    from training.data import ImageDataset, make_loader
+
+    samples = []
+    for i in range(40):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), (i, i, i)).save(path)
+        samples.append(Sample(path, "a" if i % 2 else "b"))
+    dataset = ImageDataset(samples, ["a", "b"], Preprocessing(size=8, resize=8, interpolation="nearest", mean=(0, 0, 0), std=(1, 1, 1)), train=False)
+    loader = make_loader(dataset, 4, True, num_workers=0, seed=0, epoch_images=12)
+    assert len(loader) == 3
+    epochs = [torch.cat([x[:, 0, 0, 0] for x, _ in loader]).tolist() for _ in range(2)]
+    assert all(len(e) == 12 and len(set(e)) == 12 for e in epochs)
+    assert set(epochs[0]) != set(epochs[1])
+    assert len(make_loader(dataset, 4, True, num_workers=0, seed=0)) == 10  # default: every image

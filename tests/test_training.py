@@ -200,6 +200,22 @@ def test_export_parity_and_dynamic_batch(tmp_path):
         parity_check(built.model, path, images)
 
 
+def test_drawn_epochs_train_on_part_of_the_data_each(tmp_path, tiny_data):
+    """`epoch_images`: each epoch is that many images (here 2 batches of the 21 train images), so the
+    loop's steps, progress and schedule count 2 steps an epoch."""
+    from models.data.datasets import load_dataset, prepare_splits
+    from training.progress import Progress
+    from training.train import train
+
+    config = tiny_config(tmp_path, tiny_data, epochs=2, epoch_images=16, test_fraction=0.0, val_fraction=0.3)
+    splits, labels = prepare_splits(load_dataset(str(tiny_data)), config.val_fraction, config.test_fraction, config.seed, 2)
+    events = []
+    result = train(config, splits, labels, Progress(events.append))
+    steps = [(e["epoch"], e["step"], e["steps"]) for e in events if e["event"] == "progress"]
+    assert len(splits["train"]) > 16 and steps == [(1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 2, 2)]
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+
 @pytest.mark.slow
 def test_resume_after_interrupted_run(tmp_path, tiny_data, bento_home):
     import torch

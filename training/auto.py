@@ -6,8 +6,9 @@
    class mean on the usual embedding), `logistic` (a head on it) and `multidepth` (a head on every
    depth). Each is scored on val.
 3. A full fine-tune joins when the cheap candidates leave room on val and the budget left fits at
-   least `MIN_FINETUNE_EPOCHS` epochs (timed on a few real training steps); it augments with the
-   symmetries measured to keep the label and keeps its best epoch on val.
+   least `MIN_FINETUNE_EPOCHS` epochs (timed on a few real training steps), whole ones or, on a large
+   dataset, each a fresh random draw of part of it (`finetune_plan`); it augments with the symmetries
+   measured to keep the label and keeps its best epoch on val.
 4. The candidate with the best val macro F1 (it does not ignore a minority class) is exported; a
    costlier one (a partial or full fine-tune) only when it leads the best cheap head by more than
    val's noise (`choose`);
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from models.data.datasets import Sample
-from models.transfer.recipe import default_budget_s, fit_epochs
+from models.transfer.recipe import default_budget_s, fit_epochs, steps_per_epoch
 from training.backbones import Built, Classifier, ImageModel, build_source
 from training.config import ConfigError, TrainConfig
 from training.data import ImageDataset, make_loader
@@ -42,6 +43,7 @@ log = logging.getLogger("tuneserve.training")
 
 ROOM = 0.99  # a val macro F1 at or above this leaves too little to win for a fine-tune's cost
 MIN_FINETUNE_EPOCHS = 3
+MIN_EPOCH_STEPS = 12  # a drawn epoch's fewest batches: 383 train images of the 450-image inspection target
 EMBEDDING_GAP = 1e-4  # relative; the tap runs the body's own modules, so only float noise separates them
 
 
@@ -67,6 +69,7 @@ class Features:
     pass_s: float = 0.0  # the feature pass per image (ONNX Runtime on a CPU): what more passes are planned from
     runner: Any = None  # the tap ready to run more views (training/spend.py)
     full_epoch_s: float = 0.0  # a full fine-tune's epoch (train steps and the val pass), `timed_epoch_s`; 0: not timed
+    full_step_s: float = 0.0  # one of its training steps; 0: not timed (then only whole epochs are planned)
 
 
 def compute_features(built: Built, splits: dict[str, list[Sample]], labels: list[str], config: TrainConfig,
@@ -139,29 +142,31 @@ def with_classifier(built: Built, classifier: Classifier) -> Built:
     return replace(built, model=model)
 
 
-def timed_epoch_s(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str]) -> float:
-    """A full fine-tune's epoch from TIMED_STEPS real training steps (decoding and augmentation included)
-    and an evaluated batch. The forward pass alone misjudged it: the inspection job's torch forward was
-    timed at 81 and 112 ms per image in two runs, and its epochs took 53 and 47–55 s, where 3 and 2.5
-    forward passes per image planned 99 and 115 s, so the full fine-tune got half the epochs that fitted."""
-    from models.transfer.recipe import steps_per_epoch
+def timed_full(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str]) -> tuple[float, float]:
+    """(a full fine-tune's epoch, one of its steps) from TIMED_STEPS real training steps (decoding and
+    augmentation included) and an evaluated batch. The forward pass alone misjudged it: the inspection
+    job's torch forward was timed at 81 and 112 ms per image in two runs, and its epochs took 53 and
+    47–55 s, where 3 and 2.5 forward passes per image planned 99 and 115 s, so the full fine-tune got
+    half the epochs that fitted."""
     from training.recipe import time_steps
 
     step_s, per_image_s = time_steps(config.replace(strategy="full"), splits["train"], labels)
-    return steps_per_epoch(len(splits["train"]), config.batch_size) * step_s + len(splits["val"]) * per_image_s
+    epoch_s = steps_per_epoch(len(splits["train"]), config.batch_size) * step_s + len(splits["val"]) * per_image_s
+    return epoch_s, step_s
 
 
 def full_reserve(config: TrainConfig, features: Features, best_f1: float, elapsed_s: float, after_s: float) -> float:
     """Seconds kept for a full fine-tune, when the cheap heads are clearly not good enough and at least
-    MIN_FINETUNE_EPOCHS fit the most the budget can be (as given, else its cap). A reserve replaces the
-    partial fine-tune (training/spend.py `for_full`); the invariances are still measured for it.
+    MIN_FINETUNE_EPOCHS (whole or drawn, `finetune_plan`) fit the most the budget can be (as given, else its
+    cap). A reserve replaces the partial fine-tune (training/spend.py `for_full`); the invariances are still
+    measured for it.
     Only a full fine-tune adapts the early layers, where a thin defect is still resolved: on a 300 px
     inspection target (383 train images at 256 px) it reached val accuracy 0.91 in 6 epochs, the
     frozen-feature heads 0.70, and the cached partial fine-tune, which had taken the budget, 0.72."""
     if config.strategy != "auto" or best_f1 >= GOOD_ENOUGH:
         return 0.0
-    epochs, _ = finetune_epochs(config, features, (config.budget_s or BUDGET_CAP_S) - elapsed_s - after_s)
-    return epochs * features.full_epoch_s if epochs >= MIN_FINETUNE_EPOCHS else 0.0
+    planned = finetune_plan(config, features, (config.budget_s or BUDGET_CAP_S) - elapsed_s - after_s)
+    return planned.seconds if planned.epochs >= MIN_FINETUNE_EPOCHS else 0.0
 
 
 def augmented(config: TrainConfig, kept: list[str]) -> TrainConfig:
@@ -173,14 +178,39 @@ def augmented(config: TrainConfig, kept: list[str]) -> TrainConfig:
     return config.replace(hflip=True if "hflip" in kept else config.hflip, turns=turns)
 
 
-def finetune_epochs(config: TrainConfig, features: Features, remaining_s: float) -> tuple[int, str]:
-    """Epochs of a full fine-tune that fit `remaining_s`, at the epoch `timed_epoch_s` measured."""
-    cost = features.full_epoch_s
+@dataclass
+class FinetunePlan:
+    epochs: int
+    epoch_images: int | None  # train images drawn per epoch; None: all of them
+    seconds: float
+    why: str
+
+
+def finetune_plan(config: TrainConfig, features: Features, remaining_s: float) -> FinetunePlan:
+    """A full fine-tune that fits `remaining_s`, at the epoch and step `timed_full` measured: whole epochs
+    when MIN_FINETUNE_EPOCHS of them fit; else MIN_FINETUNE_EPOCHS epochs that each draw a fresh random
+    part of the train set, when that part is at least MIN_EPOCH_STEPS batches. On the 300 px inspection
+    target at 1,950 images an epoch took 408 s, so no whole epochs fitted and the job was left with heads on
+    frozen features; at 450 images (383 train), 5 whole epochs, 1,900 images seen, had beaten them."""
+    cost, n_train, batch = features.full_epoch_s, len(features.train_y), config.batch_size
     fitting = int(remaining_s // cost) if cost > 0 else 0
-    wanted, _ = fit_epochs(len(features.train_y), config.batch_size)
+    wanted, _ = fit_epochs(n_train, batch)
     epochs = min(wanted, fitting)
-    return epochs, (f"about {cost:.0f}s per epoch (timed on training steps): "
-                    f"{fitting} epoch(s) fit the {remaining_s:.0f}s left, {wanted} wanted")
+    timed = (f"about {cost:.0f}s per epoch (timed on training steps): "
+             f"{fitting} epoch(s) fit the {remaining_s:.0f}s left, {wanted} wanted")
+    if epochs >= MIN_FINETUNE_EPOCHS or features.full_step_s <= 0:
+        return FinetunePlan(epochs, None, epochs * cost, timed)
+    val_s = max(cost - steps_per_epoch(n_train, batch) * features.full_step_s, 0.0)
+    steps = int((remaining_s / MIN_FINETUNE_EPOCHS - val_s) // features.full_step_s)
+    if steps < MIN_EPOCH_STEPS:
+        return FinetunePlan(0, None, 0.0, f"{timed}; {MIN_FINETUNE_EPOCHS} epochs of {MIN_EPOCH_STEPS} steps do not fit either")
+    images = steps * batch
+    if images >= n_train:  # whole epochs after all (the timed epoch rounds its last batch up)
+        return FinetunePlan(MIN_FINETUNE_EPOCHS, None, MIN_FINETUNE_EPOCHS * cost, timed)
+    seconds = MIN_FINETUNE_EPOCHS * (steps * features.full_step_s + val_s)
+    return FinetunePlan(MIN_FINETUNE_EPOCHS, images, seconds, (
+        f"{timed}; instead {MIN_FINETUNE_EPOCHS} epochs of {images} of the {n_train} train images (a fresh random draw "
+        f"each, {features.full_step_s:.2f}s per step of {batch}): about {seconds:.0f}s"))
 
 
 @torch.no_grad()
@@ -191,17 +221,19 @@ def predict(model: ImageModel, samples: list[Sample], labels: list[str], spec) -
     return np.concatenate([model(x)[0].argmax(1).numpy() for x, _ in make_loader(dataset, 64, False, 0, 0)])
 
 
-def run_finetune(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], epochs: int,
+def run_finetune(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[str], planned: FinetunePlan,
                  progress: Progress, stop: threading.Event | None, resume: bool) -> tuple[TrainResult, Candidate]:
     started = time.monotonic()
     # No early stopping unless the user asks: the budget already chose the epochs, the cosine schedule needs all
     # of them to anneal, and the best epoch on val is kept anyway. Patience 2 on 67 val images stopped the
     # inspection job after 4 of 6 epochs; 12 epochs gave +0.04 test macro F1.
-    tuned = config.replace(strategy="full", epochs=epochs)
+    tuned = config.replace(strategy="full", epochs=planned.epochs, epoch_images=planned.epoch_images)
     result = train(tuned, splits, labels, progress, stop, resume)
     targets = np.array([labels.index(s.label) for s in splits["val"]])
     scores = val_scores(targets, predict(result.built.model, splits["val"], labels, result.built.preprocessing))
-    return result, Candidate("full", scores, time.monotonic() - started, {"epochs": epochs, "hflip": bool(config.hflip),
+    return result, Candidate("full", scores, time.monotonic() - started, {"epochs": planned.epochs,
+                                                                           "epoch_images": planned.epoch_images,
+                                                                           "hflip": bool(config.hflip),
                                                                            "turns": bool(config.turns),
                                                                            "best_epoch": result.best_epoch})
 
@@ -253,7 +285,8 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
     tuning, measured = config, {}
     after = after_training_s(features.pass_s or features.per_image_s, splits, config.int8)
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
-        features = replace(features, full_epoch_s=timed_epoch_s(config, splits, labels))
+        epoch_s, step_s = timed_full(config, splits, labels)
+        features = replace(features, full_epoch_s=epoch_s, full_step_s=step_s)
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM and trunk is not None:
         heads = (multi, True, logistic) if multi.val["macro_f1"] > logistic.val["macro_f1"] else (logistic, False, logistic)
         reserved = full_reserve(config, features, best.val["macro_f1"], time.monotonic() - job_started, after)
@@ -267,11 +300,11 @@ def run_auto(config: TrainConfig, splits: dict[str, list[Sample]], labels: list[
         candidates += add_spent(spent, results, labels)
     remaining = budget - (time.monotonic() - job_started) - after
     if config.strategy == "auto" and best.val["macro_f1"] < ROOM:
-        epochs, why = finetune_epochs(config, features, remaining)
+        planned = finetune_plan(config, features, remaining)
         log.info("auto: best cheap candidate %s (val macro F1 %.4f); fine-tune: %s", best.strategy,
-                 best.val["macro_f1"], why)
-        if epochs >= MIN_FINETUNE_EPOCHS:
-            results["full"], tuned = run_finetune(tuning, splits, labels, epochs, progress, stop, resume)
+                 best.val["macro_f1"], planned.why)
+        if planned.epochs >= MIN_FINETUNE_EPOCHS:
+            results["full"], tuned = run_finetune(tuning, splits, labels, planned, progress, stop, resume)
             candidates.append(replace(tuned, details={**tuned.details, **measured}))
     chosen = choose(candidates, len(features.val_y))
     log.info("auto: chose %s; candidates %s", chosen.strategy,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from models.data.datasets import Sample, check_readable, load_dataset, prepare_splits  # noqa: F401 (torch-free, re-exported)
 from models.artifact.manifest import Preprocessing
@@ -102,12 +102,18 @@ def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                balance: str = "none", num_classes: int = 0, pin_memory: bool = False) -> DataLoader:
+                balance: str = "none", num_classes: int = 0, pin_memory: bool = False,
+                epoch_images: int | None = None) -> DataLoader:
+    """`epoch_images` (shuffled loaders): draw that many images per epoch, a fresh random subset each time."""
     generator = torch.Generator().manual_seed(seed)
     sampler = None
+    drawn = min(epoch_images or len(dataset), len(dataset))
     if shuffle and balance == "sampler":
         weights = class_weights(dataset.targets, num_classes)[torch.tensor(dataset.targets)]
-        sampler = WeightedRandomSampler(weights.double(), num_samples=len(dataset), replacement=True, generator=generator)
+        sampler = WeightedRandomSampler(weights.double(), num_samples=drawn, replacement=True, generator=generator)
+        shuffle = False
+    elif shuffle and drawn < len(dataset):
+        sampler = RandomSampler(dataset, num_samples=drawn, generator=generator)
         shuffle = False
     return DataLoader(
         dataset,

@@ -120,8 +120,10 @@ def _features(model: ImageModel, loader, device, stop) -> tuple[torch.Tensor, to
     return torch.cat(feats), torch.cat(targets)
 
 
-def _tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None):
+def _tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None,
+                    limit: int | None = None):
     order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
+    order = order[:limit]
     for start in range(0, len(y), batch_size):
         index = order[start : start + batch_size]
         yield x[index], y[index]
@@ -250,9 +252,9 @@ def _assemble(config: TrainConfig, splits: dict[str, list[Sample]], labels: list
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     loader_kwargs = dict(num_workers=config.num_workers, seed=config.seed, pin_memory=cuda)
     train_loader = make_loader(train_ds, config.batch_size, True, balance=config.class_balance,
-                               num_classes=num_classes, **loader_kwargs)
+                               num_classes=num_classes, epoch_images=config.epoch_images, **loader_kwargs)
     val_loader = make_loader(val_ds, config.batch_size, False, **loader_kwargs)
-    steps = math.ceil(len(train_ds) / config.batch_size)
+    steps = len(train_loader)
 
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps * config.epochs, 1))
@@ -299,7 +301,8 @@ def _train_epoch(config: TrainConfig, parts: Parts, epoch: int, last_val: dict[s
     set_train_mode(parts.model)
     if parts.features is not None:
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        batches = _tensor_batches(parts.features[0], parts.features[1], config.batch_size, generator)
+        batches = _tensor_batches(parts.features[0], parts.features[1], config.batch_size, generator,
+                                   config.epoch_images)
     else:
         batches = parts.train_loader
     loss_sum, seen = 0.0, 0

@@ -70,6 +70,10 @@ class TrainConfig(BaseModel):
         "features of every depth of the frozen source; linear: frozen backbone, train the head; partial: the last N blocks + head; full: everything, the backbone "
         "at learning_rate * backbone_lr_scale; prototype | logistic: an instant head on a stored model's embedding")
     epochs: Optional[int] = Field(None, ge=1, le=1000, description="Null: fitted to the data (3-30 epochs, about 200 optimiser steps)")
+    epoch_images: Optional[int] = Field(
+        None, ge=1, le=100_000_000,
+        description="Train images drawn (afresh, at random, without repeats) per epoch; null: all of them. auto sets it "
+                    "for a full fine-tune when whole epochs over a large dataset do not fit the budget")
     batch_size: int = Field(32, ge=1, le=4096, description="Images per optimiser step")
     learning_rate: float = Field(3e-3, gt=0, le=10, description="AdamW learning rate of the head")
     image_size: Optional[int] = Field(
