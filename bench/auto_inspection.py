@@ -5,6 +5,7 @@ logistic head at 224 px and at the recipe's size, on the same splits. One JSON r
     .venv/bin/python bench/auto_inspection.py DEFECTIVE_TRAIN_IMAGES TEST_IMAGES [SEED [VARIANT]]   # e.g. 30 300 (seed 0, grey)
 """
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -25,6 +26,8 @@ def main() -> None:
     per_class, test_images = int(sys.argv[1]), int(sys.argv[2])
     seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     variant = sys.argv[4] if len(sys.argv) > 4 else "grey"
+    logging.basicConfig(format="%(asctime)s %(message)s")  # the job's plan (why each candidate ran) on stderr
+    logging.getLogger("tuneserve.training").setLevel(logging.INFO)
     target = load_inspection(per_class, seed, variant, test_images=test_images)
     root = Path(tempfile.mkdtemp())
     config, splits, labels = bt.prepare_case(target, seed, root, "efficientnet_lite0")
