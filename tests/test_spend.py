@@ -224,7 +224,8 @@ def test_a_large_dataset_gets_a_full_fine_tune_of_drawn_epochs_when_whole_ones_d
     too_short = 3 * (val_s + (MIN_EPOCH_STEPS - 1) * step_s)  # 11 steps an epoch: no fine-tune at all
     assert finetune_plan(config, large, too_short).epochs == 0
     untimed = Features(rows, np.zeros(1_657), rows[:293], np.zeros(293), 0.08, 4, full_epoch_s=408.0)
-    assert finetune_plan(config, untimed, 600.0).epochs == 1 and finetune_plan(config, untimed, 600.0).epoch_images is None
+    whole = finetune_plan(config, untimed, 600.0)
+    assert whole.epochs == 1 and whole.epoch_images is None
     small = Features(rows[:383], np.zeros(383), rows[:67], np.zeros(67), 0.08, 4, full_epoch_s=50.0, full_step_s=3.9)
     assert finetune_plan(config, small, 600.0).epoch_images is None  # whole epochs fit: all images each epoch
 
@@ -240,7 +241,8 @@ def test_a_drawn_epoch_is_a_fresh_subset_without_repeats(tmp_path):
         path = tmp_path / f"{i}.png"
         Image.new("RGB", (8, 8), (i, i, i)).save(path)
         samples.append(Sample(path, "a" if i % 2 else "b"))
-    dataset = ImageDataset(samples, ["a", "b"], Preprocessing(size=8, resize=8, interpolation="nearest", mean=(0, 0, 0), std=(1, 1, 1)), train=False)
+    spec = Preprocessing(size=8, resize=8, interpolation="nearest", mean=(0, 0, 0), std=(1, 1, 1))
+    dataset = ImageDataset(samples, ["a", "b"], spec, train=False)
     loader = make_loader(dataset, 4, True, num_workers=0, seed=0, epoch_images=12)
     assert len(loader) == 3
     epochs = [torch.cat([x[:, 0, 0, 0] for x, _ in loader]).tolist() for _ in range(2)]

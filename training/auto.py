@@ -69,7 +69,7 @@ class Features:
     embedding_dim: int  # the last columns are the usual embedding: the model's own features(), what its head reads
     pass_s: float = 0.0  # the feature pass per image (ONNX Runtime on a CPU): what more passes are planned from
     runner: Any = None  # the tap ready to run more views (training/spend.py)
-    full_epoch_s: float = 0.0  # a full fine-tune's epoch (train steps and the val pass), `timed_epoch_s`; 0: not timed
+    full_epoch_s: float = 0.0  # a full fine-tune's epoch (train steps and the val pass), `timed_full`; 0: not timed
     full_step_s: float = 0.0  # one of its training steps; 0: not timed (then only whole epochs are planned)
 
 
@@ -203,7 +203,7 @@ def finetune_plan(config: TrainConfig, features: Features, remaining_s: float) -
     """A full fine-tune that fits `remaining_s`, at the epoch and step `timed_full` measured: whole epochs
     when MIN_FINETUNE_EPOCHS of them fit; else MIN_FINETUNE_EPOCHS epochs that each draw a fresh random
     part of the train set, when that part is at least MIN_EPOCH_STEPS batches. On the 300 px inspection
-    target at 1,950 images an epoch took 408 s, so no whole epochs fitted and the job was left with heads on
+    target at 1,950 images an epoch was timed at 408 s, so no whole epochs fitted and the job was left with heads on
     frozen features; at 450 images (383 train), 5 whole epochs, 1,900 images seen, had beaten them."""
     cost, n_train, batch = features.full_epoch_s, len(features.train_y), config.batch_size
     fitting = int(remaining_s // cost) if cost > 0 else 0
@@ -216,7 +216,8 @@ def finetune_plan(config: TrainConfig, features: Features, remaining_s: float) -
     val_s = max(cost - steps_per_epoch(n_train, batch) * features.full_step_s, 0.0)
     steps = int((remaining_s / MIN_FINETUNE_EPOCHS - val_s) // features.full_step_s)
     if steps < MIN_EPOCH_STEPS:
-        return FinetunePlan(0, None, 0.0, f"{timed}; {MIN_FINETUNE_EPOCHS} epochs of {MIN_EPOCH_STEPS} steps do not fit either")
+        return FinetunePlan(0, None, 0.0,
+                            f"{timed}; {MIN_FINETUNE_EPOCHS} epochs of {MIN_EPOCH_STEPS} steps do not fit either")
     images = steps * batch
     if images >= n_train:  # whole epochs after all (the timed epoch rounds its last batch up)
         return FinetunePlan(MIN_FINETUNE_EPOCHS, None, MIN_FINETUNE_EPOCHS * cost, timed)
