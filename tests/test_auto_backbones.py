@@ -48,8 +48,13 @@ def head_logits(result, features) -> np.ndarray:
         return classifier.head(x).numpy()
 
 
+# Lite1 and Lite2 are Lite0's builder at another width and depth (training/backbone_zoo.py registers the three
+# in one loop): the same stages and head, so the same columns; skipping them keeps the suite under 25 minutes.
+SAME_CODE_AS_LITE0 = {"efficientnet_lite1", "efficientnet_lite2"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", list_backbones())
+@pytest.mark.parametrize("backbone", [name for name in list_backbones() if name not in SAME_CODE_AS_LITE0])
 def test_auto_exports_what_it_fitted(backbone, tmp_path):
     import onnxruntime as ort
 
