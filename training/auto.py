@@ -202,7 +202,8 @@ class FinetunePlan:
 def finetune_plan(config: TrainConfig, features: Features, remaining_s: float) -> FinetunePlan:
     """A full fine-tune that fits `remaining_s`, at the epoch and step `timed_full` measured: whole epochs
     when MIN_FINETUNE_EPOCHS of them fit; else MIN_FINETUNE_EPOCHS epochs that each draw a fresh random
-    part of the train set, when that part is at least MIN_EPOCH_STEPS batches. On the 300 px inspection
+    part of the train set, when that part is at least MIN_EPOCH_STEPS batches and takes longer to train on
+    than the val pass after it (or the epochs would mostly validate). On the 300 px inspection
     target at 1,950 images an epoch was timed at 408 s, so no whole epochs fitted and the job was left with heads on
     frozen features; at 450 images (383 train), 5 whole epochs, 1,900 images seen, had beaten them."""
     cost, n_train, batch = features.full_epoch_s, len(features.train_y), config.batch_size
@@ -218,6 +219,9 @@ def finetune_plan(config: TrainConfig, features: Features, remaining_s: float) -
     if steps < MIN_EPOCH_STEPS:
         return FinetunePlan(0, None, 0.0,
                             f"{timed}; {MIN_FINETUNE_EPOCHS} epochs of {MIN_EPOCH_STEPS} steps do not fit either")
+    if steps * features.full_step_s < val_s:  # the 60,000-image job: 9,000 val images (88 s) beside 18 steps
+        return FinetunePlan(0, None, 0.0, f"{timed}; a drawn epoch of {steps} steps would spend less time training "
+                                          f"than validating ({val_s:.0f}s)")
     images = steps * batch
     if images >= n_train:  # whole epochs after all (the timed epoch rounds its last batch up)
         return FinetunePlan(MIN_FINETUNE_EPOCHS, None, MIN_FINETUNE_EPOCHS * cost, timed)
