@@ -202,7 +202,7 @@ def test_export_parity_and_dynamic_batch(tmp_path):
 
 def test_drawn_epochs_train_on_part_of_the_data_each(tmp_path, tiny_data):
     """`epoch_images`: each epoch is that many images (here 2 batches of the 21 train images), so the
-    loop's steps, progress and schedule count 2 steps an epoch."""
+    loop's steps and its progress events count 2 steps an epoch."""
     from models.data.datasets import load_dataset, prepare_splits
     from training.progress import Progress
     from training.train import train
