@@ -227,6 +227,10 @@ def test_a_large_dataset_gets_a_full_fine_tune_of_drawn_epochs_when_whole_ones_d
     many_val = Features(rows, np.zeros(1_657), rows[:9_000], np.zeros(9_000), 0.01, 4, full_epoch_s=52 * 1.0 + 88.0,
                         full_step_s=1.0)  # 88 s of val an epoch; 310 s leave 3 epochs of 15 steps: mostly validating
     assert finetune_plan(config, many_val, 310.0).epochs == 0 and "validating" in finetune_plan(config, many_val, 310.0).why
+    big_rows = np.zeros((51_000, 4), np.float32)  # the 60,000-image job: 3 x 2,400 drawn images, 14 % of train
+    big = Features(big_rows, np.zeros(51_000), rows[:293], np.zeros(293), 0.002, 4, full_epoch_s=1_594 * 0.64 + 30.0,
+                   full_step_s=0.64)
+    assert finetune_plan(config, big, 281.0).epochs == 0 and "would see less" in finetune_plan(config, big, 281.0).why
     whole = finetune_plan(config, untimed, 600.0)
     assert whole.epochs == 1 and whole.epoch_images is None
     small = Features(rows[:383], np.zeros(383), rows[:67], np.zeros(67), 0.08, 4, full_epoch_s=50.0, full_step_s=3.9)
