@@ -256,3 +256,22 @@ def test_a_drawn_epoch_is_a_fresh_subset_without_repeats(tmp_path):
     assert all(len(e) == 12 and len(set(e)) == 12 for e in epochs)
     assert set(epochs[0]) != set(epochs[1])
     assert len(make_loader(dataset, 4, True, num_workers=0, seed=0)) == 10  # default: every image
+
+
+def test_the_fine_tune_trains_the_epochs_and_draws_it_was_planned(monkeypatch):
+    """`run_finetune` hands the plan to the training loop: a full fine-tune of 3 epochs drawing 640 images each."""
+    from training import auto
+    from training.config import TrainConfig
+    from training.progress import Progress
+
+    seen = {}
+
+    def training_loop(config, *_args, **_kwargs):
+        seen["config"] = config
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(auto, "train", training_loop)
+    with pytest.raises(RuntimeError, match="stop before training"):
+        auto.run_finetune(TrainConfig(name="t", data="d"), {"val": []}, ["a", "b"],
+                          auto.FinetunePlan(3, 640, 300.0, "drawn"), Progress(), None, False)
+    assert (seen["config"].strategy, seen["config"].epochs, seen["config"].epoch_images) == ("full", 3, 640)
