@@ -220,7 +220,7 @@ def finetune_plan(config: TrainConfig, features: Features, remaining_s: float) -
     if steps < MIN_EPOCH_STEPS:
         return FinetunePlan(0, None, 0.0,
                             f"{timed}; {MIN_FINETUNE_EPOCHS} epochs of {MIN_EPOCH_STEPS} steps do not fit either")
-    if steps * features.full_step_s < val_s:  # the 60,000-image job: 9,000 val images (88 s) beside 18 steps
+    if steps * features.full_step_s < val_s:  # a large val set beside a few steps: the epochs would mostly validate
         return FinetunePlan(0, None, 0.0, f"{timed}; a drawn epoch of {steps} steps would spend less time training "
                                           f"than validating ({val_s:.0f}s)")
     images = steps * batch
